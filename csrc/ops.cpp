@@ -1,0 +1,44 @@
+// Schemas of resfast's BatchNorm ops, defined once for every backend.
+//
+// Conventions shared by all ops:
+//  * activations are 4-D (N, C, H, W) in either memory format; outputs keep the
+//    memory format of `y`;
+//  * per-channel vectors (mean, var, scale, shift, their gradients) are float32,
+//    or float64 when the activation is float64;
+//  * `var` is the biased (population) batch variance.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// resfast._C is imported for its side effect of registering the ops below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(resfast, m) {
+  // Per-channel batch mean and biased variance of y.
+  m.def("bn_stats(Tensor y) -> (Tensor mean, Tensor var)");
+  // grad_y = (grad_mean + 2 (y - mean) grad_var) / count, count = N*H*W.
+  m.def("bn_stats_backward(Tensor grad_mean, Tensor grad_var, Tensor y, Tensor mean) -> Tensor");
+  // scale = weight / sqrt(var + eps), shift = bias - mean * scale (weight, bias default 1, 0).
+  m.def("bn_finalize(Tensor mean, Tensor var, Tensor? weight, Tensor? bias, float eps) -> (Tensor scale, Tensor shift)");
+  m.def(
+      "bn_finalize_backward(Tensor grad_scale, Tensor grad_shift, Tensor mean, Tensor var, Tensor? weight, float eps)"
+      " -> (Tensor grad_mean, Tensor grad_var, Tensor grad_weight, Tensor grad_bias)");
+  // running = (1 - momentum) running + momentum batch, with the unbiased variance
+  // var * count / (count - 1), as nn.BatchNorm2d does.
+  m.def(
+      "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+      " int count, float momentum) -> ()");
+  // out = [relu](y * scale + shift [+ residual]); scale/shift are absent together.
+  m.def("bn_act(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor");
+  // The ReLU mask is recomputed from the inputs. output_mask selects
+  // (grad_y, grad_scale, grad_shift, grad_residual); unselected outputs are empty.
+  m.def(
+      "bn_act_backward(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu,"
+      " bool[4] output_mask) -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
+  // What this build contains: "cuda_archs=<list>" (empty without CUDA).
+  m.def("build_info() -> str", [] { return std::string("cuda_archs=") + RESFAST_CUDA_ARCHS; });
+}

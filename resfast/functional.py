@@ -1,0 +1,271 @@
+"""Fused layers as plain functions over tensors.
+
+Every function here is built from the ``resfast`` ops and is differentiable in
+all its tensor inputs. BatchNorm arguments follow ``torch.nn.functional.batch_norm``:
+``running_mean``/``running_var`` may be None (batch statistics always), and in
+training mode they are updated in place exactly as ``nn.BatchNorm2d`` does
+(momentum, ``momentum=None`` for a cumulative average, unbiased running variance,
+``num_batches_tracked``).
+
+Training mode needs the statistics of a conv's output before it can normalize
+it, so the building block is a *pending* activation ``relu(y * scale + shift)``
+(:class:`Pending`): the next conv applies it while loading its input, or
+:func:`finish` applies it together with the residual add.
+"""
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import ops as _ops  # noqa: F401  (registers the Python ops)
+
+ops = torch.ops.resfast
+
+
+class BatchNormArgs(NamedTuple):
+    """The tensors and settings of one ``nn.BatchNorm2d``."""
+
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    num_batches_tracked: Optional[Tensor]
+    training: bool
+    momentum: Optional[float] = 0.1
+    eps: float = 1e-5
+
+    @classmethod
+    def of(cls, bn: torch.nn.BatchNorm2d) -> "BatchNormArgs":
+        return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                   bn.training or bn.running_mean is None, bn.momentum, bn.eps)
+
+
+class Pending(NamedTuple):
+    """The activation ``relu(y * scale + shift)`` (``relu`` optional), not yet computed."""
+
+    y: Tensor
+    scale: Optional[Tensor]
+    shift: Optional[Tensor]
+    relu: bool
+
+
+# ---- autocast and checks ------------------------------------------------------
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _check_input(x, name="x"):
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{name} must be floating point, got {x.dtype}")
+
+
+def _check_bn(bn: BatchNormArgs, channels: int, device, name="bn"):
+    for field in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(bn, field)
+        if t is None:
+            continue
+        if t.shape != (channels,):
+            raise ValueError(f"{name}.{field} must have shape ({channels},), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}.{field} is on {t.device} but the input is on {device}")
+    if (bn.running_mean is None) != (bn.running_var is None):
+        raise ValueError(f"{name}.running_mean and {name}.running_var must be given together")
+
+
+def _conv_dtype(x: Tensor, weight: Tensor):
+    """The dtype the conv runs in: autocast's if active, else x's (weight must agree)."""
+    dtype = _autocast_dtype(x.device.type)
+    if dtype is None:
+        if weight.dtype != x.dtype:
+            raise ValueError(f"conv weight dtype {weight.dtype} differs from input dtype {x.dtype}")
+        return x.dtype
+    return dtype
+
+
+# ---- BatchNorm pieces -----------------------------------------------------------
+
+def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs):
+    """Scale and shift from batch statistics; updates the running statistics."""
+    if bn.running_mean is not None and bn.training:
+        if count <= 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
+        momentum = bn.momentum
+        if bn.num_batches_tracked is not None:
+            with torch.no_grad():
+                bn.num_batches_tracked.add_(1)
+            if momentum is None:
+                momentum = 1.0 / float(bn.num_batches_tracked)
+        ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean.detach(), var.detach(), count,
+                                     momentum)
+    return ops.bn_finalize(mean, var, bn.weight, bn.bias, bn.eps)
+
+
+def _running_scale_shift(bn: BatchNormArgs, dtype):
+    return ops.bn_finalize(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps)
+
+
+def _uses_batch_stats(bn: BatchNormArgs) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _stats_dtype(x: Tensor):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---- convs ------------------------------------------------------------------------
+
+def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *, stride: int = 1,
+                    padding: int = 0, relu: bool = True) -> Pending:
+    """conv -> BN (-> ReLU), left pending in training mode; in eval mode BN is
+    folded into the conv and the result is complete (scale/shift None, the ReLU
+    in the conv's epilogue). Pass ``relu=False`` and give the ReLU to
+    :func:`finish` when a residual is added before it.
+    ``x`` may itself be a :class:`Pending`, applied in this conv's prologue."""
+    pending_in = x if isinstance(x, Pending) else None
+    src = pending_in.y if pending_in else x
+    _check_input(src)
+    if weight.dim() != 4 or weight.shape[1] != src.shape[1]:
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} input channels")
+    if weight.device != src.device:
+        raise ValueError(f"conv weight is on {weight.device} but the input is on {src.device}")
+    _check_bn(bn, weight.shape[0], src.device)
+    dtype = _conv_dtype(src, weight)
+    src = _cast(src, dtype)
+    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift, pending_in.relu) if pending_in else (None, None, False)
+    if _uses_batch_stats(bn):
+        y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift, in_relu,
+                                     stride, padding, True, False)
+        scale, shift = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
+        return Pending(y, scale, shift, relu)
+    # eval: fold BN into the conv, one pass with the ReLU in the epilogue.
+    scale, shift = _running_scale_shift(bn, _stats_dtype(src))
+    folded_w = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
+    folded_b = shift if bias is None else shift + bias.to(scale.dtype) * scale
+    y, _, _ = ops.conv2d_bn(src, folded_w, folded_b.to(dtype), in_scale, in_shift, in_relu, stride, padding,
+                            False, relu)
+    return Pending(y, None, None, False)
+
+
+def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] = None) -> Tensor:
+    """Apply a pending activation, optionally with a residual added before the
+    ReLU: ``relu(y * scale + shift + residual)``."""
+    relu = p.relu if relu is None else relu
+    if residual is not None:
+        _check_input(residual, "residual")
+        if residual.shape != p.y.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from the branch output {tuple(p.y.shape)}")
+        if residual.device != p.y.device:
+            raise ValueError(f"residual is on {residual.device} but the branch output is on {p.y.device}")
+        residual = _cast(residual, p.y.dtype)
+    if p.scale is None and residual is None and not relu:
+        return p.y
+    return ops.bn_act(p.y, p.scale, p.shift, residual, relu)
+
+
+def _like_input(out: Tensor, x: Tensor) -> Tensor:
+    # The kernels write channels_last; hand NCHW callers NCHW back.
+    if x.is_contiguous(memory_format=torch.channels_last) or out.dim() != 4:
+        return out
+    return out.contiguous()
+
+
+def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *, stride: int = 1,
+                 padding: int = 0, relu: bool = True) -> Tensor:
+    """``relu(bn(conv2d(x)))`` (``relu=False``: ``bn(conv2d(x))``)."""
+    return _like_input(finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding, relu=relu)), x)
+
+
+def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
+    """BN (-> ReLU) of an arbitrary tensor, left pending."""
+    _check_input(x)
+    _check_bn(bn, x.shape[1], x.device)
+    if _uses_batch_stats(bn):
+        mean, var = ops.bn_stats(x)
+        scale, shift = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
+    else:
+        scale, shift = _running_scale_shift(bn, _stats_dtype(x))
+    return Pending(x, scale, shift, relu)
+
+
+def bn_add_relu(y: Tensor, residual: Tensor, bn: BatchNormArgs, *, relu: bool = True) -> Tensor:
+    """``relu(bn(y) + residual)`` in one pass over y (after its statistics)."""
+    return _like_input(finish(batch_norm_pending(y, bn, relu=relu), residual), y)
+
+
+def add_relu(y: Tensor, residual: Tensor) -> Tensor:
+    """``relu(y + residual)``."""
+    _check_input(y, "y")
+    return _like_input(finish(Pending(y, None, None, True), residual), y)
+
+
+def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Tensor] = None, *,
+                 stride: int = 1, padding: int = 0) -> Tensor:
+    """Pre-activation ``conv2d(relu(bn(x)))``: BN-apply and ReLU happen while the
+    conv loads its input."""
+    pending = batch_norm_pending(x, bn, relu=True)
+    _check_input(x)
+    dtype = _conv_dtype(x, weight)
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {x.shape[1]} input channels")
+    y, _, _ = ops.conv2d_bn(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), pending.scale,
+                            pending.shift, True, stride, padding, False, False)
+    return _like_input(y, x)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
+           padding: int = 0) -> Tensor:
+    """A plain convolution through resfast's conv kernel (used where no BN follows)."""
+    _check_input(x)
+    dtype = _conv_dtype(x, weight)
+    y, _, _ = ops.conv2d_bn(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), None, None, False,
+                            stride, padding, False, False)
+    return _like_input(y, x)
+
+
+# ---- residual blocks -------------------------------------------------------------
+
+def shortcut_a(x: Tensor, out_channels: int, stride: int) -> Tensor:
+    """Option A shortcut: strided identity, zero-padded to out_channels."""
+    y = x[:, :, ::stride, ::stride] if stride > 1 else x
+    extra = out_channels - x.shape[1]
+    if extra < 0:
+        raise ValueError(f"option A shortcut cannot reduce channels ({x.shape[1]} -> {out_channels})")
+    if extra:
+        y = torch.nn.functional.pad(y, (0, 0, 0, 0, extra // 2, extra - extra // 2))
+    return y
+
+
+def basic_block(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs, *, stride: int = 1,
+                shortcut: Optional[Tensor] = None) -> Tensor:
+    """torchvision's BasicBlock: ``relu(bn2(conv3x3(relu(bn1(conv3x3(x))))) + shortcut)``.
+    The first BN + ReLU is applied in the second conv's prologue and the second
+    BN in the add + ReLU. ``shortcut`` defaults to x (identity)."""
+    h = conv_bn_pending(x, w1, None, bn1, stride=stride, padding=1, relu=True)
+    out = conv_bn_pending(h, w2, None, bn2, stride=1, padding=1, relu=False)
+    return _like_input(finish(out, x if shortcut is None else shortcut, relu=True), x)
+
+
+def bottleneck(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs, w3: Tensor,
+               bn3: BatchNormArgs, *, stride: int = 1, shortcut: Optional[Tensor] = None) -> Tensor:
+    """torchvision's Bottleneck (stride in the 3x3, "v1.5"): 1x1 -> 3x3 -> 1x1, each
+    BN + ReLU applied in the next conv's prologue, the last BN in the add + ReLU."""
+    h = conv_bn_pending(x, w1, None, bn1, stride=1, padding=0, relu=True)
+    h = conv_bn_pending(h, w2, None, bn2, stride=stride, padding=1, relu=True)
+    out = conv_bn_pending(h, w3, None, bn3, stride=1, padding=0, relu=False)
+    return _like_input(finish(out, x if shortcut is None else shortcut, relu=True), x)
+
+
+def projection(x: Tensor, weight: Tensor, bn: BatchNormArgs, *, stride: int) -> Tensor:
+    """Option B/C shortcut: 1x1 conv + BN."""
+    return finish(conv_bn_pending(x, weight, None, bn, stride=stride, padding=0, relu=False))

@@ -1,0 +1,20 @@
+"""torch.library ops in the ``resfast`` namespace.
+
+BatchNorm ops (schemas, CPU and CUDA kernels in csrc/): fake implementations
+and autograd formulas are registered in :mod:`resfast.ops.bn`. The conv op is
+defined in Python (:mod:`resfast.ops.conv2d_bn`): ATen on the CPU, Triton on CUDA.
+"""
+from . import bn, conv2d_bn  # noqa: F401  (registration side effects)
+from .conv2d_bn import conv2d_bn_backward_reference, conv2d_bn_forward_reference  # noqa: F401
+
+OPS = (
+    "bn_stats",
+    "bn_stats_backward",
+    "bn_finalize",
+    "bn_finalize_backward",
+    "bn_update_running_stats_",
+    "bn_act",
+    "bn_act_backward",
+    "conv2d_bn",
+    "conv2d_bn_backward",
+)

@@ -1,0 +1,224 @@
+"""``resfast::conv2d_bn``: convolution with the BatchNorm fusions around it.
+
+    a = [relu](x * in_scale + in_shift)          prologue (BN-apply + ReLU of the
+                                                 previous layer), padding applied to a
+    y = conv2d(a, weight, stride, padding) + bias
+    y = relu(y)                                  only with out_relu (eval mode, BN folded)
+    mean, var = batch statistics of y per channel (only with stats)
+
+y is always channels_last. On CUDA the op runs the Triton implicit GEMM in
+:mod:`resfast.kernels.conv2d_bn`; on the CPU it runs ATen with the same
+numerics (operands in the input dtype, float32 accumulation). Setting
+``RESFAST_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU
+tensors through the Triton kernels, which is how the tests check the GPU code
+on a machine without one.
+
+``resfast::conv2d_bn_backward`` takes the gradients of y, mean and var and
+returns those of a (not x: the prologue's backward is ``resfast::bn_act_backward``),
+weight and bias.
+"""
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.library import custom_op, register_autograd, register_fake
+
+from .bn import stats_dtype
+
+ops = torch.ops.resfast
+_CL = torch.channels_last
+
+
+def _triton_on_cpu() -> bool:
+    return os.environ.get("RESFAST_TRITON_ON_CPU", "0") == "1"
+
+
+def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu):
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (C_out, C_in, K, K), got {tuple(weight.shape)}")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    for name, t, n in (("weight", weight, None), ("bias", bias, weight.shape[0]),
+                       ("in_scale", in_scale, x.shape[1]), ("in_shift", in_shift, x.shape[1])):
+        if t is None:
+            continue
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+        if n is not None and (t.dim() != 1 or t.shape[0] != n):
+            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together")
+    if stride not in (1, 2) or padding < 0:
+        raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, padding={padding}")
+    if stats and out_relu:
+        raise ValueError("out_relu cannot be combined with stats (the statistics are of the pre-ReLU output)")
+    k = weight.shape[2]
+    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
+        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel ({k}x{k}) with padding {padding}")
+
+
+def _out_shape(x, weight, stride, padding):
+    k = weight.shape[2]
+    oh = (x.shape[2] + 2 * padding - k) // stride + 1
+    ow = (x.shape[3] + 2 * padding - k) // stride + 1
+    return x.shape[0], weight.shape[0], oh, ow
+
+
+def _prologue(x, in_scale, in_shift, in_relu):
+    """a = [relu](x * in_scale + in_shift), rounded to x's dtype as the GEMM sees it."""
+    if in_scale is None and not in_relu:
+        return x
+    dt = stats_dtype(x)
+    a = x.to(dt)
+    if in_scale is not None:
+        a = a * in_scale.to(dt).view(1, -1, 1, 1) + in_shift.to(dt).view(1, -1, 1, 1)
+    if in_relu:
+        a = torch.relu(a)
+    return a.to(x.dtype)
+
+
+def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    """The ATen implementation (the CPU kernel of the op)."""
+    dt = stats_dtype(x)
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    y = torch.nn.functional.conv2d(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt),
+                                   stride=stride, padding=padding)
+    if out_relu:
+        y = torch.relu(y)
+    if stats and y.numel() > 0:
+        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+    else:
+        mean = var = y.new_empty((0,))
+    return y.to(x.dtype).contiguous(memory_format=_CL), mean, var
+
+
+def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                                 in_relu, stride, padding, out_relu, output_mask):
+    dt = stats_dtype(x)
+    g = torch.zeros(y.shape, dtype=dt, device=y.device) if grad_y is None else grad_y.to(dt)
+    if out_relu:
+        g = g * (y > 0)
+    if grad_mean is not None or grad_var is not None:
+        count = y.numel() // y.shape[1]
+        gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        gv = torch.zeros_like(mean) if grad_var is None else grad_var
+        g = g + (gm.to(dt).view(1, -1, 1, 1)
+                 + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1)) * gv.to(dt).view(1, -1, 1, 1)) / count
+    a = _prologue(x, in_scale, in_shift, in_relu)
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g.to(x.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
+        [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
+    empty = x.new_empty((0,))
+    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else empty,
+            grad_w.to(weight.dtype) if output_mask[1] else empty,
+            grad_b.to(weight.dtype) if output_mask[2] else empty)
+
+
+# ---- the ops ------------------------------------------------------------------
+
+@custom_op("resfast::conv2d_bn", mutates_args=(), device_types="cpu")
+def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
+              in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, stats: bool,
+              out_relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
+    impl = _triton_forward() if _triton_on_cpu() else conv2d_bn_forward_reference
+    return impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+
+
+@conv2d_bn.register_kernel("cuda")
+def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
+    if x.dtype == torch.float64:
+        # tensor cores have no float64 path worth a kernel; ATen keeps float64 exact for gradcheck.
+        return conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                                           stats, out_relu)
+    return _triton_forward()(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+
+
+@register_fake("resfast::conv2d_bn")
+def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
+    y = x.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
+    n = weight.shape[0] if stats else 0
+    return y, x.new_empty((n,), dtype=stats_dtype(x)), x.new_empty((n,), dtype=stats_dtype(x))
+
+
+@custom_op("resfast::conv2d_bn_backward", mutates_args=(), device_types="cpu")
+def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
+                       x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, in_scale: Optional[Tensor],
+                       in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, out_relu: bool,
+                       output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    impl = _triton_backward() if _triton_on_cpu() else conv2d_bn_backward_reference
+    return impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+                padding, out_relu, output_mask)
+
+
+@conv2d_bn_backward.register_kernel("cuda")
+def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+      out_relu, output_mask):
+    impl = conv2d_bn_backward_reference if x.dtype == torch.float64 else _triton_backward()
+    return impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+                padding, out_relu, output_mask)
+
+
+@register_fake("resfast::conv2d_bn_backward")
+def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+      out_relu, output_mask):
+    empty = x.new_empty((0,))
+    return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else empty,
+            torch.empty_like(weight) if output_mask[1] else empty,
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else empty)
+
+
+def _triton_forward():
+    from ..kernels.conv2d_bn import conv2d_bn_forward
+    return conv2d_bn_forward
+
+
+def _triton_backward():
+    from ..kernels.conv2d_bn import conv2d_bn_backward
+    return conv2d_bn_backward
+
+
+# ---- autograd -----------------------------------------------------------------
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu = inputs
+    y, mean, _ = output
+    ctx.conf = (in_relu, stride, padding, stats, out_relu, bias is not None)
+    ctx.save_for_backward(x, weight, y, mean, in_scale, in_shift)
+
+
+def _backward(ctx, grad_y, grad_mean, grad_var):
+    x, weight, y, mean, in_scale, in_shift = ctx.saved_tensors
+    in_relu, stride, padding, stats, out_relu, has_bias = ctx.conf
+    need_x, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
+    has_prologue = in_scale is not None or in_relu
+    need_a = need_x or (in_scale is not None and (need_scale or need_shift))
+    if not stats:
+        grad_mean = grad_var = None
+    grad_a, grad_w, grad_b = ops.conv2d_bn_backward(
+        grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+        out_relu, [need_a, need_w, need_b and has_bias])
+    grad_x = grad_scale = grad_shift = None
+    if need_a and has_prologue:
+        grad_x, grad_scale, grad_shift, _ = ops.bn_act_backward(
+            grad_a, x, in_scale, in_shift, None, in_relu,
+            [need_x, need_scale and in_scale is not None, need_shift and in_shift is not None, False])
+    elif need_a:
+        grad_x = grad_a
+    return (grad_x if need_x else None, grad_w if need_w else None,
+            grad_b if need_b and has_bias else None,
+            grad_scale if need_scale and in_scale is not None else None,
+            grad_shift if need_shift and in_shift is not None else None,
+            None, None, None, None, None)
+
+
+register_autograd("resfast::conv2d_bn", _backward, setup_context=_setup)

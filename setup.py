@@ -1,0 +1,70 @@
+"""Build resfast._C: the C++ op schemas and CPU kernels always, the CUDA kernels
+when a CUDA toolkit and a CUDA build of torch are present.
+
+Environment:
+  RESFAST_SKIP_CUDA=1       build the CPU part only
+  TORCH_CUDA_ARCH_LIST      CUDA archs to build for (default "9.0"); never
+                            derived from the local GPU, so a GPU-less machine
+                            builds the same extension
+  CUDA_HOME                 the toolkit root
+  MAX_JOBS                  parallel compile jobs (default: from cores and memory)
+"""
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "9.0"
+
+
+def _max_jobs():
+    # nvcc takes ~2 GB per job on these sources; cap jobs by memory as well as cores.
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = 8
+    return str(max(1, min(os.cpu_count() or 1, int(mem_gb // 2))))
+
+
+def _want_cuda():
+    if os.environ.get("RESFAST_SKIP_CUDA", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-std=c++20"]
+    if not _want_cuda():
+        cxx_flags.append('-DRESFAST_CUDA_ARCHS=""')
+        return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+
+    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    cxx_flags += ["-DRESFAST_WITH_CUDA", f'-DRESFAST_CUDA_ARCHS="{archs}"']
+    include_dirs = []
+    # ATen's CUDA headers pull in cuBLAS, which pip's wheels keep outside the toolkit.
+    nvidia_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+    if os.path.isdir(nvidia_include):
+        include_dirs.append(os.path.abspath(nvidia_include))
+    return CUDAExtension(
+        "resfast._C",
+        cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DRESFAST_WITH_CUDA",
+                     "--expt-relaxed-constexpr", "-lineinfo"],
+        },
+    )
+
+
+os.environ.setdefault("MAX_JOBS", _max_jobs())
+
+setup(
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
