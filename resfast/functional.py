@@ -52,6 +52,8 @@ class Pending(NamedTuple):
 # ---- autocast and checks ------------------------------------------------------
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    if device_type == "meta":  # shape-only runs (resfast.models.summary); autocast has no meta backend
+        return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
@@ -218,19 +220,27 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
     dtype = _conv_dtype(x, weight)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
         raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {x.shape[1]} input channels")
-    y, _, _ = ops.conv2d_bn(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), pending.scale,
-                            pending.shift, True, stride, padding, False, False)
-    return _like_input(y, x)
-
-
-def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
-           padding: int = 0) -> Tensor:
-    """A plain convolution through resfast's conv kernel (used where no BN follows)."""
-    _check_input(x)
-    dtype = _conv_dtype(x, weight)
-    y, _, _ = ops.conv2d_bn(_cast(x, dtype), _cast(weight, dtype), _cast(bias, dtype), None, None, False,
+    # x stays in its own precision: the prologue normalizes it before rounding.
+    y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale, pending.shift, True,
                             stride, padding, False, False)
     return _like_input(y, x)
+
+
+def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1, padding: int = 0,
+           relu: bool = False) -> Tensor:
+    """A convolution through resfast's conv kernel, where no BN follows:
+    ``[relu](conv2d(x) + bias)``, the bias and ReLU in the conv's epilogue.
+    ``x`` may be a :class:`Pending`, applied in this conv's prologue."""
+    pending_in = x if isinstance(x, Pending) else None
+    src = pending_in.y if pending_in else x
+    _check_input(src)
+    if weight.dim() != 4 or weight.shape[1] != src.shape[1]:
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} input channels")
+    dtype = _conv_dtype(src, weight)
+    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift, pending_in.relu) if pending_in else (None, None, False)
+    y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
+                            in_relu, stride, padding, False, relu)
+    return _like_input(y, src)
 
 
 # ---- residual blocks -------------------------------------------------------------

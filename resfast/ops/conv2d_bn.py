@@ -4,11 +4,15 @@
                                                  previous layer), padding applied to a
     y = conv2d(a, weight, stride, padding) + bias
     y = relu(y)                                  only with out_relu (eval mode, BN folded)
+
+The GEMM runs in the weight's dtype (y has it too); x may be float32 with
+bfloat16/float16 weights (mixed precision), and the prologue then reads x at
+full precision. The gradient of a is returned in x's dtype.
     mean, var = batch statistics of y per channel (only with stats)
 
 y is always channels_last. On CUDA the op runs the Triton implicit GEMM in
 :mod:`resfast.kernels.conv2d_bn`; on the CPU it runs ATen with the same
-numerics (operands in the input dtype, float32 accumulation). Setting
+numerics (operands in the weight's dtype, float32 accumulation). Setting
 ``RESFAST_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU
 tensors through the Triton kernels, which is how the tests check the GPU code
 on a machine without one.
@@ -43,8 +47,9 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
         raise ValueError(f"weight must be (C_out, C_in, K, K), got {tuple(weight.shape)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]}")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    if weight.dtype != x.dtype and not (x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"weight dtype {weight.dtype} does not go with x dtype {x.dtype} (they must match, "
+                         "or x may be float32 with bfloat16/float16 weights under mixed precision)")
     for name, t, n in (("weight", weight, None), ("bias", bias, weight.shape[0]),
                        ("in_scale", in_scale, x.shape[1]), ("in_shift", in_shift, x.shape[1])):
         if t is None:
@@ -71,37 +76,41 @@ def _out_shape(x, weight, stride, padding):
     return x.shape[0], weight.shape[0], oh, ow
 
 
-def _prologue(x, in_scale, in_shift, in_relu):
-    """a = [relu](x * in_scale + in_shift), rounded to x's dtype as the GEMM sees it."""
+def _prologue(x, in_scale, in_shift, in_relu, dtype):
+    """a = [relu](x * in_scale + in_shift) in x's precision, rounded to the
+    weight's dtype as the GEMM sees it."""
     if in_scale is None and not in_relu:
-        return x
+        return x.to(dtype)
     dt = stats_dtype(x)
     a = x.to(dt)
     if in_scale is not None:
         a = a * in_scale.to(dt).view(1, -1, 1, 1) + in_shift.to(dt).view(1, -1, 1, 1)
     if in_relu:
         a = torch.relu(a)
-    return a.to(x.dtype)
+    return a.to(dtype)
 
 
 def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
     """The ATen implementation (the CPU kernel of the op)."""
-    dt = stats_dtype(x)
-    a = _prologue(x, in_scale, in_shift, in_relu)
+    dt = stats_dtype(weight)
+    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
     y = torch.nn.functional.conv2d(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt),
                                    stride=stride, padding=padding)
     if out_relu:
         y = torch.relu(y)
+    y = y.to(weight.dtype)
     if stats and y.numel() > 0:
-        var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+        # statistics of y as stored (rounded to its dtype), so that BN normalizes
+        # exactly the values it reads back: mean(y - mean) = 0 holds in bf16 too.
+        var, mean = torch.var_mean(y.to(dt), dim=(0, 2, 3), correction=0)
     else:
-        mean = var = y.new_empty((0,))
-    return y.to(x.dtype).contiguous(memory_format=_CL), mean, var
+        mean, var = y.new_empty((0,), dtype=dt), y.new_empty((0,), dtype=dt)
+    return y.contiguous(memory_format=_CL), mean, var
 
 
 def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
                                  in_relu, stride, padding, out_relu, output_mask):
-    dt = stats_dtype(x)
+    dt = stats_dtype(weight)
     g = torch.zeros(y.shape, dtype=dt, device=y.device) if grad_y is None else grad_y.to(dt)
     if out_relu:
         g = g * (y > 0)
@@ -111,14 +120,13 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
         gv = torch.zeros_like(mean) if grad_var is None else grad_var
         g = g + (gm.to(dt).view(1, -1, 1, 1)
                  + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1)) * gv.to(dt).view(1, -1, 1, 1)) / count
-    a = _prologue(x, in_scale, in_shift, in_relu)
+    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g.to(x.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
+        g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
-    empty = x.new_empty((0,))
-    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else empty,
-            grad_w.to(weight.dtype) if output_mask[1] else empty,
-            grad_b.to(weight.dtype) if output_mask[2] else empty)
+    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+            grad_w.to(weight.dtype) if output_mask[1] else x.new_empty((0,)),
+            grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
 
 # ---- the ops ------------------------------------------------------------------
@@ -139,15 +147,17 @@ def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_
         # tensor cores have no float64 path worth a kernel; ATen keeps float64 exact for gradcheck.
         return conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                                            stats, out_relu)
+    if x.dtype != weight.dtype and in_scale is None and not in_relu:
+        x = x.to(weight.dtype)  # nothing to compute at x's precision first
     return _triton_forward()(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
 
 
 @register_fake("resfast::conv2d_bn")
 def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
-    y = x.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
+    y = weight.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
     n = weight.shape[0] if stats else 0
-    return y, x.new_empty((n,), dtype=stats_dtype(x)), x.new_empty((n,), dtype=stats_dtype(x))
+    return y, x.new_empty((n,), dtype=stats_dtype(weight)), x.new_empty((n,), dtype=stats_dtype(weight))
 
 
 @custom_op("resfast::conv2d_bn_backward", mutates_args=(), device_types="cpu")
@@ -171,10 +181,9 @@ def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_re
 @register_fake("resfast::conv2d_bn_backward")
 def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
       out_relu, output_mask):
-    empty = x.new_empty((0,))
-    return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else empty,
-            torch.empty_like(weight) if output_mask[1] else empty,
-            weight.new_empty((weight.shape[0],)) if output_mask[2] else empty)
+    return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+            torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
+            weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
 
 
 def _triton_forward():

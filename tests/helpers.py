@@ -1,0 +1,128 @@
+"""Comparison helpers shared by the tests.
+
+Tolerance rule (after flash-attention): for low precision, resfast's error
+against a float64 reference must be at most ~2x the error of PyTorch's own
+computation in the same precision, plus a small floor. For float32/float64 we
+compare against the float64 reference with a fixed relative-norm bound:
+different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
+"""
+import torch
+
+# relative-norm floors per precision
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+# Low-precision gradients through a ReLU differ from the float64 reference
+# mostly by mask flips where the pre-activation rounds across zero. One flip in
+# a test-sized tensor moves the relative error of a gradient by 1-3% in bf16
+# (measured on 4x63x7x7 -> 16 channels: 0.3% with no flip, 1.5-5.6% with 1-5
+# flips, for resfast and torch alike), so the ratio to torch's own error is
+# noise there. bf16/fp16 tests use 4x the batch (the index logic is covered by
+# the float32/float64 cases at the small sizes); gradients are allowed 3x
+# torch's error, and never less than GRAD_FLOOR, a few flips' worth. A broken
+# low-precision path (a bf16 accumulator, a missing term) errs by far more.
+GRAD_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 6e-2, torch.float16: 1e-2}
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+GRAD_FACTOR = 3.0
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
+    """||a - ref|| / ||ref||. A reference that is zero up to rounding (the grad
+    of a conv bias followed by training-mode BN) is measured against ``scale``
+    (the norm of the incoming gradient) instead."""
+    a = a.detach().to(torch.float64).cpu()
+    ref = ref.detach().to(torch.float64).cpu()
+    assert a.shape == ref.shape, f"shape {tuple(a.shape)} != {tuple(ref.shape)}"
+    assert torch.isfinite(a).all(), "non-finite values"
+    denom = ref.norm().item()
+    if denom < 1e-6 * scale:
+        denom = scale
+    diff = (a - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor=2.0, scale=0.0, floor=None):
+    """ours vs the float64 reference; for low precision the bound is
+    factor x torch's same-precision error (if given), never below the floor."""
+    err = rel_err(ours, ref64, scale)
+    bound = FLOOR[dtype] if floor is None else floor
+    torch_err = None
+    if torch_same is not None:
+        torch_err = rel_err(torch_same, ref64, scale)
+        bound = max(bound, factor * torch_err)
+    if err > bound:
+        diff = (ours.detach().double().cpu() - ref64.detach().double().cpu()).abs()
+        idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
+        raise AssertionError(
+            f"{name}: relative error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err}); "
+            f"max abs diff {diff.max().item():.3g} at {idx}")
+    return err
+
+
+def autocast_ctx(device: str, dtype: torch.dtype):
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.autocast(device, dtype=dtype)
+    return torch.autocast(device, enabled=False)
+
+
+def param_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Parameters and inputs stay float32 under autocast, as in mixed-precision training."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if layout == "nhwc" else x.contiguous()
+
+
+def check_module_pair(ours, ref, inputs, *, dtype, device, training, layout="nhwc", factor=2.0):
+    """Run ``ours`` and the torch.nn module ``ref`` (same parameter names) on the
+    same inputs; compare the output, the gradient of every input and parameter,
+    and the buffers (BN running statistics) after the step against a float64
+    copy of ``ref``, with torch's own same-precision error as the yardstick."""
+    import copy
+
+    pdt = param_dtype(dtype)
+    ref = ref.to(device=device, dtype=pdt)
+    ours.load_state_dict(ref.state_dict())
+    ours = ours.to(device=device, dtype=pdt)
+    ref64 = copy.deepcopy(ref).to(torch.float64)
+    same = copy.deepcopy(ref)
+    for m in (ours, ref, ref64, same):
+        m.train(training)
+
+    base = [to_layout(t.to(device=device, dtype=pdt), layout) for t in inputs]
+
+    def run(module, dt, cast):
+        xs = [t.detach().to(dt).requires_grad_() for t in base]
+        with cast:
+            out = module(*xs)
+        return out, xs
+
+    out64, x64 = run(ref64, torch.float64, autocast_ctx(device, None))
+    grad = torch.randn_like(out64)
+    results = {}
+    for key, module, dt, cast in (("ours", ours, pdt, autocast_ctx(device, dtype)),
+                                  ("same", same, pdt, autocast_ctx(device, dtype))):
+        out, xs = run(module, dt, cast)
+        assert out.shape == out64.shape
+        grads = torch.autograd.grad(out, xs + [p for p in module.parameters()], grad.to(out.dtype))
+        results[key] = (out, grads)
+    grads64 = torch.autograd.grad(out64, x64 + list(ref64.parameters()), grad)
+
+    low = dtype in (torch.bfloat16, torch.float16)
+    (o_out, o_grads), (s_out, s_grads) = results["ours"], results["same"]
+    names = [f"grad of input {i}" for i in range(len(base))] + [f"grad of {n}" for n, _ in ref64.named_parameters()]
+    assert_close("output", o_out, out64, s_out if low else None, dtype, factor)
+    for name, g, gs, g64 in zip(names, o_grads, s_grads, grads64):
+        assert_close(name, g, g64, gs if low else None, dtype, GRAD_FACTOR * factor / 2, scale=grad.norm().item(),
+                     floor=GRAD_FLOOR[dtype])
+    ours_buffers = dict(ours.named_buffers())
+    same_buffers = dict(same.named_buffers())
+    for name, b64 in ref64.named_buffers():
+        if b64.dtype.is_floating_point:
+            assert_close(f"buffer {name}", ours_buffers[name], b64, same_buffers[name] if low else None, dtype,
+                         factor)
+        else:
+            assert torch.equal(ours_buffers[name].cpu(), b64.cpu()), f"buffer {name} differs"
+    return o_out

@@ -1,0 +1,85 @@
+"""Basic and bottleneck blocks (identity, projection and option-A shortcuts)
+against torchvision's blocks with the same weights."""
+import pytest
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock as TVBasic
+from torchvision.models.resnet import Bottleneck as TVBottleneck
+
+import resfast
+from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
+def _projection(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+
+def _randomize(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2)
+    return module
+
+
+# (C_in, planes, stride, projection)
+BASIC = [(16, 16, 1, False), (8, 16, 2, True), (13, 13, 1, False)]
+BOTTLENECK = [(32, 8, 1, False), (16, 8, 2, True), (12, 4, 1, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conf", BASIC, ids=str)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_basic_block(device, dtype, conf, layout, training):
+    cin, planes, stride, proj = conf
+    n = 8 if dtype in LOW_PRECISION else 2
+    ds = _projection(cin, planes, stride) if proj else None
+    ref = _randomize(TVBasic(cin, planes, stride, ds))
+    ours = resfast.nn.BasicBlock(cin, planes, stride, _projection(cin, planes, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 9)], dtype=dtype, device=device, training=training,
+                      layout=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("conf", BOTTLENECK, ids=str)
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bottleneck(device, dtype, conf, layout, training):
+    cin, planes, stride, proj = conf
+    n = 8 if dtype in LOW_PRECISION else 2
+    ds = _projection(cin, planes * 4, stride) if proj else None
+    ref = _randomize(TVBottleneck(cin, planes, stride, ds))
+    ours = resfast.nn.Bottleneck(cin, planes, stride, _projection(cin, planes * 4, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 7)], dtype=dtype, device=device, training=training,
+                      layout=layout)
+
+
+class TorchOptionABlock(TVBasic):
+    """torchvision's BasicBlock with the CIFAR option-A shortcut."""
+
+    def __init__(self, cin, planes, stride):
+        super().__init__(cin, planes, stride)
+        self.extra = planes - cin
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        sc = x[:, :, ::self.stride, ::self.stride]
+        sc = nn.functional.pad(sc, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+        return torch.relu(out + sc)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_basic_block_option_a(device, training):
+    ref = _randomize(TorchOptionABlock(16, 32, 2))
+    ours = resfast.nn.BasicBlock(16, 32, 2, shortcut="A")
+    check_module_pair(ours, ref, [torch.randn(2, 16, 8, 8)], dtype=torch.float64, device=device,
+                      training=training)

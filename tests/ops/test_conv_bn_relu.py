@@ -1,0 +1,111 @@
+"""conv (3x3 / 1x1, stride 1 / 2, +-bias) + BN (+ ReLU) against torch.nn."""
+import pytest
+import torch
+from torch import nn
+
+import resfast
+from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# (N, C_in, C_out, H, W, K, stride): odd channels, odd and tiny maps, N=1
+SHAPES = [
+    (2, 3, 8, 13, 13, 3, 1),
+    (1, 63, 16, 7, 7, 3, 2),
+    (3, 16, 63, 7, 7, 1, 1),
+    (2, 8, 5, 13, 13, 1, 2),
+    (4, 5, 6, 1, 1, 1, 1),
+]
+
+
+class TorchConvBNReLU(nn.Module):
+    def __init__(self, cin, cout, k, stride, bias, relu):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y) if self.relu else y
+
+
+def _randomize_bn(bn):
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-0.2, 0.2)
+        bn.running_var.uniform_(0.5, 2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_relu(device, dtype, shape, layout, training):
+    n, cin, cout, h, w, k, stride = shape
+    if dtype in LOW_PRECISION:
+        n *= 4  # fewer ReLU mask flips per element: see GRAD_FLOOR in tests/helpers.py
+    if training and n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) == 1:
+        pytest.skip("BN training needs more than one value per channel")
+    bias = cout % 2 == 1  # both cases over the shapes
+    ref = TorchConvBNReLU(cin, cout, k, stride, bias, relu=True)
+    _randomize_bn(ref.bn)
+    ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=bias, relu=True)
+    check_module_pair(ours, ref, [torch.randn(n, cin, h, w)], dtype=dtype, device=device, training=training,
+                      layout=layout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_conv_bn_without_relu(device, training):
+    ref = TorchConvBNReLU(6, 10, 3, 1, False, relu=False)
+    _randomize_bn(ref.bn)
+    ours = resfast.nn.Conv2dBNReLU(6, 10, 3, 1, relu=False)
+    check_module_pair(ours, ref, [torch.randn(2, 6, 9, 9)], dtype=torch.float32, device=device, training=training)
+
+
+@pytest.mark.parametrize("momentum", [0.3, None])
+def test_running_stats_over_steps(momentum):
+    """Three training steps: running mean/var and num_batches_tracked follow
+    nn.BatchNorm2d, including momentum=None (cumulative average)."""
+    ref = TorchConvBNReLU(4, 6, 3, 1, False, relu=True).double()
+    ref.bn.momentum = momentum
+    ours = resfast.nn.Conv2dBNReLU(4, 6, 3, momentum=momentum).double()
+    ours.load_state_dict(ref.state_dict())
+    for _ in range(3):
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 1
+        ref(x)
+        ours(x)
+    torch.testing.assert_close(ours.bn.running_mean, ref.bn.running_mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.bn.running_var, ref.bn.running_var, rtol=1e-12, atol=1e-12)
+    assert ours.bn.num_batches_tracked.item() == ref.bn.num_batches_tracked.item() == 3
+
+
+def test_no_running_stats_uses_batch_statistics():
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, track_running_stats=False))
+    ours = resfast.nn.Conv2dBNReLU(3, 4, 3, relu=False)
+    ours.bn = nn.BatchNorm2d(4, track_running_stats=False)
+    ours.conv.weight.data.copy_(ref[0].weight.data)
+    ours.eval()
+    ref.eval()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_requires_grad_on_any_subset():
+    """Only some inputs need gradients: the others get none, the rest are right."""
+    ref = TorchConvBNReLU(3, 4, 3, 1, True, relu=True).double()
+    ours = resfast.nn.Conv2dBNReLU(3, 4, 3, bias=True).double()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    for m in (ref, ours):
+        m.conv.weight.requires_grad_(False)
+        m.bn.bias.requires_grad_(False)
+    out_ref, out = ref(x), ours(x)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, [ours.conv.bias, ours.bn.weight], g)
+    want = torch.autograd.grad(out_ref, [ref.conv.bias, ref.bn.weight], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
