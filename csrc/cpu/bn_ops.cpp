@@ -24,7 +24,9 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   const auto dt = stats_dtype(y);
   const double inv_count = 1.0 / static_cast<double>(count_per_channel(y));
   auto g = (as_channel(grad_mean, dt) + 2.0 * (y.to(dt) - as_channel(mean, dt)) * as_channel(grad_var, dt)) * inv_count;
-  return g.to(y.scalar_type()).contiguous(y.suggest_memory_format());
+  auto grad_y = at::empty_like(y);
+  grad_y.copy_(g);
+  return grad_y;
 }
 
 std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& mean, const at::Tensor& var,

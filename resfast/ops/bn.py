@@ -30,7 +30,7 @@ def _(y):
 
 @register_fake("resfast::bn_stats_backward")
 def _(grad_mean, grad_var, y, mean):
-    return torch.empty_like(y, memory_format=y.suggest_memory_format() if y.dim() == 4 else torch.contiguous_format)
+    return torch.empty_like(y)
 
 
 @register_fake("resfast::bn_finalize")

@@ -125,7 +125,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
-            grad_w.to(weight.dtype) if output_mask[1] else x.new_empty((0,)),
+            torch.empty_like(weight).copy_(grad_w) if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
 

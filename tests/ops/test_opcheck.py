@@ -1,0 +1,115 @@
+"""torch.library.opcheck over every op, gradcheck in float64, and
+torch.compile(fullgraph=True) through the fused modules."""
+import pytest
+import torch
+
+import resfast
+from resfast.ops import OPS
+from tests.helpers import DEVICES
+
+ops = torch.ops.resfast
+F64 = dict(dtype=torch.float64)
+
+
+def _vec(c, device, lo=-1.0, hi=1.0, **kw):
+    return torch.empty(c, device=device, **kw).uniform_(lo, hi)
+
+
+def _cases(device):
+    """(op name, args) pairs covering every op and its optional arguments."""
+    kw = dict(device=device, **F64)
+    x = torch.randn(2, 5, 6, 7, **kw).contiguous(memory_format=torch.channels_last).requires_grad_()
+    y = torch.randn(2, 5, 6, 7, **kw).requires_grad_()
+    r = torch.randn(2, 5, 6, 7, **kw).requires_grad_()
+    w3 = torch.randn(4, 5, 3, 3, **kw).requires_grad_()
+    w1 = torch.randn(4, 5, 1, 1, **kw).requires_grad_()
+    b = torch.randn(4, **kw).requires_grad_()
+    scale = _vec(5, device, 0.5, 1.5, **F64).requires_grad_()
+    shift = _vec(5, device, **F64).requires_grad_()
+    mean, var = _vec(5, device, **F64).requires_grad_(), _vec(5, device, 0.5, 2, **F64).requires_grad_()
+    gamma, beta = _vec(5, device, 0.5, 1.5, **F64).requires_grad_(), _vec(5, device, **F64).requires_grad_()
+    y_out = torch.randn(2, 4, 6, 7, **kw).contiguous(memory_format=torch.channels_last)
+    return [
+        ("bn_stats", (y,)),
+        ("bn_stats", (x,)),
+        ("bn_stats_backward", (_vec(5, device, **F64), _vec(5, device, **F64), y.detach(), mean.detach())),
+        ("bn_finalize", (mean, var, gamma, beta, 1e-5)),
+        ("bn_finalize", (mean, var, None, None, 1e-3)),
+        ("bn_finalize_backward", (_vec(5, device, **F64), _vec(5, device, **F64), mean.detach(), var.detach(),
+                                  gamma.detach(), 1e-5)),
+        ("bn_update_running_stats_", (_vec(5, device, **F64), _vec(5, device, 0.5, 2, **F64), mean.detach(),
+                                      var.detach(), 84, 0.1)),
+        ("bn_act", (y, scale, shift, r, True)),
+        ("bn_act", (x, scale, shift, None, False)),
+        ("bn_act", (y, None, None, r, True)),
+        ("bn_act_backward", (torch.randn_like(y), y.detach(), scale.detach(), shift.detach(), r.detach(), True,
+                             [True, True, True, True])),
+        ("bn_act_backward", (torch.randn_like(y), y.detach(), None, None, None, True, [True, False, False, False])),
+        ("conv2d_bn", (x, w3, b, None, None, False, 1, 1, True, False)),
+        ("conv2d_bn", (y, w3, None, scale, shift, True, 2, 1, True, False)),
+        ("conv2d_bn", (x, w1, b, scale, shift, False, 1, 0, False, True)),
+        ("conv2d_bn_backward", (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
+                                w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
+                                1, 1, False, [True, True, True])),
+        ("conv2d_bn_backward", (None, _vec(4, device, **F64), None, x.detach(), w3.detach(), y_out,
+                                _vec(4, device, **F64), None, None, False, 1, 1, False, [False, True, False])),
+    ]
+
+
+def test_every_op_is_covered():
+    assert {name for name, _ in _cases("cpu")} == set(OPS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(_cases("cpu"))))
+def test_opcheck(device, case):
+    name, args = _cases(device)[case]
+    torch.library.opcheck(getattr(ops, name).default, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", [c for c, (name, args) in enumerate(_cases("cpu"))
+                                  if not name.endswith("backward") and not name.endswith("_")])
+def test_gradcheck(device, case):
+    name, args = _cases(device)[case]
+    op = getattr(ops, name)
+    tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def f(*tensors):
+        full = list(args)
+        for i, t in zip(tensor_pos, tensors):
+            full[i] = t
+        out = op(*full)
+        return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o.numel())
+
+    assert torch.autograd.gradcheck(f, [args[i] for i in tensor_pos], eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def _block():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        resfast.nn.Conv2dBNReLU(3, 8, 3),
+        resfast.nn.BasicBlock(8, 8),
+        resfast.nn.Bottleneck(8, 4, 2, torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, 2, bias=False),
+                                                           torch.nn.BatchNorm2d(16))),
+    )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(training):
+    """torch.compile(fullgraph=True) traces through every op (no graph break)
+    and computes what eager computes, gradients and running statistics too."""
+    eager, compiled_src = _block(), _block()
+    compiled_src.load_state_dict(eager.state_dict())
+    eager.train(training)
+    compiled_src.train(training)
+    compiled = torch.compile(compiled_src, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    out_e, out_c = eager(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled_src.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=name)
