@@ -38,9 +38,8 @@ def _want_cuda():
 
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20"]
+    cxx_flags = ["-O3", "-std=c++20", "-DRESFAST_PYTHON_MODULE"]
     if not _want_cuda():
-        cxx_flags.append('-DRESFAST_CUDA_ARCHS=""')
         return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
 
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)

@@ -6,16 +6,23 @@
 //  * per-channel vectors (mean, var, scale, shift, their gradients) are float32,
 //    or float64 when the activation is float64;
 //  * `var` is the biased (population) batch variance.
-#include <Python.h>
 #include <torch/library.h>
 
+#ifndef RESFAST_CUDA_ARCHS
+#define RESFAST_CUDA_ARCHS ""
+#endif
+
+#ifdef RESFAST_PYTHON_MODULE
+#include <Python.h>
 extern "C" {
 // resfast._C is imported for its side effect of registering the ops below.
+// (The CMake build makes a plain library for torch.ops.load_library instead.)
 PyObject* PyInit__C(void) {
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(resfast, m) {
   // Per-channel batch mean and biased variance of y.

@@ -17,12 +17,18 @@ def info() -> dict:
     available, torch / triton / CUDA versions and the GPU, if any."""
     from . import kernels
 
-    build = dict(kv.split("=", 1) for kv in torch.ops.resfast.build_info().split(";") if "=" in kv)
-    archs = build.get("cuda_archs", "")
+    archs = torch.ops.resfast.build_info().split("=", 1)[1]
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    from .ops import OPS
+
+    def backends(op):
+        name = f"resfast::{op}"
+        return "+".join(k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
+
     return {
-        "resfast_cuda_archs": archs.split() if archs else [],
+        "resfast_cuda_archs": archs.replace(";", " ").split() if archs else [],
         "cuda_kernels_built": bool(archs),
+        "kernels": {op: backends(op) for op in OPS},
         "triton_kernels_available": kernels.triton_available(),
         "triton_interpreter": kernels.interpreting(),
         "torch": torch.__version__,
@@ -35,4 +41,11 @@ def info() -> dict:
 
 def format_info(facts: dict) -> str:
     width = max(len(k) for k in facts)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in facts.items())
+    lines = []
+    for key, value in facts.items():
+        if isinstance(value, dict):
+            lines.append(f"{key}:")
+            lines += [f"  {k:<{width - 2}}  {v}" for k, v in value.items()]
+        else:
+            lines.append(f"{key:<{width}}  {value}")
+    return "\n".join(lines)
