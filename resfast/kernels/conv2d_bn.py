@@ -14,13 +14,13 @@ formed while grad_y is loaded (never materialized):
 
     grad_a       ``_conv2d_bn_dgrad_kernel``: GEMM of (input pixels) x (K*K*Co) by
                  (K*K*Co) x Ci; output pixel (ih + padding - kh) / stride where divisible
-    grad_weight  ``_conv2d_bn_wgrad_kernel``: GEMM of g^T by a (a recomputed from x),
-    grad_bias    split over output pixels into float32 partials summed on the host
+    grad_weight  ``_conv2d_bn_wgrad_kernel``: GEMM of g^T by a (a recomputed from x) and
+    grad_bias    column sums of g, split over output pixels into partials summed on the host
 
-Operands go to ``tl.dot`` in the input dtype (bf16/fp16 on tensor cores, float32 as
-IEEE, float64 as float64) and accumulate in float32 (float64 for float64 input).
-Under the Triton interpreter half-precision values are upcast to float32 before any
-arithmetic, since the interpreter computes bfloat16 wrongly.
+Elementwise math (prologue, g, epilogue, statistics) runs in the accumulator dtype,
+float32 (float64 for float64 input). ``tl.dot`` gets operands in the input dtype
+(bf16/fp16 on tensor cores, float32 as IEEE fp32, float64 as float64), except under the
+Triton interpreter, which computes bfloat16 wrongly: there half types stay float32.
 """
 import torch
 import triton
@@ -141,10 +141,11 @@ def _conv2d_bn_forward_kernel(
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :]
     if OUT_RELU:
         acc = tl.maximum(acc, 0.0)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & co_ok[None, :])
+    y = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y, mask=row_ok[:, None] & co_ok[None, :])
     if STATS:
-        _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M)
+        # statistics of y as stored, so that BN normalizes exactly the values it reads back
+        _store_tile_stats(y.to(ACC_DTYPE), row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M)
 
 
 @triton.jit
@@ -257,17 +258,22 @@ def _dot_config(dtype: torch.dtype) -> dict:
     return dict(DOT_DTYPE=operand, ACC_DTYPE=acc, DOT_PRECISION=precision)
 
 
+def _tile_cap(dtype: torch.dtype) -> int:
+    return 128 if dtype.itemsize <= 2 else 64
+
+
 def _gemm_blocks(n_cols: int, n_red: int, dtype: torch.dtype) -> dict:
     """Tile sizes for a GEMM with n_cols output columns and n_red channels reduced per tap.
 
     Under the interpreter every tl op costs Python overhead whatever its size: the
     smallest GPU-legal channel blocks (16) and 32-row tiles keep the tests' tiny shapes
     at a few programs while still spanning several row tiles. On the GPU: 128-row
-    tiles, channel blocks as wide as the channels (16..128), halved for float64's registers.
+    tiles, channel blocks as wide as the channels (16..128); halved for float32/64, whose
+    IEEE dots run on FMA units and spill registers at 128x64 (sm90, ptxas).
     """
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
-    cap = 64 if dtype == torch.float64 else 128
+    cap = _tile_cap(dtype)
     return dict(BLOCK_M=cap, BLOCK_N=min(cap, max(16, triton.next_power_of_2(n_cols))),
                 BLOCK_K=min(cap // 2, max(16, triton.next_power_of_2(n_red))))
 
@@ -467,7 +473,7 @@ def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
         cfg = dict(BLOCK_M=32, BLOCK_CO=16, BLOCK_CI=16)
         target_programs = 2 * triton.cdiv(co, 16) * taps * triton.cdiv(ci, 16)
     else:
-        cap = 64 if x.dtype == torch.float64 else 128
+        cap = _tile_cap(x.dtype)
         cfg = dict(BLOCK_M=cap // 2, BLOCK_CO=min(cap, max(16, triton.next_power_of_2(co))),
                    BLOCK_CI=min(cap, max(16, triton.next_power_of_2(ci))))
         target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count

@@ -99,7 +99,7 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
     if out_relu:
         y = torch.relu(y)
     y = y.to(weight.dtype)
-    if stats and y.numel() > 0:
+    if stats:  # an empty batch gives NaN statistics, as torch.var_mean does
         # statistics of y as stored (rounded to its dtype), so that BN normalizes
         # exactly the values it reads back: mean(y - mean) = 0 holds in bf16 too.
         var, mean = torch.var_mean(y.to(dt), dim=(0, 2, 3), correction=0)
@@ -131,25 +131,48 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
 
 # ---- the ops ------------------------------------------------------------------
 
-@custom_op("resfast::conv2d_bn", mutates_args=(), device_types="cpu")
+def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    from ..kernels.conv2d_bn import conv2d_bn_forward
+
+    if x.dtype != weight.dtype:
+        # Mixed precision (float32 x, 16-bit weights) only meets a network's input, once: apply the
+        # prologue at x's precision here rather than carry a second dtype through the kernels.
+        x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
+    return conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+
+
+def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+                     padding, out_relu, output_mask):
+    from ..kernels.conv2d_bn import conv2d_bn_backward
+
+    x_dtype = x.dtype
+    if x.dtype != weight.dtype:  # see _triton_forward
+        x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
+    grad_a, grad_w, grad_b = conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
+                                                in_shift, in_relu, stride, padding, out_relu, output_mask)
+    return grad_a.to(x_dtype), grad_w, grad_b
+
+
+def _forward_impl(x):
+    # float64 stays on ATen: tensor cores have no float64 path worth a kernel, and ATen keeps
+    # float64 exact for gradcheck.
+    if x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu()):
+        return conv2d_bn_forward_reference
+    return _triton_forward
+
+
+def _backward_impl(x):
+    if x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu()):
+        return conv2d_bn_backward_reference
+    return _triton_backward
+
+
+@custom_op("resfast::conv2d_bn", mutates_args=(), device_types=("cpu", "cuda"))
 def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
               in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, stats: bool,
               out_relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
-    impl = _triton_forward() if _triton_on_cpu() else conv2d_bn_forward_reference
-    return impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
-
-
-@conv2d_bn.register_kernel("cuda")
-def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
-    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
-    if x.dtype == torch.float64:
-        # tensor cores have no float64 path worth a kernel; ATen keeps float64 exact for gradcheck.
-        return conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                                           stats, out_relu)
-    if x.dtype != weight.dtype and in_scale is None and not in_relu:
-        x = x.to(weight.dtype)  # nothing to compute at x's precision first
-    return _triton_forward()(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+    return _forward_impl(x)(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
 
 
 @register_fake("resfast::conv2d_bn")
@@ -160,22 +183,13 @@ def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_
     return y, x.new_empty((n,), dtype=stats_dtype(weight)), x.new_empty((n,), dtype=stats_dtype(weight))
 
 
-@custom_op("resfast::conv2d_bn_backward", mutates_args=(), device_types="cpu")
+@custom_op("resfast::conv2d_bn_backward", mutates_args=(), device_types=("cpu", "cuda"))
 def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
                        x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, in_scale: Optional[Tensor],
                        in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, out_relu: bool,
                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    impl = _triton_backward() if _triton_on_cpu() else conv2d_bn_backward_reference
-    return impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-                padding, out_relu, output_mask)
-
-
-@conv2d_bn_backward.register_kernel("cuda")
-def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-      out_relu, output_mask):
-    impl = conv2d_bn_backward_reference if x.dtype == torch.float64 else _triton_backward()
-    return impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-                padding, out_relu, output_mask)
+    return _backward_impl(x)(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                             stride, padding, out_relu, output_mask)
 
 
 @register_fake("resfast::conv2d_bn_backward")
@@ -184,16 +198,6 @@ def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_re
     return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
-
-
-def _triton_forward():
-    from ..kernels.conv2d_bn import conv2d_bn_forward
-    return conv2d_bn_forward
-
-
-def _triton_backward():
-    from ..kernels.conv2d_bn import conv2d_bn_backward
-    return conv2d_bn_backward
 
 
 # ---- autograd -----------------------------------------------------------------
