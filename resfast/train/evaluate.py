@@ -8,7 +8,7 @@ averaged. Multi-scale: the posteriors at several Q are averaged.
 """
 import contextlib
 import math
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,9 +70,9 @@ def dense_scores(model: nn.Module, x: Tensor) -> Tensor:
     """Class scores of VGG run fully convolutionally on ``x`` of any size >= the
     training crop, averaged over the score map: (N, num_classes).
 
-    Uses the model's (or the models package's) own dense path where it has one
-    (``model.dense_forward``)."""
-    own = getattr(model, "dense_forward", None)
+    Uses the model's own dense path where it has one (``model.forward_dense``
+    of resfast.models' VGG)."""
+    own = getattr(model, "forward_dense", None)
     if callable(own):
         return own(x)
     features, (fc1, fc2, fc3) = _fc_layers(model)
@@ -89,18 +89,6 @@ def dense_scores(model: nn.Module, x: Tensor) -> Tensor:
     return s.mean(dim=(2, 3))
 
 
-def _dense_model_fn(model: nn.Module):
-    try:
-        import resfast.models as models
-    except ImportError:
-        models = None
-    for name in ("dense_forward", "dense_eval", "dense_scores"):
-        fn = getattr(models, name, None) if models is not None else None
-        if callable(fn):
-            return lambda x: fn(model, x)
-    return lambda x: dense_scores(model, x)
-
-
 @torch.no_grad()
 def evaluate_dense(model: nn.Module, datasets: Sequence, device, *, autocast=contextlib.nullcontext,
                    channels_last: bool = False, flip: bool = True, rank: int = 0, world: int = 1
@@ -110,7 +98,7 @@ def evaluate_dense(model: nn.Module, datasets: Sequence, device, *, autocast=con
     Images are run one at a time (their sizes differ)."""
     was_training = model.training
     model.eval()
-    fn = _dense_model_fn(model)
+    fn = lambda x: dense_scores(model, x)  # noqa: E731
     n_images = len(datasets[0])
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     try:

@@ -47,6 +47,13 @@ def _pyplot():
     return plt
 
 
+def integer_epochs(*axes) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> bool:
     """Training and test top-1 error (and loss) per epoch, as a PNG. False if
     matplotlib is missing."""
@@ -69,6 +76,7 @@ def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> bool:
     ax2.set_yscale("log")
     ax2.grid(alpha=0.3)
     ax2.legend()
+    integer_epochs(ax1, ax2)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

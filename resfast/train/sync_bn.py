@@ -24,7 +24,7 @@ Hooking it in:
   statistics update.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributed as dist
@@ -145,20 +145,24 @@ def resfast_hook_available() -> bool:
 def convert_sync_bn(model: nn.Module, group=None, *, equal_counts: bool = False) -> nn.Module:
     """Synchronise every BatchNorm2d of ``model`` across ``group`` (in place; returns model).
 
-    Plain ``nn.BatchNorm2d`` modules become :class:`SyncBatchNorm2d`; every
-    BatchNorm2d (also those the fused resfast layers read) gets ``stats_reducer``.
-    Raises NotImplementedError when the model runs fused resfast layers and
-    resfast.functional does not have the hook yet."""
+    Every BatchNorm2d gets a ``stats_reducer``. In a model of plain torch layers
+    (``--backend torch``) the ``nn.BatchNorm2d`` modules also become
+    :class:`SyncBatchNorm2d`, whose forward uses it; in a model of fused resfast
+    layers the fused ops read it through ``BatchNormArgs.of`` (the modules keep
+    their class: the fusion plans recognise plain ``nn.BatchNorm2d`` only).
+    Raises NotImplementedError when the model runs fused layers and
+    resfast.functional does not have the hook."""
     from .backend import has_fused_layers
 
-    if has_fused_layers(model) and not resfast_hook_available():
+    fused = has_fused_layers(model)
+    if fused and not resfast_hook_available():
         raise NotImplementedError(
             "--sync-bn with the resfast backend needs resfast.functional.BatchNormArgs.stats_reducer "
             "(not in this version); use --backend torch for synchronised BN")
     reducer = make_stats_reducer(group, equal_counts=equal_counts)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
-            if type(m) is nn.BatchNorm2d:
+            if not fused and type(m) is nn.BatchNorm2d:
                 m.__class__ = SyncBatchNorm2d
             m.stats_reducer = reducer
     return model

@@ -1,0 +1,229 @@
+"""``resfast bench`` / ``python -m resfast bench``."""
+import argparse
+import os
+import sys
+import time
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import cases as C
+from . import report
+from .measure import Runner, cpu_threads, default_settings, measure_ceilings
+
+EPILOG = """\
+examples:
+  resfast bench --size cpu-tiny --sets ops --no-compile            # seconds, on a CPU
+  resfast bench --sets ops blocks --names resnet50 vgg16 --out benchmarks/results
+  resfast bench --names 'conv3x3*' --dtype bf16 fp32 --layout all --steps 20
+  resfast bench --list                                             # what would run
+
+A case runs if its set (ops, blocks, models) is in --sets or its name matches
+a --names glob (name, name/mode, kind or set); everything when neither is given.
+For each case and each (dtype, layout), the providers run in the same process:
+resfast, torch.nn eager, torch.compile of the torch.nn module (and, for the
+eval conv + BN + ReLU, the bare conv). "vs eager" = eager ms / this ms (> 1 is
+faster). TFLOP/s counts conv/GEMM FLOPs (torch.utils.flop_counter); GB/s counts
+the bytes model of each op (see the JSON's bytes_model); "% ceiling" is against
+the matmul TFLOP/s or copy GB/s measured at the start of the run. peak MB (CUDA)
+is the peak allocated during the timed steps above what was allocated before.
+"""
+
+
+def _split(values: Optional[Sequence[str]]) -> List[str]:
+    out: List[str] = []
+    for v in values or ():
+        out += [p for p in v.split(",") if p]
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resfast bench", description="Throughput of resfast against torch.nn eager "
+                                "and torch.compile, measured in one run.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sel = p.add_argument_group("what to run")
+    sel.add_argument("--sets", nargs="+", metavar="SET", help="ops, blocks, models (comma or space separated)")
+    sel.add_argument("--names", nargs="+", metavar="GLOB", help="benchmarks by name glob: resnet50, 'conv3x3*', "
+                     "'bn_add_relu-*/train', bottleneck ...")
+    sel.add_argument("--modes", nargs="+", metavar="MODE", help="train, eval (default both)")
+    sel.add_argument("--priority", nargs="+", metavar="GLOB", default=[],
+                     help="run the cases matching these globs first, in this order (useful with --time-budget)")
+    sel.add_argument("--providers", nargs="+", metavar="P", help=f"subset of {', '.join(C.PROVIDERS)}")
+    sel.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    cfg = p.add_argument_group("configuration")
+    cfg.add_argument("--dtype", nargs="+", metavar="DT", help="fp32, bf16 (autocast) or all; default bf16 on a "
+                     "GPU, fp32 on the CPU")
+    cfg.add_argument("--layout", nargs="+", metavar="L", help="nchw, channels_last or all; default channels_last")
+    cfg.add_argument("--batch", type=int, help="batch size for every case (default: the size's own)")
+    cfg.add_argument("--size", choices=("auto",) + C.SIZES, default="auto",
+                     help="shapes: full (ResNet-50 layers at batch 128, networks at 256, 224x224) on a GPU, "
+                     "cpu-tiny otherwise (auto)")
+    cfg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    tim = p.add_argument_group("timing")
+    tim.add_argument("--steps", type=int, help="steps per timed round (full: 10, cpu-tiny: 1)")
+    tim.add_argument("--warmup", type=int, help="warm-up steps, the first (compiling) one included (full: 3)")
+    tim.add_argument("--rounds", type=int, help="timed rounds; ms is their median (full: 3)")
+    tim.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                     help="the torch.compile provider: auto = on a GPU only")
+    tim.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                     help="skip torch.compile (recorded as skipped, with the reason)")
+    tim.add_argument("--time-budget", type=float, metavar="S",
+                     help="stop starting new cases after S seconds (the rest are recorded as skipped)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", metavar="DIR", help="write <stem>.json, <stem>.png and <stem>.md here")
+    out.add_argument("--name", metavar="STEM", help="file stem (default YYYY-MM-DD-<device-slug>, "
+                     "-2, -3 ... appended rather than overwrite)")
+    out.add_argument("--no-plot", action="store_true", help="no PNG")
+    out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return p
+
+
+def _choices(values, allowed, what, default):
+    vals = _split(values) or list(default)
+    if "all" in vals:
+        return list(allowed)
+    for v in vals:
+        if v not in allowed:
+            raise SystemExit(f"resfast bench: unknown {what} {v!r}; choose from {', '.join(allowed)} or all")
+    return vals
+
+
+def _order(cases: List[C.Case], priority: Sequence[str]) -> List[C.Case]:
+    first: List[C.Case] = []
+    for pat in priority:
+        first += [c for c in cases if C.matches(c, pat) and c not in first]
+    return first + [c for c in cases if c not in first]
+
+
+def _out_stem(out_dir: str, name: Optional[str], device) -> str:
+    if name:
+        return name
+    stem = report.default_stem(device)
+    n = 1
+    candidate = stem
+    while os.path.exists(os.path.join(out_dir, candidate + ".json")):
+        n += 1
+        candidate = f"{stem}-{n}"
+    return candidate
+
+
+def bench_main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup, args.rounds,
+                                    _split(args.providers) or None)
+        for prov in settings.providers:
+            if prov not in C.PROVIDERS:
+                raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
+        if args.batch is not None and args.batch < 1:
+            raise ValueError(f"--batch must be >= 1, got {args.batch}")
+        cases = _order(C.select_cases(settings.size, _split(args.sets), _split(args.names), _split(args.modes),
+                                      args.batch), _split(args.priority))
+    except (ValueError, RuntimeError, AssertionError) as e:
+        print(f"resfast bench: {e}", file=sys.stderr)
+        return 2
+    gpu = settings.device.type == "cuda"
+    dtypes = _choices(args.dtype, tuple(C.DTYPES), "dtype", ["bf16"] if gpu else ["fp32"])
+    layouts = _choices(args.layout, C.LAYOUTS, "layout", ["channels_last"])
+
+    if args.list:
+        for c in cases:
+            line = f"{c.id:<42} {c.group:<6} batch {c.batch:<4} input {'x'.join(map(str, c.in_shape)):<12} " \
+                   f"providers {','.join(c.providers())}"
+            print(line + (f"  [skipped: {c.skip}]" if c.skip else ""))
+        return 0
+
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = {}
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = _out_stem(args.out, args.name, settings.device)
+        paths = {ext: os.path.join(args.out, f"{stem}.{ext}") for ext in ("json", "png", "md")}
+    t_start = time.perf_counter()
+    log(f"resfast bench: {len(cases)} cases x {len(dtypes) * len(layouts)} configs on {settings.device} "
+        f"(size {settings.size}, {settings.warmup} warm-up, {settings.rounds} x {settings.steps} steps"
+        + (f", {settings.threads} CPU thread" if settings.threads else "") + ")")
+    with cpu_threads(settings.threads):
+        doc = _measure(argv, settings, cases, dtypes, layouts, paths, args.time_budget, log)
+    return _finish(doc, paths, args, t_start)
+
+
+def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log):
+    """Ceilings, then every case x (dtype, layout) x provider; the JSON is
+    rewritten after each so a killed run leaves what it measured."""
+    t_start = time.perf_counter()
+    ceilings = measure_ceilings(settings.device, dtypes)
+    log(report.format_ceilings(ceilings))
+    runner = Runner(settings, ceilings, log=log)
+    doc = report.new_document(argv, settings, ceilings, settings.device)
+    order = ("eager", "compile", "conv_alone", "resfast")  # references first: the resfast row gets its ratios
+    total = len(cases) * len(dtypes) * len(layouts)
+    done = 0
+    for case in cases:
+        for dtype in dtypes:
+            for layout in layouts:
+                done += 1
+                over = time_budget is not None and time.perf_counter() - t_start > time_budget
+                rows = []
+                for prov in (p for p in order if p in case.providers()):
+                    if over:
+                        row = runner.blank_row(case, dtype, layout, prov)
+                        row.status, row.reason = "skipped", f"time budget (--time-budget {time_budget:g} s) spent"
+                    else:
+                        row = runner.measure(case, dtype, layout, prov)
+                    rows.append(row)
+                    if row.status == "ok":
+                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.ms:.3f} ms/step "
+                            f"({row.images_per_s:.1f} images/s) {row.kernel_path}")
+                    elif row.status == "error":
+                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.status}: {row.reason}")
+                for row in rows:
+                    runner.complete(row, case, measure_refs=False)
+                doc["results"] += [r.as_dict() for r in sorted(rows, key=lambda r: order[::-1].index(r.provider))]
+                if paths:
+                    report.write_json(paths["json"], doc)
+        runner.release()
+    return doc
+
+
+def _finish(doc, paths, args, t_start) -> int:
+    ceilings = doc["ceilings"]
+    doc["complete"] = True
+    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
+    env = doc["environment"]
+    print(f"resfast bench  {doc['timestamp']}  {env.get('gpu') or env['device']}  torch {env['torch']}  "
+          f"triton {env['triton']}  CUDA {env['cuda_runtime']}")
+    print(f"command: {doc['command']}")
+    print(report.format_ceilings(ceilings))
+    shown = [r for r in doc["results"] if r["status"] != "skipped"]
+    print(report.format_table(shown) if shown else "(nothing measured)")
+    skipped = [r for r in doc["results"] if r["status"] == "skipped"]
+    if skipped:
+        reasons = {}
+        for r in skipped:
+            what = reasons.setdefault(r["reason"], [])
+            if f"{r['name']}/{r['mode']} {r['provider']}" not in what:
+                what.append(f"{r['name']}/{r['mode']} {r['provider']}")
+        print("skipped:")
+        for reason, what in reasons.items():
+            print(f"  {len(what)} x: {reason}" + (f"  ({', '.join(what[:4])}{' ...' if len(what) > 4 else ''})"))
+    if paths:
+        report.write_json(paths["json"], doc)
+        with open(paths["md"], "w") as f:
+            f.write(f"`{doc['command']}` on {env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
+                    f"triton {env['triton']})\n\n{report.format_ceilings(ceilings)}\n\n"
+                    f"{report.format_markdown(shown)}\n")
+        written = [paths["json"], paths["md"]]
+        if not args.no_plot and report.plot(doc, paths["png"]):
+            written.append(paths["png"])
+        print("wrote " + ", ".join(written))
+    errors = [r for r in doc["results"] if r["status"] == "error"]
+    if errors:
+        print(f"{len(errors)} benchmark(s) failed (see the table)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main() -> int:  # pragma: no cover
+    return bench_main()
