@@ -34,6 +34,7 @@ inline void check_channel_vector(const at::Tensor& t, int64_t channels, const at
   TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), name, " must be floating point, got ", t.scalar_type());
 }
 
-inline int64_t count_per_channel(const at::Tensor& t) { return t.numel() / t.size(1); }
+// N*H*W, also when C = 0.
+inline int64_t count_per_channel(const at::Tensor& t) { return t.size(0) * t.size(2) * t.size(3); }
 
 }  // namespace resfast

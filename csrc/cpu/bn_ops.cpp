@@ -21,6 +21,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
 at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& y,
                                  const at::Tensor& mean) {
   check_activation(y, "y");
+  check_channel_vector(grad_mean, y.size(1), y, "grad_mean");
+  check_channel_vector(grad_var, y.size(1), y, "grad_var");
+  check_channel_vector(mean, y.size(1), y, "mean");
   const auto dt = stats_dtype(y);
   const double inv_count = 1.0 / static_cast<double>(count_per_channel(y));
   auto g = (as_channel(grad_mean, dt) + 2.0 * (y.to(dt) - as_channel(mean, dt)) * as_channel(grad_var, dt)) * inv_count;
