@@ -152,6 +152,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "environment": report.environment(s.device),
         "settings": {"size": s.size, "warmup": s.warmup, "steps": s.steps, "rounds": s.rounds,
                      "compile": s.compile, "compile_reason": s.compile_reason, "cpu_threads": s.threads,
+                     "cudnn_benchmark": s.cudnn_benchmark,
                      "configs": [list(c) for c in config._resfast_configs]},
         "ceilings": runner._ceilings,
     }

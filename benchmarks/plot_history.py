@@ -9,7 +9,7 @@ Reads every ``*.json`` there: ``resfast bench`` files (format "resfast-bench/1")
 and pytest-benchmark files written by the suite (their rows are in each
 benchmark's ``extra_info``). One panel per GPU; one line per benchmark
 ("name mode dtype layout"), the resfast provider's ``--metric`` (default
-ratio_vs_eager: torch eager ms / resfast ms) over the run date. Prints the
+ratio_vs_eager: torch eager ms / resfast ms) over the runs, in time order. Prints the
 latest value per benchmark too. Needs only matplotlib (no torch).
 """
 import argparse
@@ -29,7 +29,7 @@ def _layout(layout):
 
 
 def load_rows(path):
-    """(date, device, rows) of one results file, or None if it is not one."""
+    """(timestamp, device, rows) of one results file, or None if it is not one."""
     try:
         with open(path) as f:
             doc = json.load(f)
@@ -39,23 +39,24 @@ def load_rows(path):
         return None
     if str(doc.get("format", "")).startswith("resfast-bench/"):
         env = doc.get("environment", {})
-        return doc.get("date"), env.get("gpu") or env.get("device") or "?", doc.get("results", [])
+        return doc.get("timestamp") or doc.get("date"), env.get("gpu") or env.get("device") or "?", \
+            doc.get("results", [])
     if "benchmarks" in doc and "resfast" in doc:  # pytest-benchmark --benchmark-json of benchmarks/
         env = doc["resfast"].get("environment", {})
         rows = [b.get("extra_info", {}) for b in doc["benchmarks"] if b.get("extra_info", {}).get("name")]
-        return str(doc.get("datetime", ""))[:10], env.get("gpu") or env.get("device") or "?", rows
+        return str(doc.get("datetime", "")), env.get("gpu") or env.get("device") or "?", rows
     return None
 
 
 def collect(results_dir, metric, pattern=None, provider="resfast"):
-    """{device: {benchmark label: [(date, value, file)]}}"""
+    """{device: {benchmark label: [(timestamp, value, file)]}}"""
     series = defaultdict(lambda: defaultdict(list))
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         got = load_rows(path)
         if got is None:
             continue
-        date, device, rows = got
-        if not date:
+        stamp, device, rows = got
+        if not stamp:
             continue
         for r in rows:
             if r.get("status", "ok") != "ok" or r.get("provider") != provider or r.get(metric) is None:
@@ -63,7 +64,7 @@ def collect(results_dir, metric, pattern=None, provider="resfast"):
             label = f"{r['name']} {r.get('mode', '')} {r.get('dtype', '')} {_layout(r.get('layout', ''))}".strip()
             if pattern and not fnmatch.fnmatch(label, pattern) and not fnmatch.fnmatch(r["name"], pattern):
                 continue
-            series[device][label].append((date, float(r[metric]), os.path.basename(path)))
+            series[device][label].append((str(stamp)[:16], float(r[metric]), os.path.basename(path)))
     return series
 
 
@@ -76,7 +77,7 @@ def plot(series, metric, out):
     devices = sorted(series)
     fig, axes = plt.subplots(len(devices), 1, figsize=(12, 4.5 * len(devices)), squeeze=False)
     for ax, device in zip(axes[:, 0], devices):
-        dates = sorted({d for pts in series[device].values() for d, _, _ in pts})
+        dates = sorted({d for pts in series[device].values() for d, _, _ in pts})  # run times, in order
         index = {d: i for i, d in enumerate(dates)}
         for label, pts in sorted(series[device].items()):
             pts = sorted(pts)
@@ -108,7 +109,7 @@ def main(argv=None):
     for device in sorted(series):
         print(f"{device}: latest {args.metric}")
         for label, pts in sorted(series[device].items()):
-            date, value, name = max(pts)
+            date, value, name = max(pts, key=lambda p: p[0])  # the latest run
             print(f"  {label:<50} {value:10.3f}  ({date}, {name}; {len(pts)} runs)")
     out = args.out or os.path.join(args.results, "history.png")
     plot(series, args.metric, out)

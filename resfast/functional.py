@@ -12,7 +12,7 @@ it, so the building block is a *pending* activation ``relu(y * scale + shift)``
 (:class:`Pending`): the next conv applies it while loading its input, or
 :func:`finish` applies it together with the residual add.
 """
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,11 +33,16 @@ class BatchNormArgs(NamedTuple):
     training: bool
     momentum: Optional[float] = 0.1
     eps: float = 1e-5
+    # (mean, var, count) -> (mean, var, count): turns this process's batch
+    # statistics into global ones (synchronised BN, resfast.train.sync_bn);
+    # taken from the module's ``stats_reducer`` attribute when it has one
+    stats_reducer: Optional[Callable[[Tensor, Tensor, int], Tuple[Tensor, Tensor, int]]] = None
 
     @classmethod
     def of(cls, bn: torch.nn.BatchNorm2d) -> "BatchNormArgs":
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                   bn.training or bn.running_mean is None, bn.momentum, bn.eps)
+                   bn.training or bn.running_mean is None, bn.momentum, bn.eps,
+                   getattr(bn, "stats_reducer", None))
 
 
 class Pending(NamedTuple):
@@ -99,6 +104,8 @@ def _conv_dtype(x: Tensor, weight: Tensor):
 
 def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs):
     """Scale and shift from batch statistics; updates the running statistics."""
+    if bn.stats_reducer is not None:
+        mean, var, count = bn.stats_reducer(mean, var, count)
     if bn.running_mean is not None and bn.training:
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count}")

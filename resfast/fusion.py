@@ -234,7 +234,6 @@ def _block_problem(m: nn.Module, kind: str) -> Optional[str]:
     layout = _BASIC if kind == "BasicBlock" else _BOTTLENECK
     if _has_hooks(m):
         return "has hooks"
-    stride = None
     prev = None
     for (name, k, s), bn_name in zip(layout["convs"], [c[0].replace("conv", "bn") for c in layout["convs"]]):
         conv, bn = m._modules[name], m._modules[bn_name]
@@ -245,9 +244,7 @@ def _block_problem(m: nn.Module, kind: str) -> Optional[str]:
             return f"{name} is {conv.kernel_size} with padding {conv.padding}, expected {k}x{k} with padding {k // 2}"
         if conv.bias is not None:
             return f"{name} has a bias"
-        if s is None:
-            stride = conv.stride[0]
-        elif conv.stride[0] != s:
+        if s is not None and conv.stride[0] != s:
             return f"{name} has stride {conv.stride[0]} (the stride belongs in the {'first' if k == 3 else '3x3'} conv)"
         if not _is_bn(bn, conv.out_channels):
             return f"{bn_name} is not a plain nn.BatchNorm2d over {conv.out_channels} channels"

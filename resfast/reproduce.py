@@ -21,8 +21,9 @@ EXPERIMENTS = {
 
 
 def build_parser(prog: str = "resfast reproduce") -> argparse.ArgumentParser:
+    # allow_abbrev=False: otherwise '--model X' would be taken as '--models X'
     p = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Reproduce a paper experiment. 'degradation': plain-20/56 vs ResNet-20/56 training and test "
                     "error curves in one figure, and a table of the final errors.\n\nAny other option is a "
                     "'resfast train' option and applies to every network (see resfast train --help), e.g. "

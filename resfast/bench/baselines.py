@@ -179,8 +179,10 @@ def eager_twin(module: nn.Module) -> nn.Module:
     if isinstance(m, rnn.Conv2dBNReLU):
         return ConvBNReLU(m.conv, m.bn, m.relu)
     if isinstance(m, rnn.BatchNormAddReLU):
-        bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats,
-                            device=m.weight.device if m.weight is not None else None)
+        ref = next(iter(m.state_dict().values()), None)
+        like = dict(device=ref.device, dtype=m.weight.dtype if m.weight is not None else m.running_mean.dtype) \
+            if ref is not None else {}
+        bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **like)
         bn.load_state_dict(m.state_dict())
         return BNAddReLU(bn.train(m.training))
     if isinstance(m, rnn.BNReLUConv2d):

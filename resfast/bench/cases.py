@@ -32,7 +32,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -314,7 +314,7 @@ class Workload:
     step: Callable[[], None]
     module: nn.Module
     batch: int
-    cleanup: List[object] = field(default_factory=list)
+    holds: List[object] = field(default_factory=list)  # what the step keeps alive (the optimizer)
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -323,7 +323,7 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _fmt(layout: str):
+def memory_format(layout: str):
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
@@ -332,7 +332,7 @@ def make_workload(case: Case, module: nn.Module, device, dtype: torch.dtype, lay
     """The step ``module`` (one provider's module, already compiled where that
     is the provider) runs for ``case`` in ``dtype`` (autocast) and ``layout``."""
     device = torch.device(device)
-    fmt = _fmt(layout)
+    fmt = memory_format(layout)
     module = module.to(memory_format=fmt)
     train = case.mode == "train"
     module.train(train)
@@ -359,8 +359,7 @@ def make_workload(case: Case, module: nn.Module, device, dtype: torch.dtype, lay
             opt.zero_grad(set_to_none=True)
         return Workload(step, module, case.batch, [opt])
 
-    act = dtype if dtype != torch.float32 else torch.float32
-    inputs = [torch.randn(shape, device=device, generator=gen, dtype=act).contiguous(memory_format=fmt)
+    inputs = [torch.randn(shape, device=device, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
               for _ in range(2 if case.kind == "bn_add_relu" else 1)]
     if not train:
         def step():
@@ -393,6 +392,8 @@ def count_flops(case: Case) -> int:
     """GEMM/conv FLOPs of one step of the torch.nn computation
     (``torch.utils.flop_counter`` on the meta device: no compute), the same
     count for every provider. Elementwise work and the optimizer are not counted."""
+    if case.kind == "bn_add_relu":
+        return 0  # no conv or GEMM
     from torch.utils.flop_counter import FlopCounterMode
 
     mods = build_modules(case, "meta")

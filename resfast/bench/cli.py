@@ -5,8 +5,6 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
-import torch
-
 from . import cases as C
 from . import report
 from .measure import Runner, cpu_threads, default_settings, measure_ceilings
@@ -67,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the torch.compile provider: auto = on a GPU only")
     tim.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                      help="skip torch.compile (recorded as skipped, with the reason)")
+    tim.add_argument("--no-cudnn-benchmark", action="store_true",
+                     help="leave torch.backends.cudnn.benchmark off (default: on while measuring, so the eager "
+                     "baseline gets cuDNN's fastest algorithms)")
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help="stop starting new cases after S seconds (the rest are recorded as skipped)")
     out = p.add_argument_group("output")
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "-2, -3 ... appended rather than overwrite)")
     out.add_argument("--no-plot", action="store_true", help="no PNG")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    out.add_argument("--report", metavar="JSON", help="measure nothing: print the table of a results file and "
+                     "(re)write its .md and .png next to it")
     return p
 
 
@@ -110,9 +113,12 @@ def _out_stem(out_dir: str, name: Optional[str], device) -> str:
 def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.report:
+        return _rerender(args.report, args.no_plot)
     try:
         settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup, args.rounds,
                                     _split(args.providers) or None)
+        settings.cudnn_benchmark = not args.no_cudnn_benchmark
         for prov in settings.providers:
             if prov not in C.PROVIDERS:
                 raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
@@ -187,10 +193,8 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log):
     return doc
 
 
-def _finish(doc, paths, args, t_start) -> int:
+def _print_and_write(doc, paths, plot=True) -> None:
     ceilings = doc["ceilings"]
-    doc["complete"] = True
-    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
     env = doc["environment"]
     print(f"resfast bench  {doc['timestamp']}  {env.get('gpu') or env['device']}  torch {env['torch']}  "
           f"triton {env['triton']}  CUDA {env['cuda_runtime']}")
@@ -207,7 +211,9 @@ def _finish(doc, paths, args, t_start) -> int:
                 what.append(f"{r['name']}/{r['mode']} {r['provider']}")
         print("skipped:")
         for reason, what in reasons.items():
-            print(f"  {len(what)} x: {reason}" + (f"  ({', '.join(what[:4])}{' ...' if len(what) > 4 else ''})"))
+            print(f"  {len(what)} x: {reason}  ({', '.join(what[:4])}{' ...' if len(what) > 4 else ''})")
+    if not doc.get("complete", True):
+        print("(the run did not finish: these are the results it wrote before it stopped)")
     if paths:
         report.write_json(paths["json"], doc)
         with open(paths["md"], "w") as f:
@@ -215,13 +221,33 @@ def _finish(doc, paths, args, t_start) -> int:
                     f"triton {env['triton']})\n\n{report.format_ceilings(ceilings)}\n\n"
                     f"{report.format_markdown(shown)}\n")
         written = [paths["json"], paths["md"]]
-        if not args.no_plot and report.plot(doc, paths["png"]):
+        if plot and report.plot(doc, paths["png"]):
             written.append(paths["png"])
         print("wrote " + ", ".join(written))
+
+
+def _finish(doc, paths, args, t_start) -> int:
+    doc["complete"] = True
+    doc["wall_s"] = round(time.perf_counter() - t_start, 1)
+    _print_and_write(doc, paths, plot=not args.no_plot)
     errors = [r for r in doc["results"] if r["status"] == "error"]
     if errors:
         print(f"{len(errors)} benchmark(s) failed (see the table)", file=sys.stderr)
         return 1
+    return 0
+
+
+def _rerender(path: str, no_plot: bool) -> int:
+    try:
+        doc = report.load_json(path)
+    except (OSError, ValueError) as e:
+        print(f"resfast bench: cannot read {path}: {e}", file=sys.stderr)
+        return 2
+    if not str(doc.get("format", "")).startswith("resfast-bench/"):
+        print(f"resfast bench: {path} is not a resfast bench results file", file=sys.stderr)
+        return 2
+    stem = path[:-5] if path.endswith(".json") else path
+    _print_and_write(doc, {"json": path, "png": stem + ".png", "md": stem + ".md"}, plot=not no_plot)
     return 0
 
 

@@ -38,6 +38,7 @@ class Settings:
     compile_reason: Optional[str] = None  # why compile does not run
     providers: Tuple[str, ...] = C.PROVIDERS
     threads: Optional[int] = None  # CPU intra-op threads while measuring (None: leave torch's setting)
+    cudnn_benchmark: bool = True   # let cuDNN pick its fastest algorithms (the eager baseline at its best)
 
 
 def default_settings(device=None, size=None, compile=None, steps=None, warmup=None, rounds=None,
@@ -75,6 +76,16 @@ def default_settings(device=None, size=None, compile=None, steps=None, warmup=No
                     rounds=rounds if rounds is not None else (3 if full else 1),
                     compile=compile, compile_reason=reason,
                     providers=tuple(providers) if providers else C.PROVIDERS, threads=threads)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool):
+    old = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = old
 
 
 @contextlib.contextmanager
@@ -158,6 +169,18 @@ def _best_time(fn, device, iters: int, reps: int = 3) -> float:
     return best
 
 
+def _copy_time(device, nbytes: int, iters: int) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return _best_time(lambda: dst.copy_(src), device, iters)
+
+
+def _matmul_time(device, n: int, dtype, iters: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return _best_time(lambda: torch.mm(a, b), device, iters)
+
+
 def measure_ceilings(device, dtypes=("fp32", "bf16")) -> Dict[str, object]:
     """Copy GB/s (read + write) and matmul TFLOP/s per dtype on ``device``."""
     device = torch.device(device)
@@ -166,21 +189,13 @@ def measure_ceilings(device, dtypes=("fp32", "bf16")) -> Dict[str, object]:
     if gpu:
         free, _ = torch.cuda.mem_get_info(device)
         nbytes = min(nbytes, free // 4)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), device, iters=10 if gpu else 3)
-    copy_gbs = 2 * nbytes / t / 1e9
-    del src, dst
+    copy_gbs = 2 * nbytes / _copy_time(device, nbytes, iters=10 if gpu else 3) / 1e9
     matmul = {}
     for name in dtypes:
         dtype = C.DTYPES[name]
         n = (8192 if dtype == torch.bfloat16 else 4096) if gpu else 256
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
         with _tf32(gpu and dtype == torch.float32):
-            t = _best_time(lambda: torch.mm(a, b), device, iters=10 if gpu else 3)
-        matmul[name] = 2 * n ** 3 / t / 1e12
-        del a, b
+            matmul[name] = 2 * n ** 3 / _matmul_time(device, n, dtype, iters=10 if gpu else 3) / 1e12
     if gpu:
         torch.cuda.empty_cache()
     return {
@@ -350,10 +365,6 @@ class Row:
     baseline: Optional[str] = None      # what "eager" is for this case
     spec: Dict[str, object] = field(default_factory=dict)  # the case's settings (channels, stride, model ...)
 
-    @property
-    def key(self) -> Tuple[str, str, str, str]:
-        return (f"{self.name}/{self.mode}", self.dtype, self.layout, self.provider)
-
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
 
@@ -366,7 +377,7 @@ class Runner:
     def __init__(self, settings: Settings, ceilings: Optional[Dict[str, object]] = None, log=None):
         self.s = settings
         self._ceilings = ceilings
-        self._rows: Dict[Tuple[str, str, str, str], Row] = {}
+        self._rows: Dict[Tuple[str, int, str, str, str], Row] = {}
         self._flops: Dict[Tuple[str, int], Optional[int]] = {}
         self._modules: Tuple[Optional[str], Optional[C.Modules]] = (None, None)
         self._workloads: "collections.OrderedDict[tuple, C.Workload]" = collections.OrderedDict()
@@ -421,7 +432,7 @@ class Runner:
         mods = self.modules(case)
         proto = {"resfast": mods.resfast, "eager": mods.eager, "compile": mods.eager,
                  "conv_alone": mods.conv_alone}[provider]
-        module = copy.deepcopy(proto).to(memory_format=C._fmt(layout))
+        module = copy.deepcopy(proto).to(memory_format=C.memory_format(layout))
         if provider == "compile":
             _raise_dynamo_limits()
             module = torch.compile(module)
@@ -448,7 +459,7 @@ class Runner:
 
     def measure(self, case: C.Case, dtype: str, layout: str, provider: str) -> Row:
         """Time one combination (cached); ratios are filled by :meth:`complete`."""
-        key = (case.id, dtype, layout, provider)
+        key = (case.id, case.batch, dtype, layout, provider)
         if key in self._rows:
             return self._rows[key]
         row = self.blank_row(case, dtype, layout, provider)
@@ -472,7 +483,9 @@ class Runner:
 
             kernels: Dict[str, object] = {}
             first = (lambda: kernels.update(record_kernels(wl.step))) if provider == "resfast" else None
-            timing = time_steps(wl.step, device, self.s.warmup, self.s.steps, self.s.rounds, after_warmup, first)
+            with cudnn_benchmark(self.s.cudnn_benchmark):
+                timing = time_steps(wl.step, device, self.s.warmup, self.s.steps, self.s.rounds, after_warmup,
+                                    first)
             if gpu:
                 row.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
                 row.resident_mem_mb = resident / 2**20
@@ -518,8 +531,7 @@ class Runner:
                           ("conv_alone", "ratio_vs_conv_alone")):
             if ref not in case.providers():
                 continue
-            key = (case.id, row.dtype, row.layout, ref)
-            other = self._rows.get(key)
+            other = self._rows.get((case.id, case.batch, row.dtype, row.layout, ref))
             if other is None and measure_refs:
                 other = self.measure(case, row.dtype, row.layout, ref)
             if other is not None and other.status == "ok" and other.ms and row.ms:
@@ -536,5 +548,8 @@ def _raise_dynamo_limits() -> None:
     cfg = torch._dynamo.config
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
                  "accumulated_recompile_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 4096))
+        try:
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), 4096))
+        except Exception:  # renamed or read-only in this torch version
+            pass

@@ -117,7 +117,7 @@ def row_cells(r: Dict[str, object]) -> List[str]:
     ips = r.get("images_per_s")
     return [bench, r["provider"], _num(ips, "{:.0f}" if ips and ips >= 100 else "{:.1f}"),
             _num(r.get("ms"), "{:.3f}"), vs_eager, _num(r.get("ratio_vs_compile"), "{:.2f}x"),
-            _num(r.get("tflops"), "{:.2f}"), _num(r.get("gbs"), "{:.0f}"), pct,
+            _num(r.get("tflops"), "{:.3g}"), _num(r.get("gbs"), "{:.3g}"), pct,
             _num(r.get("peak_mem_mb"), "{:.0f}"), r.get("kernel_path") or ""]
 
 
@@ -141,8 +141,8 @@ def format_markdown(rows: Sequence[Dict[str, object]]) -> str:
 
 
 def format_ceilings(ceil: Dict[str, object]) -> str:
-    mm = ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in ceil["matmul_tflops"].items())
-    return f"ceilings (measured in this run): copy {ceil['copy_gbs']:.1f} GB/s (read + write); matmul {mm}"
+    mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceil["matmul_tflops"].items())
+    return f"ceilings (measured in this run): copy {ceil['copy_gbs']:.3g} GB/s (read + write); matmul {mm}"
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -236,6 +236,8 @@ def command_line(argv: Sequence[str]) -> str:
 
 
 def new_document(argv: Sequence[str], settings, ceilings, device) -> Dict[str, object]:
+    import torch
+
     now = utc_now()
     return {
         "format": FORMAT,
@@ -248,7 +250,9 @@ def new_document(argv: Sequence[str], settings, ceilings, device) -> Dict[str, o
         "settings": {"size": settings.size, "warmup": settings.warmup, "steps": settings.steps,
                      "rounds": settings.rounds, "compile": settings.compile,
                      "compile_reason": settings.compile_reason, "providers": list(settings.providers),
-                     "cpu_threads": settings.threads},
+                     "cpu_threads": settings.threads, "cudnn_benchmark": settings.cudnn_benchmark,
+                     "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+                     "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32},
         "ceilings": ceilings,
         "results": [],
         "complete": False,

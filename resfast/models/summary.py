@@ -70,8 +70,7 @@ class _Recorder(TorchDispatchMode):
         op = getattr(func, "_schema", None)
         qual = op.name if op is not None else ""
         if qual == "resfast::conv2d_bn":
-            x, w = args[0], args[1]
-            y = out[0]
+            w, y = args[1], out[0]
             self.last_shape = tuple(y.shape)
             macs = y.numel() // y.shape[0] * w.shape[1] * w.shape[2] * w.shape[3]
             name, mod = self.owner(w) or ("(conv)", None)

@@ -135,13 +135,6 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return batch_norm(self, x)
 
 
-def resfast_hook_available() -> bool:
-    """Whether ``resfast.functional.BatchNormArgs`` carries a ``stats_reducer``."""
-    from resfast.functional import BatchNormArgs
-
-    return "stats_reducer" in BatchNormArgs._fields
-
-
 def convert_sync_bn(model: nn.Module, group=None, *, equal_counts: bool = False) -> nn.Module:
     """Synchronise every BatchNorm2d of ``model`` across ``group`` (in place; returns model).
 
@@ -149,16 +142,10 @@ def convert_sync_bn(model: nn.Module, group=None, *, equal_counts: bool = False)
     (``--backend torch``) the ``nn.BatchNorm2d`` modules also become
     :class:`SyncBatchNorm2d`, whose forward uses it; in a model of fused resfast
     layers the fused ops read it through ``BatchNormArgs.of`` (the modules keep
-    their class: the fusion plans recognise plain ``nn.BatchNorm2d`` only).
-    Raises NotImplementedError when the model runs fused layers and
-    resfast.functional does not have the hook."""
+    their class: the fusion plans recognise plain ``nn.BatchNorm2d`` only)."""
     from .backend import has_fused_layers
 
     fused = has_fused_layers(model)
-    if fused and not resfast_hook_available():
-        raise NotImplementedError(
-            "--sync-bn with the resfast backend needs resfast.functional.BatchNormArgs.stats_reducer "
-            "(not in this version); use --backend torch for synchronised BN")
     reducer = make_stats_reducer(group, equal_counts=equal_counts)
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):

@@ -1,0 +1,273 @@
+"""resfast.fuse(): torchvision's ResNets and VGGs, and hand-written models.
+
+After fusing, the state_dict is the same (keys and values), the model computes
+the same function (outputs, every gradient, BN running statistics: see
+tests/models/equivalence.py for the tolerances), what was fused is listed,
+and what cannot be fused is left as it was.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as TF
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resfast
+from resfast import nn as rnn
+from resfast.fusion import FusedSequential, fuse, fused_modules, fusion_plan
+from tests.models.equivalence import build, check_equivalence, fill_, meta_build
+
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _same_state(a: nn.Module, b: nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+# ---- torchvision -----------------------------------------------------------------------
+
+def test_resnet18_fused_and_equivalent():
+    ref = build(torchvision.models.resnet18)
+    fused = fuse(ref)
+    assert resfast.fuse is fuse
+    assert type(ref.layer1[0]).__module__ == "torchvision.models.resnet"  # not in place by default
+    _same_state(fused, ref)
+    listed = dict(fused_modules(fused))
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert listed == {"": "ResNet stem (conv1 -> bn1 -> relu)", **{b: "BasicBlock" for b in blocks}}
+    assert all(isinstance(fused.get_submodule(b), rnn.BasicBlock) for b in blocks)
+    # the blocks share the child modules of the model they came from (no copies)
+    assert fused.layer2[0].downsample[0] is fused.get_submodule("layer2.0.downsample.0")
+    x = torch.randn(2, 3, 64, 64)
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, label="fused resnet18",
+                      configs=[(F64, "nchw"), (BF16, "nhwc")])
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="fused resnet18", configs=[(F32, "nhwc")])
+
+
+@pytest.mark.slow
+def test_resnet50_fused_and_equivalent():
+    ref = build(torchvision.models.resnet50)
+    fused = fuse(ref)
+    _same_state(fused, ref)
+    kinds = [k for _, k in fused_modules(fused)]
+    assert kinds.count("Bottleneck") == 16 and kinds[0].startswith("ResNet stem")
+    x = torch.randn(2, 3, 64, 64)
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")], label="fused resnet50")
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")], label="fused resnet50")
+
+
+def test_vgg11_bn_fused_and_equivalent():
+    ref = build(torchvision.models.vgg11_bn)
+    fused = fuse(ref)
+    _same_state(fused, ref)
+    assert isinstance(fused.features, FusedSequential)
+    assert type(fused.classifier) is nn.Sequential  # Linear/ReLU/Dropout: nothing to fuse
+    assert fused_modules(fused) == [("features", "Sequential(conv_bn_relu x8)")]
+    x = torch.randn(2, 3, 32, 32)
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")], label="fused vgg11_bn")
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")], label="fused vgg11_bn")
+
+
+@pytest.mark.parametrize("name, plan", [("vgg16", "conv_relu x13"), ("vgg19_bn", "conv_bn_relu x16")])
+def test_vgg_plans(name, plan):
+    fused = fuse(meta_build(getattr(torchvision.models, name)))
+    assert fused_modules(fused) == [("features", f"Sequential({plan})")]
+    kinds = [s.kind for s in fusion_plan(fused.features)]
+    assert kinds.count("module") == 5  # the max-pools
+
+
+def test_unfusable_torchvision_models_left_as_they_were(capsys):
+    # grouped 3x3 convs (ResNeXt) and FrozenBatchNorm2d are not fused; the stem still is
+    # (their downsample Sequentials, Conv2d -> BatchNorm2d, still are)
+    resnext = fuse(meta_build(torchvision.models.resnext50_32x4d), report=True)
+    assert fused_modules(resnext) == [("", "ResNet stem (conv1 -> bn1 -> relu)")] + [
+        (f"layer{i}.0.downsample", "Sequential(conv_bn x1)") for i in range(1, 5)]
+    assert type(resnext.layer1[0]).__name__ == "Bottleneck" and not isinstance(resnext.layer1[0], rnn.Bottleneck)
+    out = capsys.readouterr().out
+    assert "kept   layer1.0: Bottleneck: conv2 cannot be fused: groups=32" in out
+    frozen = fuse(meta_build(lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)), report=True)
+    assert [k for _, k in fused_modules(frozen)] == []
+    assert "bn1 is not a plain nn.BatchNorm2d" in capsys.readouterr().out
+    # wide ResNets are ordinary bottlenecks with wider 3x3s
+    wide = fuse(meta_build(torchvision.models.wide_resnet50_2))
+    assert [k for _, k in fused_modules(wide)].count("Bottleneck") == 16
+
+
+# ---- a hand-written model ----------------------------------------------------------------
+
+class CifarBlock(nn.Module):
+    """The common hand-written CIFAR block: shortcut named ``shortcut`` (an empty
+    Sequential for the identity), F.relu instead of a ReLU child."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return TF.relu(out + self.shortcut(x))
+
+
+class CifarBottleneck(nn.Module):
+    def __init__(self, cin, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(4 * planes)
+        self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False), nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        out = TF.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return TF.relu(out + self.downsample(x))
+
+
+class NoFinalReLU(CifarBlock):
+    """Same children as a BasicBlock, another function: must not be fused."""
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        return self.bn2(self.conv2(out)) + self.shortcut(x)
+
+
+class HandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.blocks = nn.Sequential(CifarBlock(16, 16), CifarBlock(16, 32, 2), NoFinalReLU(32, 32),
+                                    CifarBottleneck(32, 8))
+        self.mixed = nn.Sequential(
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),                                      # 0-1 conv_relu
+            nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 1),                            # 2-3 bn_relu, 4 conv
+            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),      # 5 grouped, 6-7 bn_relu
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),               # 8-9 conv_bn
+            nn.MaxPool2d(2),                                                                 # 10
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),    # 11 hooked, 12-13 bn_relu
+        )
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.head(self.mixed(self.blocks(self.stem(x))))
+
+
+def _hand_written(calls):
+    torch.manual_seed(0)
+    model = fill_(HandWritten())
+    model.mixed[11].register_forward_hook(lambda *args: calls.append(1))
+    return model
+
+
+def test_hand_written_model(capsys):
+    calls = []
+    ref = _hand_written(calls)
+    fused = fuse(ref, report=True)
+    out = capsys.readouterr().out
+    _same_state(fused, ref)
+    listed = dict(fused_modules(fused))
+    assert listed == {
+        "stem": "Sequential(conv_bn_relu x1)",
+        "blocks.0": "BasicBlock",
+        "blocks.1": "BasicBlock",
+        "blocks.3": "Bottleneck",
+        "mixed": "Sequential(conv_relu x1, bn_relu x3, conv x1, conv_bn x1)",
+    }
+    assert "kept   blocks.2: BasicBlock: looks like a BasicBlock but does not compute" in out
+    assert [(s.kind, s.index) for s in fusion_plan(fused.mixed)] == [
+        ("conv_relu", (0, 1)), ("bn_relu", (2, 3)), ("conv", (4,)), ("module", (5,)), ("bn_relu", (6, 7)),
+        ("conv_bn", (8, 9)), ("module", (10,)), ("module", (11,)), ("bn_relu", (12, 13))]
+    assert type(fused.blocks[2]) is NoFinalReLU
+    # the shortcut keeps its name in the state_dict; the identity one is the empty Sequential
+    assert "blocks.1.shortcut.0.weight" in fused.state_dict()
+    assert fused.blocks[0].downsample is None and fused.blocks[1].downsample is fused.blocks[1].shortcut
+    # the hooked conv ran as a module, so its hook still fires
+    calls.clear()
+    fused(torch.randn(2, 3, 16, 16))
+    assert calls == [1]
+    x = torch.randn(2, 3, 16, 16)
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, label="hand-written",
+                      configs=[(F64, "nchw"), (F32, "nhwc"), (BF16, "nhwc")])
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="hand-written", configs=[(F32, "nchw")])
+
+
+def test_fused_sequential_keeps_the_input_layout():
+    seq = fill_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+    fused = fuse(seq)
+    assert isinstance(fused, FusedSequential) and type(seq) is nn.Sequential
+    x = torch.randn(2, 3, 9, 9)
+    y = fused(x)
+    assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    y_cl = fused(x.contiguous(memory_format=torch.channels_last))
+    assert y_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, y_cl)
+    # a Sequential stays a Sequential: indexing, len, append still work
+    assert len(fused) == 3 and isinstance(fused[0], nn.Conv2d)
+
+
+def test_inplace_idempotent_and_top_level_block():
+    model = _hand_written([])
+    same = fuse(model, inplace=True)
+    assert same is model and isinstance(model.blocks[0], rnn.BasicBlock)
+    before = fused_modules(model)
+    again = fuse(model)
+    assert fused_modules(again) == before
+    # a block given as the model itself is replaced (use the return value)
+    block = fill_(torchvision.models.resnet.BasicBlock(8, 8))
+    fused = fuse(block)
+    assert isinstance(fused, rnn.BasicBlock) and fused_modules(fused) == [("", "BasicBlock")]
+    x = torch.randn(2, 8, 6, 6)
+    block.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        fuse("resnet18")
+
+
+def test_fused_torchvision_resnet_pickles(tmp_path):
+    """A fused torchvision ResNet saves whole and loads in a fresh process."""
+    model = fuse(build(torchvision.models.resnet18)).eval()
+    path = tmp_path / "fused.pt"
+    torch.save(model, path)
+    x = torch.randn(1, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(model(x), tmp_path / "y.pt")
+    code = (
+        "import torch, resfast\n"
+        f"m = torch.load({str(path)!r}, weights_only=False)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r})\n"
+        "assert type(m).__name__ == '_FusedTorchvisionResNet', type(m)\n"
+        "with torch.no_grad(): torch.testing.assert_close(m(x), y)\n"
+        "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("name", ["resnet50", "vgg16_bn"])
+def test_fuse_gpu(name, training):
+    ref = build(getattr(torchvision.models, name))
+    x = torch.randn(8, 3, 224, 224)
+    check_equivalence(ref, lambda: fuse(ref), x, training=training, device="cuda", label=f"fused {name}",
+                      configs=[(F32, "nhwc"), (BF16, "nhwc")])
