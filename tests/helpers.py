@@ -6,6 +6,7 @@ computation in the same precision, plus a small floor. For float32/float64 we
 compare against the float64 reference with a fixed relative-norm bound:
 different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 """
+import pytest
 import torch
 
 # relative-norm floors per precision
@@ -24,7 +25,9 @@ GRAD_FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 6e-2, t
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 GRAD_FACTOR = 3.0
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# the cuda cases are marked gpu: skipped with the reason without a GPU (tests/conftest.py),
+# and `pytest -m gpu` runs only them (scripts/gpu_run.sh)
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:

@@ -20,7 +20,7 @@ except ImportError:  # the package above the ops may be mid-edit; the ops alone 
     _here = os.path.dirname(os.path.abspath(__file__))
     torch.ops.load_library(glob.glob(os.path.join(_here, "..", "resfast", "_C*.so"))[0])
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu
 
 ops = torch.ops.resfast
 

@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         not interpreting(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
-    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 
 # Each case: K, stride, padding, N, Ci, Co, H, W, bias, prologue (scale/shift), in_relu,

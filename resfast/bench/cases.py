@@ -17,6 +17,15 @@ Providers:
               optimizer step of a network stays eager in every provider
   conv_alone  (eval conv + BN + ReLU only) the bare ``nn.Conv2d``: what a
               folded conv + BN + ReLU should cost
+  cudnn_fe    (training conv + BN (+ ReLU) only) NVIDIA's cuDNN frontend, the
+              fastest library path: a cuDNN graph of conv_fprop + genstats
+              (per-channel sum and sum of squares in the conv's kernel), the BN
+              finalize on C-length vectors in torch (cudnn-frontend's Python API
+              has no bn_finalize node), a second graph of scale, bias and ReLU;
+              backward through the aten kernels eager runs
+              (``baselines.CudnnFEConvBNReLU``). Optional: skipped with the reason
+              without ``nvidia-cudnn-frontend``, without a CUDA GPU, in fp32 or
+              NCHW; checked once against torch.nn before it is timed
 
 Precision: parameters stay float32; "bf16" runs under ``torch.autocast`` and
 gives op and block inputs in bfloat16 (as they are inside a network), network
@@ -45,7 +54,7 @@ GROUPS = ("ops", "blocks", "models")
 MODES = ("train", "eval")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYOUTS = ("nchw", "channels_last")
-PROVIDERS = ("resfast", "eager", "compile", "conv_alone")
+PROVIDERS = ("resfast", "eager", "compile", "conv_alone", "cudnn_fe")
 MODELS = ("vgg11", "vgg16", "vgg19", "resnet18", "resnet50", "resnet101", "resnet152", "resnet56")
 # networks at cpu-tiny run in these two (dtype, layout) configurations only: CI time
 CPU_TINY_MODEL_CONFIGS = (("fp32", "nchw"), ("bf16", "channels_last"))
@@ -83,7 +92,9 @@ class Case:
         return f"at this size {self.name} runs only in " + ", ".join(f"{d}/{l}" for d, l in self.configs)
 
     def providers(self) -> Tuple[str, ...]:
-        extra = ("conv_alone",) if self.kind == "conv_bn_relu" and self.mode == "eval" else ()
+        extra = ()
+        if self.kind == "conv_bn_relu":
+            extra = ("conv_alone",) if self.mode == "eval" else ("cudnn_fe",)
         return ("resfast", "eager", "compile") + extra
 
 
@@ -290,6 +301,7 @@ class Modules:
     eager: nn.Module
     baseline: str                      # what "eager" is
     conv_alone: Optional[nn.Module] = None
+    cudnn_fe: Optional[nn.Module] = None  # the cuDNN frontend peer (builds its graphs on first call)
 
 
 def build_modules(case: Case, device) -> Modules:
@@ -302,7 +314,9 @@ def build_modules(case: Case, device) -> Modules:
         eager = baselines.eager_twin(ours)
         baseline = f"torch.nn (resfast.bench.baselines.{type(eager).__name__})"
     conv_alone = copy.deepcopy(ours.conv) if "conv_alone" in case.providers() else None
-    return Modules(ours, eager.train(case.mode == "train"), baseline, conv_alone)
+    eager = eager.train(case.mode == "train")
+    fe = baselines.cudnn_fe_twin(eager) if "cudnn_fe" in case.providers() else None
+    return Modules(ours, eager, baseline, conv_alone, fe)
 
 
 # ---- the steps ---------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log):
     log(report.format_ceilings(ceilings))
     runner = Runner(settings, ceilings, log=log)
     doc = report.new_document(argv, settings, ceilings, settings.device)
-    order = ("eager", "compile", "conv_alone", "resfast")  # references first: the resfast row gets its ratios
+    order = ("eager", "compile", "conv_alone", "cudnn_fe", "resfast")  # references first: resfast gets its ratios
     total = len(cases) * len(dtypes) * len(layouts)
     done = 0
     for case in cases:

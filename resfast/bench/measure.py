@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import baselines
 from . import cases as C
 
 
@@ -307,6 +308,8 @@ def kernel_path_summary(provider: str, kernels: Optional[Dict[str, object]], dev
         return "inductor/" + ("triton" if gpu else "c++")
     if provider in ("eager", "conv_alone"):
         return "aten/" + ("cudnn" if gpu and torch.backends.cudnn.enabled else "cpu")
+    if provider == "cudnn_fe":
+        return "cudnn_fe:conv+genstats,scale+bias+relu bwd:aten"
     if not kernels:
         return "?"
     conv = sorted({v for k, v in kernels.items() if k.startswith("resfast::conv")})
@@ -349,6 +352,7 @@ class Row:
     ratio_vs_eager: Optional[float] = None     # eager ms / this ms: > 1 is faster than eager
     ratio_vs_compile: Optional[float] = None
     ratio_vs_conv_alone: Optional[float] = None
+    ratio_vs_cudnn_fe: Optional[float] = None  # cudnn_fe ms / this ms (training conv + BN + ReLU)
     flops: Optional[int] = None
     tflops: Optional[float] = None
     bytes: Optional[int] = None
@@ -403,6 +407,8 @@ class Runner:
             return f"provider {provider} not selected"
         if provider == "compile" and not self.s.compile:
             return self.s.compile_reason or "torch.compile disabled"
+        if provider == "cudnn_fe" and dtype is not None:
+            return baselines.cudnn_fe_skip_reason(self.s.device, C.DTYPES[dtype], layout)
         return None
 
     # -- building
@@ -431,16 +437,29 @@ class Runner:
             return self._workloads[key]
         mods = self.modules(case)
         proto = {"resfast": mods.resfast, "eager": mods.eager, "compile": mods.eager,
-                 "conv_alone": mods.conv_alone}[provider]
+                 "conv_alone": mods.conv_alone, "cudnn_fe": mods.cudnn_fe}[provider]
         module = copy.deepcopy(proto).to(memory_format=C.memory_format(layout))
         if provider == "compile":
             _raise_dynamo_limits()
             module = torch.compile(module)
+        if provider == "cudnn_fe":  # a wrong graph is never timed: checked against torch.nn first
+            self.check_peer(case, module, mods.eager, dtype, layout)
         wl = C.make_workload(case, module, self.s.device, C.DTYPES[dtype], layout)
         self._workloads[key] = wl
         while len(self._workloads) > len(C.PROVIDERS):
             self._workloads.popitem(last=False)
         return wl
+
+    def check_peer(self, case: C.Case, module, eager, dtype: str, layout: str) -> None:
+        """Output and gradients of a peer provider against the torch.nn module on
+        one input; raises (the row records an error) when they disagree."""
+        gen = torch.Generator(device=self.s.device).manual_seed(2)
+        x = torch.randn((case.batch, *case.in_shape), device=self.s.device, generator=gen,
+                        dtype=C.DTYPES[dtype]).contiguous(memory_format=C.memory_format(layout))
+        ref = copy.deepcopy(eager).to(memory_format=C.memory_format(layout))
+        bad = baselines.check_against_eager(module, ref, x, backward=case.mode == "train", dtype=C.DTYPES[dtype])
+        if bad:
+            raise RuntimeError(f"{bad} (checked before timing)")
 
     def flops(self, case: C.Case) -> Optional[int]:
         key = (case.id, case.batch)
@@ -523,16 +542,17 @@ class Runner:
             row.pct_of_ceiling = 100 * row.tflops / peak
 
     def complete(self, row: Row, case: C.Case, measure_refs: bool = True) -> Row:
-        """Fill ``row``'s ratios from the eager / compile / conv_alone rows of the
-        same case and configuration (measuring them first if ``measure_refs``)."""
+        """Fill ``row``'s ratios from the eager / compile / conv_alone / cudnn_fe
+        rows of the same case and configuration (measuring the first three if
+        ``measure_refs``; cudnn_fe only when it was measured)."""
         if row.status != "ok":
             return row
         for ref, attr in (("eager", "ratio_vs_eager"), ("compile", "ratio_vs_compile"),
-                          ("conv_alone", "ratio_vs_conv_alone")):
+                          ("conv_alone", "ratio_vs_conv_alone"), ("cudnn_fe", "ratio_vs_cudnn_fe")):
             if ref not in case.providers():
                 continue
             other = self._rows.get((case.id, case.batch, row.dtype, row.layout, ref))
-            if other is None and measure_refs:
+            if other is None and measure_refs and ref != "cudnn_fe":
                 other = self.measure(case, row.dtype, row.layout, ref)
             if other is not None and other.status == "ok" and other.ms and row.ms:
                 setattr(row, attr, other.ms / row.ms)

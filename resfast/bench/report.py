@@ -211,7 +211,7 @@ def plot(doc: Dict[str, object], path: str) -> Optional[str]:
         ax.set_ylim(len(ys) - 0.5, -0.5)
         ax.set_xlabel("resfast speed-up, log scale (> 1x: faster than the baseline)")
         ax.legend(fontsize=7, loc="lower right")
-        providers = [p for p in ("resfast", "eager", "compile", "conv_alone") if any(r["provider"] == p for r in rows)]
+        providers = [p for p in ("resfast", "eager", "compile", "conv_alone", "cudnn_fe") if any(r["provider"] == p for r in rows)]
         by = {(r["name"], r["mode"], r["dtype"], r["layout"], r["provider"]): r for r in rows}
         hp = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):

@@ -10,8 +10,11 @@ bfloat16/float16 weights (mixed precision), and the prologue then reads x at
 full precision. The gradient of a is returned in x's dtype.
     mean, var = batch statistics of y per channel (only with stats)
 
-y is always channels_last. On CUDA the op runs the Triton implicit GEMM in
-:mod:`resfast.kernels.conv2d_bn`; on the CPU it runs ATen with the same
+y is always channels_last. On CUDA the op runs one of two paths, chosen per
+problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
+in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
+the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
+statistics by ``bn_stats`` (CUDA C++). On the CPU it runs ATen with the same
 numerics (operands in the weight's dtype, float32 accumulation). Setting
 ``RESFAST_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU
 tensors through the Triton kernels, which is how the tests check the GPU code
@@ -28,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
+from . import conv_path
 from .bn import stats_dtype
 
 ops = torch.ops.resfast
@@ -153,18 +157,80 @@ def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, 
     return grad_a.to(x_dtype), grad_w, grad_b
 
 
-def _forward_impl(x):
+def _apply_prologue(x, in_scale, in_shift, in_relu, dtype):
+    """a = [relu](x * in_scale + in_shift) written out (one pass of the CUDA
+    BN-apply kernel), in the GEMM's dtype and channels_last."""
+    if in_scale is not None or in_relu:
+        x = ops.bn_act(x, in_scale, in_shift, None, in_relu)
+    return x.to(dtype).contiguous(memory_format=_CL)
+
+
+def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    """The GEMM in cuDNN, the fusions around it as separate passes: the
+    prologue written out, the statistics by ``resfast::bn_stats``."""
+    a = _apply_prologue(x, in_scale, in_shift, in_relu, weight.dtype)
+    y = torch.nn.functional.conv2d(a, weight, bias, stride=stride, padding=padding)
+    del a
+    if out_relu:
+        y = torch.relu_(y)
+    y = y.contiguous(memory_format=_CL)
+    if stats:
+        mean, var = ops.bn_stats(y)
+    else:
+        mean, var = y.new_empty((0,), dtype=stats_dtype(y)), y.new_empty((0,), dtype=stats_dtype(y))
+    return y, mean, var
+
+
+def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+                    padding, out_relu, output_mask):
+    g = torch.zeros_like(y) if grad_y is None else grad_y.to(y.dtype)
+    if out_relu:
+        g = g * (y > 0)
+    if grad_mean is not None or grad_var is not None:
+        gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
+        gv = torch.zeros_like(mean) if grad_var is None else grad_var
+        g = g + ops.bn_stats_backward(gm, gv, y, mean)
+    a = _apply_prologue(x, in_scale, in_shift, in_relu, weight.dtype)  # recomputed, never stored
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g.contiguous(memory_format=_CL), a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
+        [1, 1], False, [0, 0], 1, list(output_mask))
+    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+            grad_w.to(weight.dtype) if output_mask[1] else x.new_empty((0,)),
+            grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
+
+
+def _on_reference(x) -> bool:
     # float64 stays on ATen: tensor cores have no float64 path worth a kernel, and ATen keeps
     # float64 exact for gradcheck.
-    if x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu()):
+    return x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu())
+
+
+def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu):
+    return (x.device, tuple(x.shape), x.dtype, weight.dtype, tuple(weight.shape), x.is_contiguous(memory_format=_CL),
+            bias is not None, in_scale is not None, in_relu, stride, padding, stats, out_relu)
+
+
+_FORWARD = {"triton": _triton_forward, "cudnn": _cudnn_forward}
+_BACKWARD = {"triton": _triton_backward, "cudnn": _cudnn_backward}
+
+
+def _forward_impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+    if _on_reference(x):
         return conv2d_bn_forward_reference
-    return _triton_forward
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+    key = ("forward",) + _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu)
+    return _FORWARD[conv_path.choose(key, _FORWARD, args, x.device)]
 
 
-def _backward_impl(x):
-    if x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu()):
+def _backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+                   out_relu, output_mask):
+    if _on_reference(x):
         return conv2d_bn_backward_reference
-    return _triton_backward
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+            out_relu, output_mask)
+    key = ("backward", grad_mean is not None or grad_var is not None, tuple(output_mask)) + _problem(
+        x, weight, None, in_scale, in_relu, stride, padding, False, out_relu)
+    return _BACKWARD[conv_path.choose(key, _BACKWARD, args, x.device)]
 
 
 @custom_op("resfast::conv2d_bn", mutates_args=(), device_types=("cpu", "cuda"))
@@ -172,7 +238,8 @@ def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
               in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, stats: bool,
               out_relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
-    return _forward_impl(x)(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+    return _forward_impl(*args)(*args)
 
 
 @register_fake("resfast::conv2d_bn")
@@ -188,8 +255,9 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], gr
                        x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, in_scale: Optional[Tensor],
                        in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, out_relu: bool,
                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(x)(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-                             stride, padding, out_relu, output_mask)
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
+            out_relu, output_mask)
+    return _backward_impl(*args)(*args)
 
 
 @register_fake("resfast::conv2d_bn_backward")

@@ -15,6 +15,7 @@ import torch
 
 from resfast.bench import cases as C
 from resfast.bench import bench_main
+from resfast.bench import baselines as B
 from resfast.bench.baselines import eager_twin
 from resfast.bench.measure import Runner, default_settings
 
@@ -243,6 +244,113 @@ def test_full_size_cases():
     assert next(c for c in full if c.name == "resnet50").in_shape == (3, 224, 224)
     assert next(c for c in full if c.name == "resnet56").in_shape == (3, 32, 32)
     assert not any(c.skip or c.configs for c in full)
+
+
+# ---- the cuDNN frontend peer (provider cudnn_fe) -------------------------------------------------
+
+def _conv_case(stride=1, relu=True, k=3, mode="train"):
+    return C.Case(f"conv{k}x{k}_bn-t", "ops", "conv_bn_relu", mode, 4, (8, 8, 8),
+                  (("cout", 8), ("k", k), ("stride", stride), ("relu", relu)))
+
+
+def test_cudnn_fe_provider_is_listed_for_training_conv_ops():
+    assert "cudnn_fe" in C.PROVIDERS
+    for case in C.all_cases("full") + C.all_cases("cpu-tiny"):
+        want = case.kind == "conv_bn_relu" and case.mode == "train"
+        assert ("cudnn_fe" in case.providers()) == want, case.id
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the CPU path: the cudnn_fe rows are skipped with the reason")
+def test_cudnn_fe_rows_skipped_on_cpu_with_reason(tmp_path, capsys):
+    rc = bench_main(["--device", "cpu", "--names", "conv3x3_bn_relu-8x8x8", "--dtype", "all", "--layout",
+                     "channels_last", "--out", str(tmp_path), "--name", "fe", "--no-plot", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    rows = json.loads((tmp_path / "fe.json").read_text())["results"]
+    fe = [r for r in rows if r["provider"] == "cudnn_fe"]
+    assert {(r["mode"], r["dtype"]) for r in fe} == {("train", "fp32"), ("train", "bf16")}  # no eval row
+    for r in fe:
+        assert r["status"] == "skipped" and r["ms"] is None
+        assert r["reason"].startswith(B.CUDNN_FE_INSTALL) or r["reason"] == "cudnn_fe needs a CUDA GPU", r["reason"]
+    ours = next(r for r in rows if r["provider"] == "resfast" and r["mode"] == "train" and r["dtype"] == "bf16")
+    assert ours["status"] == "ok" and ours["ratio_vs_eager"] > 0 and ours["ratio_vs_cudnn_fe"] is None
+    assert "cudnn frontend not installed" in out or "cudnn_fe needs a CUDA GPU" in out  # listed under skipped
+
+
+def test_cudnn_fe_skip_reasons():
+    reason = B.cudnn_fe_skip_reason("cpu", torch.bfloat16, "channels_last")
+    assert reason and (reason.startswith(B.CUDNN_FE_INSTALL) or "CUDA GPU" in reason)
+    try:
+        import cudnn  # noqa: F401
+    except Exception:
+        assert reason.startswith("cudnn frontend not installed (pip install nvidia-cudnn-frontend)")
+        return
+    if HAS_CUDA:
+        assert "bf16/fp16 only" in B.cudnn_fe_skip_reason("cuda", torch.float32, "channels_last")
+        assert "channels_last" in B.cudnn_fe_skip_reason("cuda", torch.bfloat16, "nchw")
+
+
+@pytest.mark.parametrize("stride,relu,k", [(1, True, 3), (2, True, 3), (1, False, 1)])
+def test_cudnn_fe_peer_math_matches_torch_nn(stride, relu, k):
+    """The peer's finalize (mean, variance, scale, shift), running-statistics
+    update and backward (aten threshold / BN / conv backward), with its two
+    cuDNN graphs replaced by torch ops, against torch.nn in float64."""
+    case = _conv_case(stride, relu, k)
+    mods = C.build_modules(case, "cpu")
+    eager = mods.eager.double()
+    with torch.no_grad():
+        eager.bn.weight.uniform_(0.5, 1.5)
+        eager.bn.bias.uniform_(-0.5, 0.5)
+    peer = B.cudnn_fe_twin(eager, backend="torch")
+    x = torch.randn(case.batch, *case.in_shape, dtype=torch.float64)
+    assert B.check_against_eager(peer, eager, x, backward=True, dtype=torch.float64, tol=1e-9) is None
+    # running statistics as nn.BatchNorm2d updates them (momentum and the unbiased variance)
+    eager.bn.momentum = None  # cumulative average, twice
+    peer = B.cudnn_fe_twin(eager, backend="torch")
+    for _ in range(2):
+        peer(x)
+        eager(x)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.allclose(getattr(peer.bn, name), getattr(eager.bn, name), rtol=1e-12, atol=1e-12), name
+    with pytest.raises(RuntimeError, match="training-mode"):
+        peer.eval()(x)
+
+
+def test_cudnn_fe_check_catches_a_wrong_peer():
+    case = _conv_case()
+    eager = C.build_modules(case, "cpu").eager.double()
+    wrong = B.cudnn_fe_twin(eager, backend="torch")
+    wrong.use_relu = False  # a graph without its ReLU
+    x = torch.randn(case.batch, *case.in_shape, dtype=torch.float64)
+    reason = B.check_against_eager(wrong, eager, x, dtype=torch.float64)
+    assert reason and reason.startswith("disagrees with torch.nn") and "output" in reason
+
+
+@pytest.mark.gpu
+def test_cudnn_fe_peer_on_cuda(tmp_path):
+    """The real path: the cuDNN FE graphs against torch.nn (bf16 tolerance),
+    then the benchmark row measured with its ratios."""
+    pytest.importorskip("cudnn", reason=B.CUDNN_FE_INSTALL)
+    for stride, relu, k in ((1, True, 3), (2, True, 3), (1, False, 1)):
+        case = _conv_case(stride, relu, k)
+        mods = C.build_modules(case, "cuda")
+        eager = mods.eager.to(memory_format=torch.channels_last)
+        x = torch.randn(case.batch, *case.in_shape, device="cuda", dtype=torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        peer = B.cudnn_fe_twin(eager).to(memory_format=torch.channels_last)
+        assert B.check_against_eager(peer, eager, x, backward=True, dtype=torch.bfloat16) is None, (stride, relu, k)
+    runner = Runner(default_settings("cuda", "cpu-tiny", "off", steps=2),
+                    ceilings={"copy_gbs": 1.0, "matmul_tflops": {"fp32": 1.0, "bf16": 1.0}})
+    case = next(c for c in C.all_cases("cpu-tiny") if c.id == "conv3x3_bn_relu-8x8x8/train")
+    fe = runner.measure(case, "bf16", "channels_last", "cudnn_fe")
+    assert fe.status == "ok", fe.reason
+    assert fe.ms > 0 and fe.kernel_path.startswith("cudnn_fe:")
+    runner.complete(fe, case)
+    assert fe.ratio_vs_eager > 0
+    ours = runner.complete(runner.measure(case, "bf16", "channels_last", "resfast"), case)
+    assert ours.ratio_vs_cudnn_fe == pytest.approx(fe.ms / ours.ms)
+    skipped = runner.measure(case, "fp32", "channels_last", "cudnn_fe")
+    assert skipped.status == "skipped" and "bf16/fp16 only" in skipped.reason
 
 
 # ---- the pytest-benchmark suite ---------------------------------------------------------------

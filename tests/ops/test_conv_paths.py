@@ -1,10 +1,14 @@
-"""The fused modules end to end through the Triton conv kernels.
+"""The fused modules end to end through each GPU path of the conv op.
 
-On a GPU the conv op always runs Triton (these run in the other test files);
-on the CPU, RESFAST_TRITON_ON_CPU=1 sends the op through the same kernels
-under the Triton interpreter, on small shapes, so CI checks what the GPU runs,
-composed with the rest of the op layer (prologue backward, BN statistics
-gradients, folding)."""
+The conv op has two GPU paths (resfast.ops.conv_path): the Triton implicit GEMM
+and cuDNN's GEMM with the BN kernels around it. Here each is forced with
+RESFAST_CONV_PATH and checked against torch.nn, composed with the rest of the
+op layer (prologue backward, BN statistics gradients, folding).
+
+On the CPU, RESFAST_TRITON_ON_CPU=1 sends the op through the GPU paths: the
+Triton kernels under the Triton interpreter, on small shapes, so CI checks what
+the GPU runs; the cuDNN path's ATen calls on the CPU. On a GPU both run on it.
+Also: the measured choice between the paths."""
 import pytest
 import torch
 from torchvision.models.resnet import BasicBlock as TVBasic
@@ -12,20 +16,23 @@ from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
 from resfast import kernels
+from resfast.ops import conv_path
 from tests.helpers import check_module_pair
 from tests.ops.test_blocks import _projection, _randomize
 from tests.ops.test_bn_relu_conv import TorchBNReLUConv
 from tests.ops.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available() or not kernels.interpreting(),
-                                reason="on a GPU the other op tests already run the Triton kernels")
-
 DTYPES = [torch.float32, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.fixture(autouse=True)
-def _triton_on_cpu(monkeypatch):
+@pytest.fixture(autouse=True, params=conv_path.PATHS)
+def path(request, monkeypatch):
+    if request.param == "triton" and DEVICE == "cpu" and not kernels.interpreting():
+        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
     monkeypatch.setenv("RESFAST_TRITON_ON_CPU", "1")
+    monkeypatch.setenv("RESFAST_CONV_PATH", request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -37,7 +44,7 @@ def test_conv_bn_relu(dtype, training, conf):
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True)
     n = 8 if dtype == torch.bfloat16 else 2
-    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 9)], dtype=dtype, device="cpu", training=training)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 9)], dtype=dtype, device=DEVICE, training=training)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -46,7 +53,7 @@ def test_bn_relu_conv(dtype, layout):
     ref = TorchBNReLUConv(6, 5, 3, 2)
     ours = resfast.nn.BNReLUConv2d(6, 5, 3, 2)
     n = 8 if dtype == torch.bfloat16 else 2
-    check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device="cpu", training=True,
+    check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device=DEVICE, training=True,
                       layout=layout)
 
 
@@ -54,10 +61,11 @@ def test_bn_relu_conv(dtype, layout):
 def test_basic_block(training):
     ref = _randomize(TVBasic(8, 16, 2, _projection(8, 16, 2)))
     ours = resfast.nn.BasicBlock(8, 16, 2, _projection(8, 16, 2))
-    check_module_pair(ours, ref, [torch.randn(2, 8, 7, 7)], dtype=torch.float32, device="cpu", training=training)
+    check_module_pair(ours, ref, [torch.randn(2, 8, 7, 7)], dtype=torch.float32, device=DEVICE, training=training)
 
 
 def test_bottleneck():
     ref = _randomize(TVBottleneck(16, 4, 1))
     ours = resfast.nn.Bottleneck(16, 4, 1)
-    check_module_pair(ours, ref, [torch.randn(2, 16, 5, 5)], dtype=torch.float32, device="cpu", training=True)
+    check_module_pair(ours, ref, [torch.randn(2, 16, 5, 5)], dtype=torch.float32, device=DEVICE, training=True)
+
