@@ -73,7 +73,9 @@ def build_datasets(data: str = "embedded", *, fmt: str = "auto", seed: int = 0,
         train = ArrayDataset(xtr, ytr, classes, None, seed, name).subset(train_subset)
         test = ArrayDataset(xte, yte, classes, None, seed, name).subset(test_subset)
         mean, std = train.channel_stats()
-        train.transform = CifarTrainTransform(mean, std) if augment else CifarTestTransform(mean, std)
+        # digits are not mirror-symmetric (a flipped 2 is no digit): crops only for them
+        flip = kind != "embedded"
+        train.transform = CifarTrainTransform(mean, std, flip=flip) if augment else CifarTestTransform(mean, std)
         test.transform = CifarTestTransform(mean, std)
         info = DataInfo(name, kind_name, len(classes), xtr.shape[-1], classes, tuple(mean), tuple(std))
         return train, test, info

@@ -3,7 +3,8 @@
 The recipes (SPEC.md): SGD with momentum 0.9, weight decay 5e-4 (VGG) or 1e-4
 (ResNet), lr 0.01 (VGG) or 0.1 (ResNet) divided by 10 when the validation
 accuracy plateaus; scale-jittered random crops, flips and PCA colour shift for
-ImageNet-style data, pad-4 crops and flips for 32x32 data.
+ImageNet-style data, pad-4 crops and flips for 32x32 data (crops only for the
+embedded digits, which are not mirror-symmetric).
 
 One process, or several under ``torchrun`` (DistributedDataParallel, NCCL on
 GPUs, gloo on CPUs). ``--batch-size`` is the global batch: each of the W

@@ -95,6 +95,7 @@ def test_build_embedded_defaults():
     assert torch.equal(train[3][0], x)
     train.set_epoch(1)
     assert any(not torch.equal(train[i][0], _at_epoch(train, 0, i)) for i in range(10))
+    assert train.transform.flip is False  # digits are not mirror-symmetric: crops only
 
 
 def _at_epoch(ds, epoch, i):
@@ -124,6 +125,7 @@ def test_cifar10_batches(tmp_path):
     assert detect_format(d) == "cifar"
     train, test, info = build_datasets(d)
     assert info.kind == "cifar10" and info.num_classes == 10 and len(train) == 30
+    assert train.transform.flip is True  # the ResNet paper's CIFAR recipe: crops and flips
 
 
 def test_cifar100(tmp_path):
