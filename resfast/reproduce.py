@@ -49,7 +49,7 @@ def _layers(name: str) -> Optional[int]:
 def plot_comparison(runs: Dict[str, List[Dict]], path: str, title: str = "") -> None:
     """Training (dashed) and test (solid) top-1 error per epoch of several runs,
     plain nets and residual nets side by side as in the ResNet paper's Fig. 6."""
-    from resfast.train.metrics import _pyplot, integer_epochs
+    from resfast.train.metrics import _pyplot, integer_epochs, save_figure
 
     plt = _pyplot()
     plain = [n for n in runs if "plain" in _label(n)]
@@ -74,13 +74,7 @@ def plot_comparison(runs: Dict[str, List[Dict]], path: str, title: str = "") -> 
         ax.legend()
         if gname:
             ax.set_title(f"{gname} networks")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(plt, fig, path, title, dpi=110)
 
 
 def results_table(results: Dict[str, Dict]) -> str:

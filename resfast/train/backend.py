@@ -131,13 +131,7 @@ class _PreActBottleneck:
 
 class _PreActResNet:
     def forward_features(self, x: Tensor) -> Tensor:
-        h = F.relu(self.bn1(self.conv1(x)))
-        if self.maxpool is not None:
-            h = self.maxpool(h)
-        for stage in self.stages():
-            for block in stage:
-                h = block(h)
-        return F.relu(self.bn_final(h))
+        return F.relu(self.bn_final(_ResNet.forward_features(self, x)))
 
 
 class _VGG:

@@ -77,11 +77,17 @@ def plot_curves(history: Sequence[Dict], path: str, title: str = "") -> bool:
     ax2.grid(alpha=0.3)
     ax2.legend()
     integer_epochs(ax1, ax2)
+    save_figure(plt, fig, path, title, dpi=100)
+    return True
+
+
+def save_figure(plt, fig, path: str, title: str = "", dpi: int = 100) -> None:
+    """Title, lay out and write ``fig`` as PNG atomically (a temporary file renamed
+    over ``path``, so a reader never sees half a plot), then close it."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
     os.replace(tmp, path)
-    return True
