@@ -25,7 +25,12 @@ Tolerances, and why:
   8e-3 off for the other two, and resfast's flips fall elsewhere). So the
   gradient floor is 2e-2 (float32) / 5e-2 (bf16); float64 (no flips: its
   rounding is 1e-9 as likely to cross a ReLU) carries the exact comparison of
-  every gradient.
+  every gradient. Deeper train-mode nets flip more: ResNet-101's float32
+  gradients are 3-8% off in torch too, and ours 0.6-2.5x that depending on
+  the input (one bottleneck fed the same float32 input: 1.0-1.5x torch's 1e-6).
+  Where torch's mean float32 gradient error is above the floor, a gradient may
+  be 4x the larger of torch's own on it and torch's mean, and our mean 3x
+  torch's mean (measurements at FACTOR_FLIPS below).
   Where torch's own error is above 0.5 the tensor says nothing about either
   implementation (pure rounding noise: train-mode bf16 gradients of deep nets
   at test sizes); such tensors are counted, checked for shape and finiteness,
@@ -39,7 +44,9 @@ Tolerances, and why:
   BN) are rounding noise in the reference too: their norm must stay below
   1e-9 (float64), 1e-4 (float32) or 5e-2 (bf16: the sum of N*H*W bf16-rounded
   BN-input gradients) times the median gradient norm,
-  or below 2x torch's own in the same precision.
+  or below 2x torch's own in the same precision (or, in float64, match the
+  reference to 1e-8 relative: a real gradient can be that small beside
+  weight gradients scaled by large activations).
 """
 import copy
 from typing import Callable, Dict, List, Sequence, Tuple
@@ -59,6 +66,16 @@ FACTOR = 2.0
 FACTOR_LOW_GRAD = 3.0
 LOW_MIN_NUMEL = 64  # smaller bf16 gradient tensors only enter the mean
 FACTOR_LOW_MEAN = 1.5
+# where torch's own float32 gradients are on average more than GRAD_FLOOR off,
+# the step is dominated by ReLU flips (train-mode ResNet-101 at 64x64, batch 2: torch's own
+# 3-8%). One draw of that noise bounds another only loosely: over six inputs
+# the ratio of our mean gradient error to torch's was 1.65, 1.30, 0.95, 0.96,
+# 0.59, 2.53 (geometric mean 1.2), and single tensors, whose errors all
+# stem from the same few flips, reached 4.5x torch's error on the same tensor.
+# So such a tensor is bounded by 4x the larger of torch's own error on it and
+# torch's mean over the net, and the mean by 3x torch's mean.
+FACTOR_FLIPS = 4.0
+FACTOR_FLIPS_MEAN = 3.0
 # gradients that are analytically zero, relative to the median gradient norm
 ZERO_BOUND = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 UNINFORMATIVE = 0.5
@@ -124,6 +141,7 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
         skipped = 0
         grad_errs = []  # (ours, torch's own) per informative gradient tensor
         low = dtype in (torch.bfloat16, torch.float16)
+        fp32_grads = []  # (key, ours, torch's own, bound): bounded after the loop, which knows the regime
         for key, w in want.items():
             g = got[key]
             if g is None or w is None:
@@ -141,12 +159,17 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             kind = "grads" if "grad" in key else ("buffers" if key.startswith("buffer") else "output")
             if kind == "grads" and w.double().norm().item() < 1e-7 * grad_scale:
                 # analytically zero (a conv bias right before train-mode BN): the
-                # reference is rounding noise, so bound ours absolutely
+                # reference is rounding noise, so bound ours absolutely. A real
+                # gradient can be this small too (eval-mode ResNet-101 with random
+                # BN statistics carries 1e8 activations into layer4, which scale
+                # the weight gradients and not a BN bias's): in float64 a match to
+                # rounding passes as well.
                 size = g.double().norm().item() / grad_scale
                 bound = ZERO_BOUND[dtype]
                 if dtype != torch.float64:
                     bound = max(bound, FACTOR * torch_same[key].double().norm().item() / grad_scale)
-                if size > bound:
+                matches = dtype == torch.float64 and rel_err(g, w) <= FP64_BOUND
+                if size > bound and not matches:
                     failures.append(f"{_name(dtype)} {layout} {key}: should be ~0, norm {size:.3g} x the median "
                                     f"gradient norm > {bound:.3g}")
                 continue
@@ -162,6 +185,9 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
                 bound = max(floor, (FACTOR_LOW_GRAD if low and kind == "grads" else FACTOR) * t_err)
             if kind == "grads":
                 grad_errs.append((err, t_err))
+                if dtype == torch.float32:
+                    fp32_grads.append((key, err, t_err, bound))
+                    continue
             worst[kind][0] = max(worst[kind][0], err)
             worst[kind][1] = max(worst[kind][1], t_err)
             if err > bound and not (low and kind == "grads" and w.numel() < LOW_MIN_NUMEL):
@@ -172,6 +198,18 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
         if low and mean_ours > FACTOR_LOW_MEAN * mean_torch + 1e-3:
             failures.append(f"{_name(dtype)} {layout}: mean relative gradient error {mean_ours:.3g} > "
                             f"{FACTOR_LOW_MEAN} x torch's own {mean_torch:.3g} + 1e-3")
+        flips = dtype == torch.float32 and mean_torch > GRAD_FLOOR[dtype]
+        for key, err, t_err, bound in fp32_grads:
+            if flips:
+                bound = FACTOR_FLIPS * max(t_err, mean_torch)
+            worst["grads"] = [max(worst["grads"][0], err), max(worst["grads"][1], t_err)]
+            if err > bound:
+                failures.append(f"{_name(dtype)} {layout} {key}: relative error {err:.3g} > bound {bound:.3g} "
+                                f"(torch's own {t_err:.3g}" + (f", its mean {mean_torch:.3g}: ReLU-flip regime)"
+                                                               if flips else ")"))
+        if flips and mean_ours > FACTOR_FLIPS_MEAN * mean_torch:
+            failures.append(f"{_name(dtype)} {layout}: mean relative gradient error {mean_ours:.3g} > "
+                            f"{FACTOR_FLIPS_MEAN} x torch's own {mean_torch:.3g} (ReLU-flip regime)")
         mode = "train" if training else "eval"
         parts = [f"{k} {v[0]:.1e}" + (f" (torch {v[1]:.1e})" if dtype != torch.float64 else "")
                  for k, v in worst.items()]
