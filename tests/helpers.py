@@ -6,6 +6,9 @@ computation in the same precision, plus a small floor. For float32/float64 we
 compare against the float64 reference with a fixed relative-norm bound:
 different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 """
+import functools
+from typing import Optional
+
 import pytest
 import torch
 
@@ -28,6 +31,40 @@ GRAD_FACTOR = 3.0
 # the cuda cases are marked gpu: skipped with the reason without a GPU (tests/conftest.py),
 # and `pytest -m gpu` runs only them (scripts/gpu_run.sh)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@functools.lru_cache(maxsize=None)
+def triton_interpreter_problem() -> Optional[str]:
+    """Why the Triton kernels cannot run on CPU tensors here, or None if they can.
+
+    Probed, not guessed from versions: Triton 3.6's interpreter fails on every
+    loop over a runtime bound when numpy is 2.4 or newer (numpy no longer turns
+    a 1-element array into an int: triton-lang/triton#9171); 3.8 works.
+    """
+    from resfast.kernels import interpreting, triton_available
+    if not triton_available():
+        return "Triton is not installed"
+    if not interpreting():
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def count_kernel(out_ptr, n):
+        total = 0
+        for _ in range(n):
+            total += 1
+        tl.store(out_ptr, total)
+
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        count_kernel[(1,)](out, 3)
+    except Exception as e:
+        return (f"the interpreter of Triton {triton.__version__} fails on a loop over a runtime bound with numpy "
+                f"{numpy.__version__} ({type(e).__name__}: {e}; triton-lang/triton#9171): use a newer Triton or "
+                f"numpy<2.4")
+    return None if out.item() == 3 else f"the Triton {triton.__version__} interpreter counts a 3-step loop as {out.item()}"
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:

@@ -15,15 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resfast.kernels import interpreting
 from resfast.kernels.conv2d_bn import conv2d_bn_backward, conv2d_bn_forward
-from tests.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err
+from tests.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err, triton_interpreter_problem
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(
-        not interpreting(), reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")),
+    pytest.param("cpu", marks=pytest.mark.skipif(triton_interpreter_problem() is not None,
+                                                 reason=str(triton_interpreter_problem()))),
     pytest.param("cuda", marks=pytest.mark.gpu),
 ]
 

@@ -464,18 +464,24 @@ def _dgrad(x, weight, oh, ow, grads, conv) -> Tensor:
     return grad_a
 
 
-def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
-    """Tiles of (Co, Ci) per tap, and the split of the m output pixels that fills the GPU.
-
-    Under the interpreter: small tiles and two splits, so the split merge is exercised.
-    """
+def _wgrad_blocks(co: int, ci: int, dtype: torch.dtype) -> dict:
+    """Tiles of (Co, Ci) per tap, and the output pixels reduced per step."""
     if interpreting():
-        cfg = dict(BLOCK_M=32, BLOCK_CO=16, BLOCK_CI=16)
-        target_programs = 2 * triton.cdiv(co, 16) * taps * triton.cdiv(ci, 16)
+        return dict(BLOCK_M=32, BLOCK_CO=16, BLOCK_CI=16)
+    cap = _tile_cap(dtype)
+    return dict(BLOCK_M=cap // 2, BLOCK_CO=min(cap, max(16, triton.next_power_of_2(co))),
+                BLOCK_CI=min(cap, max(16, triton.next_power_of_2(ci))))
+
+
+def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
+    """The tiles, and the split of the m output pixels that fills the GPU.
+
+    Under the interpreter: two splits, so the split merge is exercised.
+    """
+    cfg = _wgrad_blocks(co, ci, x.dtype)
+    if interpreting():
+        target_programs = 2 * triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
     else:
-        cap = _tile_cap(x.dtype)
-        cfg = dict(BLOCK_M=cap // 2, BLOCK_CO=min(cap, max(16, triton.next_power_of_2(co))),
-                   BLOCK_CI=min(cap, max(16, triton.next_power_of_2(ci))))
         target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
     tiles = triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
     row_blocks = triton.cdiv(m, cfg["BLOCK_M"])

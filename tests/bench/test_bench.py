@@ -18,6 +18,7 @@ from resfast.bench import bench_main
 from resfast.bench import baselines as B
 from resfast.bench.baselines import eager_twin
 from resfast.bench.measure import Runner, default_settings
+from tests.helpers import triton_interpreter_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
@@ -153,8 +154,9 @@ def test_python_m_resfast_bench_is_wired():
     assert "bottleneck-8x8x16/train" in r.stdout
 
 
-@pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="the Triton interpreter on CPU tensors (a machine without a GPU)")
+@pytest.mark.skipif(HAS_CUDA or triton_interpreter_problem() is not None,
+                    reason=f"the Triton interpreter on CPU tensors (a machine without a GPU): "
+                           f"{'a GPU is here' if HAS_CUDA else triton_interpreter_problem()}")
 def test_kernel_path_reports_the_triton_conv(monkeypatch):
     """With the Triton kernels sent CPU tensors, the row says so: the path is
     what ran, not what was assumed."""

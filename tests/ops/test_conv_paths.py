@@ -15,9 +15,8 @@ from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
-from resfast import kernels
 from resfast.ops import conv_path
-from tests.helpers import check_module_pair
+from tests.helpers import check_module_pair, triton_interpreter_problem
 from tests.ops.test_blocks import _projection, _randomize
 from tests.ops.test_bn_relu_conv import TorchBNReLUConv
 from tests.ops.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
@@ -28,8 +27,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 @pytest.fixture(autouse=True, params=conv_path.PATHS)
 def path(request, monkeypatch):
-    if request.param == "triton" and DEVICE == "cpu" and not kernels.interpreting():
-        pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1")
+    if request.param == "triton" and DEVICE == "cpu" and triton_interpreter_problem() is not None:
+        pytest.skip(f"the Triton kernels need a GPU, or on the CPU: {triton_interpreter_problem()}")
     monkeypatch.setenv("RESFAST_TRITON_ON_CPU", "1")
     monkeypatch.setenv("RESFAST_CONV_PATH", request.param)
     return request.param
