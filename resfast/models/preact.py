@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_num_classes, check_shortcut, init_conv_bn
-from .resnet import materialize
+from .resnet import StemAndStages, materialize
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18", "preact_resnet34",
            "preact_resnet50", "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164",
@@ -116,7 +116,7 @@ class PreActBottleneck(_PreActUnit):
         return self._add(F.conv2d(h, self.conv3.weight), sc)
 
 
-class PreActResNet(nn.Module):
+class PreActResNet(StemAndStages):
     """A pre-activation ResNet. ``stem="imagenet"``: 7x7/2 conv + BN + ReLU +
     3x3/2 max-pool, stages of 64..512 base channels; ``stem="cifar"``: 3x3 conv
     + BN + ReLU, stages of 16, 32, 64."""
@@ -126,18 +126,8 @@ class PreActResNet(nn.Module):
         super().__init__()
         check_num_classes(num_classes)
         check_shortcut(shortcut)
-        if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must be {len(widths)} positive ints (blocks per stage), got {list(layers)!r}")
         self.shortcut = shortcut
-        self.inplanes = widths[0]
-        k, s = (7, 2) if stem == "imagenet" else (3, 1)
-        self.conv1 = nn.Conv2d(3, self.inplanes, k, s, k // 2, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else None
-        self.num_stages = len(widths)
+        self._build_stem(layers, widths, stem)
         for i, (width, n) in enumerate(zip(widths, layers)):
             setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, 1 if i == 0 else 2, first=i == 0))
         self.bn_final = nn.BatchNorm2d(self.inplanes)
@@ -159,15 +149,8 @@ class PreActResNet(nn.Module):
             self.inplanes = out
         return nn.Sequential(*layers)
 
-    def stages(self) -> List[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
-
     def forward_features(self, x: Tensor) -> Tensor:
-        conv = self.conv1
-        h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None, BatchNormArgs.of(self.bn1),
-                                                      stride=conv.stride[0], padding=conv.padding[0], relu=True)
-        if self.maxpool is not None:
-            h = self.maxpool(materialize(h))
+        h = self._stem_forward(x)
         for stage in self.stages():
             for block in stage:
                 h = block(h)

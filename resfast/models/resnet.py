@@ -92,7 +92,40 @@ class PlainBottleneck(nn.Module):
 BlockType = Type[Union[rnn.BasicBlock, rnn.Bottleneck, PlainBasicBlock, PlainBottleneck]]
 
 
-class ResNet(nn.Module):
+class StemAndStages(nn.Module):
+    """What the ResNets and pre-activation ResNets share: the stem (conv + BN +
+    ReLU, then a max-pool for ImageNet) and the stages ``layer1``..``layerN``."""
+
+    def _build_stem(self, layers: Sequence[int], widths: Sequence[int], stem: str) -> None:
+        """Checks the configuration, then registers conv1, bn1, relu, maxpool
+        (torchvision's names and order, so checkpoints load)."""
+        if stem not in ("imagenet", "cifar"):
+            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
+        if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
+            raise ValueError(f"layers must be {len(widths)} positive ints (blocks per stage), got {list(layers)!r}")
+        self.inplanes = widths[0]
+        k, s = (7, 2) if stem == "imagenet" else (3, 1)
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=k, stride=s, padding=k // 2, bias=False)
+        self.bn1 = nn.BatchNorm2d(self.inplanes)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else None
+        self.num_stages = len(widths)
+
+    def stages(self) -> List[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def _stem_forward(self, x: Tensor) -> Union[Tensor, Pending]:
+        """conv1 with bn1 + ReLU pending (applied by the first block's conv), or
+        applied before the max-pool."""
+        conv = self.conv1
+        h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None, BatchNormArgs.of(self.bn1),
+                                                      stride=conv.stride[0], padding=conv.padding[0], relu=True)
+        if self.maxpool is not None:
+            h = self.maxpool(materialize(h))
+        return h
+
+
+class ResNet(StemAndStages):
     """torchvision's ResNet on the fused ops, also the CIFAR variant.
 
     ``stem="imagenet"``: 7x7/2 conv + BN + ReLU + 3x3/2 max-pool;
@@ -107,21 +140,9 @@ class ResNet(nn.Module):
         check_num_classes(num_classes)
         check_shortcut(shortcut)
         check_bool(zero_init_residual, "zero_init_residual")
-        if stem not in ("imagenet", "cifar"):
-            raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must be {len(widths)} positive ints (blocks per stage), got {list(layers)!r}")
         self.plain = block in (PlainBasicBlock, PlainBottleneck)
         self.shortcut = shortcut
-        self.inplanes = widths[0]
-        if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=7, stride=2, padding=3, bias=False)
-        else:
-            self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(self.inplanes)
-        self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else None
-        self.num_stages = len(widths)
+        self._build_stem(layers, widths, stem)
         for i, (width, n) in enumerate(zip(widths, layers)):
             setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
@@ -154,16 +175,9 @@ class ResNet(nn.Module):
             self.inplanes = out
         return nn.Sequential(*layers)
 
-    def stages(self) -> List[nn.Sequential]:
-        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
-
     def forward_features(self, x: Tensor) -> Tensor:
         """Everything before the global average pool."""
-        conv = self.conv1
-        h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None, BatchNormArgs.of(self.bn1),
-                                                      stride=conv.stride[0], padding=conv.padding[0], relu=True)
-        if self.maxpool is not None:
-            h = self.maxpool(materialize(h))
+        h = self._stem_forward(x)
         for stage in self.stages():
             for block in stage:
                 if self.plain:
