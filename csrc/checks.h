@@ -37,4 +37,16 @@ inline void check_channel_vector(const at::Tensor& t, int64_t channels, const at
 // N*H*W, also when C = 0.
 inline int64_t count_per_channel(const at::Tensor& t) { return t.size(0) * t.size(2) * t.size(3); }
 
+// The inputs of bn_act / bn_act_backward, checked alike on the CPU and the GPU.
+inline void check_bn_act_inputs(const at::Tensor& y, const std::optional<at::Tensor>& scale,
+                         const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual) {
+  check_activation(y, "y");
+  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "scale and shift must be given together");
+  if (scale) {
+    check_channel_vector(*scale, y.size(1), y, "scale");
+    check_channel_vector(*shift, y.size(1), y, "shift");
+  }
+  if (residual) check_same_as(*residual, y, "residual", "y");
+}
+
 }  // namespace resfast

@@ -67,17 +67,6 @@ void bn_update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_v
   running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
 }
 
-void check_bn_act_inputs(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual) {
-  check_activation(y, "y");
-  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "scale and shift must be given together");
-  if (scale) {
-    check_channel_vector(*scale, y.size(1), y, "scale");
-    check_channel_vector(*shift, y.size(1), y, "shift");
-  }
-  if (residual) check_same_as(*residual, y, "residual", "y");
-}
-
 // z = y * scale + shift + residual, in the stats dtype.
 at::Tensor pre_activation(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual) {

@@ -201,18 +201,6 @@ __global__ __launch_bounds__(kThreads) void column_sum_kernel(const A* __restric
 
 // ---- Host side --------------------------------------------------------------
 
-// The same checks as the CPU implementation.
-void check_bn_act_inputs(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual) {
-  check_activation(y, "y");
-  TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "scale and shift must be given together");
-  if (scale) {
-    check_channel_vector(*scale, y.size(1), y, "scale");
-    check_channel_vector(*shift, y.size(1), y, "shift");
-  }
-  if (residual) check_same_as(*residual, y, "residual", "y");
-}
-
 at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu) {
   check_bn_act_inputs(y, scale, shift, residual);
