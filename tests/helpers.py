@@ -64,7 +64,9 @@ def triton_interpreter_problem() -> Optional[str]:
         return (f"the interpreter of Triton {triton.__version__} fails on a loop over a runtime bound with numpy "
                 f"{numpy.__version__} ({type(e).__name__}: {e}; triton-lang/triton#9171): use a newer Triton or "
                 f"numpy<2.4")
-    return None if out.item() == 3 else f"the Triton {triton.__version__} interpreter counts a 3-step loop as {out.item()}"
+    if out.item() != 3:
+        return f"the Triton {triton.__version__} interpreter counts a 3-step loop as {out.item()}"
+    return None
 
 
 def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:

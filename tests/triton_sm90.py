@@ -53,8 +53,9 @@ def _compile(variant: str) -> dict:
 
     kernel_name, dtype_name, shape_name = variant.split("-", 2)
     _, ci, co, k, stride, side, kind = next(s for s in SHAPES if s[0] == shape_name)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}[dtype_name]
-    stats_name = "fp64" if dtype == torch.float64 else "fp32"
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+    dtype = next(t for t, name in names.items() if name == dtype_name)
+    stats_name = names[K._stats_dtype(dtype)]
     conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **K._dot_config(dtype))
     if kernel_name == "forward":
         fn, blocks = K._conv2d_bn_forward_kernel, K._gemm_blocks(co, ci, dtype)

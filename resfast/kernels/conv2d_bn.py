@@ -479,11 +479,11 @@ def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
     Under the interpreter: two splits, so the split merge is exercised.
     """
     cfg = _wgrad_blocks(co, ci, x.dtype)
+    tiles = triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
     if interpreting():
-        target_programs = 2 * triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
+        target_programs = 2 * tiles
     else:
         target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    tiles = triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
     row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
     splits = max(1, min(row_blocks, triton.cdiv(target_programs, tiles)))
     cfg["rows_per_split"] = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
