@@ -96,13 +96,17 @@ def build_parser(prog: str = "resfast train") -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.01 VGG, 0.1 otherwise)")
     g.add_argument("--momentum", type=float, default=0.9)
     g.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 VGG, 1e-4 otherwise")
-    g.add_argument("--schedule", default="plateau", choices=["plateau", "step", "cosine"],
-                   help="plateau: lr / 10 when test top-1 accuracy stops improving for --patience epochs; "
-                        "step: lr / 10 at --milestones; cosine: warm-up then cosine decay")
+    g.add_argument("--schedule", default=None, choices=["plateau", "step", "cosine"],
+                   help="step: lr / 10 at --milestones; plateau: lr / 10 when test top-1 accuracy stops "
+                        "improving for --patience epochs; cosine: warm-up then cosine decay. Default by recipe: "
+                        "step for 32x32 data (the embedded digits, CIFAR: the ResNet paper's CIFAR schedule), "
+                        "plateau for ImageNet-style image folders (the papers' ImageNet schedule)")
     g.add_argument("--patience", type=int, default=2, help="plateau: epochs without improvement before lr / 10")
     g.add_argument("--milestones", type=_float_list, default=None,
                    help="step: epochs at which lr is divided by 10 (default: 50%%, 75%% of --epochs)")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="step/cosine: linear warm-up length")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="step/cosine: linear warm-up length in epochs (default: 1 for the CIFAR nets of 110 "
+                        "layers or more, whose first steps at lr 0.1 the ResNet paper warms up; else 0)")
     g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
     g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (the fast path on GPUs)")
     g.add_argument("--sync-bn", action="store_true",
@@ -138,14 +142,35 @@ def model_family(name: str) -> str:
     return "vgg" if "vgg" in base else "resnet"
 
 
+# Networks of at least this many layers get a warm-up on 32x32 data: the ResNet paper
+# starts its 110- and 1202-layer CIFAR nets at lr 0.01 for ~400 iterations (about one
+# CIFAR-10 epoch at batch 128) because lr 0.1 is too large for them to start converging.
+WARMUP_DEPTH = 110
+
+
+def model_depth(name: str) -> Optional[int]:
+    digits = "".join(c for c in name.rsplit(":", 1)[-1] if c.isdigit())
+    return int(digits) if digits else None
+
+
 def resolve_defaults(args: argparse.Namespace, image_size: int) -> argparse.Namespace:
+    """Fill the options left to the recipe: the CIFAR recipe for 32x32 data (lr / 10 at
+    50% and 75% of training), the ImageNet recipe otherwise (lr / 10 on a plateau)."""
     fam = model_family(args.model)
+    small = image_size <= 64
     if args.lr is None:
         args.lr = 0.01 if fam == "vgg" else 0.1
     if args.weight_decay is None:
         args.weight_decay = 5e-4 if fam == "vgg" else 1e-4
     if args.batch_size is None:
-        args.batch_size = 128 if image_size <= 64 else 256
+        args.batch_size = 128 if small else 256
+    if args.schedule is None:
+        args.schedule = "step" if small or args.milestones else "plateau"
+    if args.warmup_epochs is None:
+        deep = (model_depth(args.model) or 0) >= WARMUP_DEPTH
+        args.warmup_epochs = 1.0 if small and deep and args.schedule != "plateau" else 0.0
+    if args.schedule == "plateau" and (args.milestones or args.warmup_epochs):
+        raise UsageError("--milestones and --warmup-epochs apply to --schedule step or cosine, not plateau")
     return args
 
 
@@ -511,7 +536,12 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
     if d.main and finished:
         atomic_write_text(json.dumps(final, indent=2) + "\n", os.path.join(out, "final.json"))
         _log(d, f"done: test top-1 error {final['test_top1_err']:.2f}% (accuracy {100 - final['test_top1_err']:.2f}%) "
-                f"after {final['epoch']} epochs, {final['time_s']:.0f}s; metrics and curves in {out}")
+                f"after {final['epoch']} epochs at final lr {final['lr']:.4g}, {final['time_s']:.0f}s; "
+                f"metrics and curves in {out}")
+        if args.schedule == "plateau" and final["lr"] >= args.lr:
+            _log(d, f"note: the plateau rule never lowered the learning rate in {final['epoch']} epochs, so the "
+                    f"run ended at its initial rate {args.lr:g}; train longer, or use --schedule step for a "
+                    f"fixed budget")
     return result
 
 

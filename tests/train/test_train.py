@@ -163,6 +163,61 @@ def test_lr_schedules():
     assert [g(i) for i in (0, 19, 20, 34, 35)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
 
 
+def _resolved(*argv, image_size=32):
+    from resfast.train.trainer import build_parser, resolve_defaults
+
+    return resolve_defaults(build_parser().parse_args(list(argv)), image_size)
+
+
+def test_schedule_defaults_by_recipe():
+    """32x32 data: the ResNet paper's CIFAR schedule (lr / 10 at 50% and 75%), warmed up for
+    110+ layers; ImageNet-style data: the plateau rule; explicit choices win."""
+    from resfast.train.trainer import UsageError
+
+    a = _resolved("--model", "resnet20")
+    assert (a.schedule, a.warmup_epochs, a.lr) == ("step", 0.0, 0.1)
+    assert _resolved("--model", "resnet110").warmup_epochs == 1.0
+    assert _resolved("--model", "preact_resnet1001").warmup_epochs == 1.0
+    assert _resolved("--model", "resnet50", image_size=224).schedule == "plateau"
+    assert _resolved("--model", "resnet152", image_size=224).warmup_epochs == 0.0
+    assert _resolved("--model", "vgg16", "--milestones", "30,60", image_size=224).schedule == "step"
+    assert _resolved("--model", "resnet20", "--schedule", "plateau").schedule == "plateau"
+    assert _resolved("--model", "resnet110", "--warmup-epochs", "0").warmup_epochs == 0.0
+    with pytest.raises(UsageError, match="plateau"):
+        _resolved("--schedule", "plateau", "--warmup-epochs", "1")
+
+
+def test_default_command_ends_at_the_decayed_rate():
+    """`resfast train --model resnet20` as the README gives it: every step of its last epoch
+    runs at lr / 100, and its first half at the full rate."""
+    from resfast.data import build_datasets
+    from resfast.train.schedule import build_scheduler
+
+    args = _resolved("--model", "resnet20")
+    train_ds, _, info = build_datasets(args.data, fmt=args.data_format, seed=args.seed, train_scale=None,
+                                       test_scale=None, crop=args.crop, lighting=args.lighting,
+                                       train_subset=None, test_subset=None, augment=False)
+    assert info.image_size == 32
+    steps = len(train_ds) // args.batch_size  # drop_last, as the trainer's loader
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
+    sched, per_iter = build_scheduler(opt, args.schedule, epochs=args.epochs, steps_per_epoch=steps,
+                                      warmup_epochs=args.warmup_epochs, milestones=args.milestones or ())
+    assert per_iter
+    lrs = []
+    for _ in range(args.epochs * steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[-steps:] == pytest.approx([args.lr / 100] * steps)
+    assert lrs[:args.epochs * steps // 2] == pytest.approx([args.lr] * (args.epochs * steps // 2))
+
+
+def test_default_schedule_in_a_run(tmp_path):
+    # 32x32 data without --schedule: lr / 10 after 50% and 75% of the 4 epochs
+    ckpt = run(tmp_path, "--epochs", "4")
+    assert [r["lr"] for r in ckpt["history"]] == pytest.approx([0.1, 0.1, 0.01, 0.001])
+
+
 def test_plateau_divides_by_ten():
     """lr / 10 once the test accuracy has not improved for more than --patience epochs."""
     from resfast.train.schedule import build_scheduler
