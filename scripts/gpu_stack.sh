@@ -23,9 +23,10 @@ GPU_STACK_VENV=${RESFAST_GPU_STACK_VENV:-$HOME/.cache/resfast/gpu-stack-torch$GP
 
 # What the GPU machine has besides torch (its pip list; only what resfast's run uses).
 GPU_STACK_PACKAGES=("torch==$GPU_TORCH" "triton==$GPU_TRITON" "torchvision==$GPU_TORCHVISION"
-                    "numpy==$GPU_NUMPY" pytest pytest-benchmark ninja pybind11 cmake "setuptools<82")
+                    "numpy==$GPU_NUMPY" pytest pytest-benchmark ninja pybind11 cmake
+                    "setuptools<82")
 
-gpu_stack_venv() {  # gpu_stack_venv [python]: create or reuse $GPU_STACK_VENV; prints nothing on reuse
+gpu_stack_venv() {  # gpu_stack_venv [python]: make or reuse $GPU_STACK_VENV (silent on reuse)
   local py=${1:-python3} stamp="$GPU_STACK_VENV/.resfast-stack"
   local want="${GPU_STACK_PACKAGES[*]}"
   if [ -x "$GPU_STACK_VENV/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
@@ -34,12 +35,13 @@ gpu_stack_venv() {  # gpu_stack_venv [python]: create or reuse $GPU_STACK_VENV; 
   echo "[gpu_stack] making $GPU_STACK_VENV: ${GPU_STACK_PACKAGES[*]} (about 3 GB of wheels)" >&2
   rm -rf "$GPU_STACK_VENV"
   "$py" -m venv "$GPU_STACK_VENV" || return 1
-  # PIP_CONSTRAINT from the machine's pip.conf caps torch at this machine's release; 2.11 is below it.
+  # pip.conf here caps torch at this machine's own release; 2.11 is below the cap.
   "$GPU_STACK_VENV/bin/python" -m pip install -q --upgrade pip || return 1
   "$GPU_STACK_VENV/bin/python" -m pip install -q "${GPU_STACK_PACKAGES[@]}" || return 1
   "$GPU_STACK_VENV/bin/python" - <<PY || return 1
 import importlib
-for mod, want in (("torch", "$GPU_TORCH"), ("triton", "$GPU_TRITON"), ("torchvision", "$GPU_TORCHVISION")):
+for mod, want in (("torch", "$GPU_TORCH"), ("triton", "$GPU_TRITON"),
+                  ("torchvision", "$GPU_TORCHVISION")):
     got = importlib.import_module(mod).__version__
     assert got.split("+")[0] == want, f"{mod} {got} installed, {want} wanted"
 for mod in ("tqdm", "matplotlib", "mlxtend", "cudnn", "wheel"):
@@ -52,7 +54,8 @@ PY
   echo "$want" > "$stamp"
 }
 
-sent_files() {  # NUL-separated: what a device call sends (tracked files that exist, untracked-not-ignored)
+sent_files() {  # NUL-separated: what a device call sends (tracked files that exist, and
+                #  untracked files git does not ignore)
   git ls-files -co --exclude-standard -z | while IFS= read -r -d '' f; do
     [ -e "$f" ] && printf '%s\0' "$f"
   done

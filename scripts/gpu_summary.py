@@ -8,6 +8,7 @@ steps, the tests' counts and failures, the training runs.
 Plain Python, no torch (gpu_run.sh rewrites the summary after every step);
 resfast/bench/headline.py is loaded by its path for the same reason.
 """
+
 import argparse
 import glob
 import importlib.util
@@ -48,7 +49,10 @@ def steps_table(work):
     for r in rows:
         r += [""] * (6 - len(r))
         name, status, rc, secs, limit, note = r[:6]
-        lines.append(f"| {name} | {status}{'' if rc in ('0', '-', '') else f' (rc {rc})'} | {secs} | {limit} | {note} |")
+        lines.append(
+            f"| {name} | {status}{'' if rc in ('0', '-', '') else f' (rc {rc})'} | "
+            f"{secs} | {limit} | {note} |"
+        )
     return "\n".join(lines), {r[0]: r[1] for r in rows}
 
 
@@ -59,19 +63,34 @@ def pytest_results(work, names):
         path = os.path.join(work, f"{name}.log")
         if not os.path.exists(path):
             continue
-        text = open(path, errors="replace").read()
-        tail = [ln for ln in text.splitlines() if COUNTS.search(ln) and (" in " in ln or ln.startswith("="))]
-        counts = ", ".join(f"{n} {w}" for n, w in COUNTS.findall(tail[-1])) if tail else "no summary (killed?)"
-        failed = re.findall(r"^=== FAILED (\S+)", text, re.M)
+        with open(path, errors="replace") as f:
+            text = f.read()
+        tail = [
+            ln
+            for ln in text.splitlines()
+            if COUNTS.search(ln) and (" in " in ln or ln.startswith("="))
+        ]
+        counts = (
+            ", ".join(f"{n} {w}" for n, w in COUNTS.findall(tail[-1]))
+            if tail
+            else "no summary (killed?)"
+        )
+        failed = re.findall(r"^=== FAILED (\S+)", text, re.MULTILINE)
         out.append((name, counts, failed))
     return out
 
 
 def bench_rows(doc):
-    lines = ["| benchmark | resfast ms | images/s | vs eager | vs compile | vs conv | peak MB (eager) | path |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
-    eager = {(r["name"], r["mode"], r["dtype"], r["layout"]): r for r in doc.get("results", [])
-             if r["provider"] == "eager" and r["status"] == "ok"}
+    lines = [
+        "| benchmark | resfast ms | images/s | vs eager | vs compile | vs conv | peak MB (eager) "
+        "| path |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    eager = {
+        (r["name"], r["mode"], r["dtype"], r["layout"]): r
+        for r in doc.get("results", [])
+        if r["provider"] == "eager" and r["status"] == "ok"
+    }
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
@@ -84,11 +103,16 @@ def bench_rows(doc):
             lines.append(f"| {bench} | {r['status']}: {(r.get('reason') or '')[:70]} | | | | | | |")
             continue
         e = eager.get((r["name"], r["mode"], r["dtype"], r["layout"]), {})
-        peak = f"{r['peak_mem_mb']:.0f} ({e['peak_mem_mb']:.0f})" if r.get("peak_mem_mb") is not None and \
-            e.get("peak_mem_mb") is not None else "-"
-        lines.append(f"| {bench} | {r['ms']:.3f} | {r['images_per_s']:.0f} | {x(r.get('ratio_vs_eager'))} | "
-                     f"{x(r.get('ratio_vs_compile'))} | {x(r.get('ratio_vs_conv_alone'))} | {peak} | "
-                     f"{r.get('kernel_path', '')} |")
+        peak = (
+            f"{r['peak_mem_mb']:.0f} ({e['peak_mem_mb']:.0f})"
+            if r.get("peak_mem_mb") is not None and e.get("peak_mem_mb") is not None
+            else "-"
+        )
+        lines.append(
+            f"| {bench} | {r['ms']:.3f} | {r['images_per_s']:.0f} | {x(r.get('ratio_vs_eager'))} | "
+            f"{x(r.get('ratio_vs_compile'))} | {x(r.get('ratio_vs_conv_alone'))} | {peak} | "
+            f"{r.get('kernel_path', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -100,18 +124,25 @@ def first_calls(work, doc):
         for r in (_load(path) or {}).get("results", []):
             if r.get("status") == "ok":
                 cold[(f"{r['name']}/{r['mode']}", r["provider"])] = r.get("first_call_s")
-    warm = {(f"{r['name']}/{r['mode']}", r["provider"]): r.get("first_call_s")
-            for r in (doc or {}).get("results", []) if r.get("status") == "ok"}
+    warm = {
+        (f"{r['name']}/{r['mode']}", r["provider"]): r.get("first_call_s")
+        for r in (doc or {}).get("results", [])
+        if r.get("status") == "ok"
+    }
     keys = sorted(set(cold) | set(warm))
     if not keys:
         return ""
-    lines = ["| benchmark | provider | first call, cold caches (s) | first call, timed run (s) |",
-             "|---|---|---:|---:|"]
+    lines = [
+        "| benchmark | provider | first call, cold caches (s) | first call, timed run (s) |",
+        "|---|---|---:|---:|",
+    ]
     for k in keys:
         c, w = cold.get(k), warm.get(k)
         if k[1] in ("resfast", "compile"):
-            lines.append(f"| {k[0]} | {k[1]} | {'-' if c is None else f'{c:.1f}'} | "
-                         f"{'-' if w is None else f'{w:.1f}'} |")
+            lines.append(
+                f"| {k[0]} | {k[1]} | {'-' if c is None else f'{c:.1f}'} | "
+                f"{'-' if w is None else f'{w:.1f}'} |"
+            )
     return "\n".join(lines)
 
 
@@ -120,9 +151,19 @@ def training(work):
     for path in sorted(glob.glob(os.path.join(work, "train-*", "final.json"))):
         f = _load(path) or {}
         backend = os.path.basename(os.path.dirname(path)).split("-", 1)[1]
-        lines.append(f"- {backend}: test top-1 error {f.get('test_top1_err', float('nan')):.2f}% after "
-                     f"{f.get('epoch')} epochs, {f.get('time_s', float('nan')):.0f} s")
+        lines.append(
+            f"- {backend}: test top-1 error {f.get('test_top1_err', float('nan')):.2f}% after "
+            f"{f.get('epoch')} epochs, {f.get('time_s', float('nan')):.0f} s"
+        )
     return "\n".join(lines)
+
+
+def _ceilings(doc):
+    c = doc.get("ceilings")
+    if not c:
+        return "no ceilings measured"
+    mm = ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in c["matmul_tflops"].items())
+    return f"measured ceilings: copy {c['copy_gbs']:.0f} GB/s, matmul {mm}"
 
 
 def summary(work, results, budget=None, elapsed=None):
@@ -133,19 +174,23 @@ def summary(work, results, budget=None, elapsed=None):
     if doc:
         env = doc.get("environment", {})
         hl = _headline()
-        parts += ["## Headline targets (bf16, channels_last)",
-                  f"{env.get('gpu') or env.get('device')}, torch {env.get('torch')}, triton {env.get('triton')}; "
-                  + (doc.get("ceilings") and
-                     f"measured ceilings: copy {doc['ceilings']['copy_gbs']:.0f} GB/s, matmul "
-                     + ", ".join(f"{k} {v:.0f} TFLOP/s" for k, v in doc["ceilings"]["matmul_tflops"].items())
-                     or ""),
-                  hl.format_checks(hl.check_targets(doc)),
-                  "## resfast rows (bench.md has every provider and the command of each)", bench_rows(doc)]
+        parts += [
+            "## Headline targets (bf16, channels_last)",
+            f"{env.get('gpu') or env.get('device')}, torch {env.get('torch')}, "
+            f"triton {env.get('triton')}; {_ceilings(doc)}",
+            hl.format_checks(hl.check_targets(doc)),
+            "## resfast rows (bench.md has every provider and the command of each)",
+            bench_rows(doc),
+        ]
     calls = first_calls(work, doc)
     if calls:
         parts += ["## First calls (compilation), apart from the timed steps", calls]
-    names = [n for n in status if not n.startswith(("warm-", "bench-", "train-")) and
-             n not in ("setup", "build", "profile", "suite")]
+    names = [
+        n
+        for n in status
+        if not n.startswith(("warm-", "bench-", "train-"))
+        and n not in ("setup", "build", "profile", "suite")
+    ]
     tests = pytest_results(work, names)
     if tests:
         lines = []

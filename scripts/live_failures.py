@@ -10,4 +10,7 @@ def pytest_runtest_logreport(report):
     text = report.longreprtext
     if len(text) > 4000:  # a long traceback: its end says where and why
         text = "...\n" + text[-4000:]
-    print(f"\n=== FAILED {report.nodeid} ({report.when})\n{text}\n=== end of {report.nodeid}", flush=True)
+    print(
+        f"\n=== FAILED {report.nodeid} ({report.when})\n{text}\n=== end of {report.nodeid}",
+        flush=True,
+    )

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--priority", nargs="+", metavar="GLOB", default=[],
                      help="run the cases matching these globs first, in this order (useful with --time-budget)")
     sel.add_argument("--headline", action="store_true",
-                     help="only the headline cases (resfast.bench.headline), in their order; --sets and "
-                     "--names narrow them further")
+                     help="only the headline cases (resfast.bench.headline), in their order; "
+                     "--sets and --names narrow them further")
     sel.add_argument("--providers", nargs="+", metavar="P", help=f"subset of {', '.join(C.PROVIDERS)}")
     sel.add_argument("--list", action="store_true", help="list the selected cases and exit")
     cfg = p.add_argument_group("configuration")
@@ -77,15 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave torch.backends.cudnn.benchmark off (default: on while measuring, so the eager "
                      "baseline gets cuDNN's fastest algorithms)")
     tim.add_argument("--time-budget", type=float, metavar="S",
-                     help="stop starting new measurements after S seconds (the rest are recorded as "
-                     "skipped)")
+                     help="stop starting new measurements after S seconds (the rest are "
+                     "recorded as skipped)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="write <stem>.json, <stem>.png and <stem>.md here")
     out.add_argument("--name", metavar="STEM", help="file stem (default YYYY-MM-DD-<device-slug>, "
                      "-2, -3 ... appended rather than overwrite)")
     out.add_argument("--append", action="store_true",
-                     help="add to the results file --out/--name if it exists (its ceilings are reused): "
-                     "several runs, e.g. one process per network, into one file")
+                     help="add to the results file --out/--name if it exists (its ceilings are "
+                     "reused): several runs, e.g. one process per network, into one file")
     out.add_argument("--no-plot", action="store_true", help="no PNG")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     out.add_argument("--report", metavar="JSON", help="measure nothing: print the table of a results file and "
@@ -149,8 +149,8 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
         if args.batch is not None and args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        cases = C.select_cases(settings.size, _split(args.sets), _split(args.names), _split(args.modes),
-                               args.batch)
+        cases = C.select_cases(settings.size, _split(args.sets), _split(args.names),
+                               _split(args.modes), args.batch)
         if args.headline:
             cases = _headline(cases, settings.size)
         cases = _order(cases, _split(args.priority))
@@ -183,7 +183,8 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.append and paths and os.path.exists(paths["json"]):
         previous = report.load_json(paths["json"])
     with cpu_threads(settings.threads):
-        doc = _measure(argv, settings, cases, dtypes, layouts, paths, args.time_budget, log, previous)
+        doc = _measure(argv, settings, cases, dtypes, layouts, paths, args.time_budget, log,
+                       previous)
     return _finish(doc, paths, args, t_start)
 
 
@@ -227,15 +228,16 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log, pr
                         row = runner.measure(case, dtype, layout, prov)
                     rows.append(row)
                     if row.status == "ok":
-                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.ms:.3f} ms/step "
-                            f"({row.images_per_s:.1f} images/s, first call {row.first_call_s:.1f} s) "
-                            f"{row.kernel_path}")
+                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: "
+                            f"{row.ms:.3f} ms/step ({row.images_per_s:.1f} images/s, "
+                            f"first call {row.first_call_s:.1f} s) {row.kernel_path}")
                     elif row.status == "error":
                         log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.status}: {row.reason}")
-                    for r in rows:  # ratios against whatever of this configuration is measured so far
+                    for r in rows:  # ratios against what of this configuration is measured yet
                         runner.complete(r, case, measure_refs=False)
                     shown = sorted(rows, key=lambda r: DISPLAY.index(r.provider))
-                    doc["results"][kept:] = [dict(r.as_dict(), command=doc["command"]) for r in shown]
+                    doc["results"][kept:] = [dict(r.as_dict(), command=doc["command"])
+                                             for r in shown]
                     if paths:
                         report.write_json(paths["json"], doc)
                 kept = len(doc["results"])
@@ -269,8 +271,9 @@ def _print_and_write(doc, paths, plot=True) -> None:
         report.write_json(paths["json"], doc)
         with open(paths["md"], "w") as f:
             f.write(f"{env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
-                    f"triton {env['triton']}, git {env.get('git_commit')})\n\n{report.format_ceilings(ceilings)}"
-                    f"\n\n{report.format_markdown_by_command(doc, shown)}\n")
+                    f"triton {env['triton']}, git {env.get('git_commit')})\n\n"
+                    f"{report.format_ceilings(ceilings)}\n\n"
+                    f"{report.format_markdown_by_command(doc, shown)}\n")
         written = [paths["json"], paths["md"]]
         if plot and report.plot(doc, paths["png"]):
             written.append(paths["png"])

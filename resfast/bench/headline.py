@@ -11,10 +11,11 @@ training >= 1.15x eager; peak memory no more than eager's.
 
 ``python -m resfast.bench.headline RESULTS.json`` prints the check.
 """
+
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence
 
 # ids (name/mode) at --size full, cheapest first: a run that is stopped early
 # still has the op ratios; each network is one more torch.compile.
@@ -40,17 +41,30 @@ def kind(case_id: str) -> str:
 @dataclass(frozen=True)
 class Target:
     case: str
-    what: str      # the row field compared
+    what: str  # the row field compared
     at_least: float
     label: str
 
 
 TARGETS = (
-    Target("conv3x3_bn_relu-56x56x64/train", "ratio_vs_eager", 1.25, "conv3x3+BN+ReLU train vs eager"),
-    Target("conv3x3_bn_relu-56x56x64/train", "ratio_vs_compile", 1.0, "conv3x3+BN+ReLU train vs compile"),
-    Target("bn_add_relu-56x56x256/train", "pct_of_ceiling", 85.0, "BN+add+ReLU % of copy bandwidth"),
-    Target("conv3x3_bn_relu-56x56x64/eval", "ratio_vs_conv_alone", 1 / 1.1,
-           "eval conv+BN+ReLU vs the bare conv"),
+    Target(
+        "conv3x3_bn_relu-56x56x64/train", "ratio_vs_eager", 1.25, "conv3x3+BN+ReLU train vs eager"
+    ),
+    Target(
+        "conv3x3_bn_relu-56x56x64/train",
+        "ratio_vs_compile",
+        1.0,
+        "conv3x3+BN+ReLU train vs compile",
+    ),
+    Target(
+        "bn_add_relu-56x56x256/train", "pct_of_ceiling", 85.0, "BN+add+ReLU % of copy bandwidth"
+    ),
+    Target(
+        "conv3x3_bn_relu-56x56x64/eval",
+        "ratio_vs_conv_alone",
+        1 / 1.1,
+        "eval conv+BN+ReLU vs the bare conv",
+    ),
     Target("resnet50/train", "ratio_vs_eager", 1.3, "ResNet-50 train vs eager"),
     Target("resnet50/train", "ratio_vs_compile", 1.1, "ResNet-50 train vs compile"),
     Target("vgg16/train", "ratio_vs_eager", 1.15, "VGG-16 train vs eager"),
@@ -60,17 +74,17 @@ TARGETS = (
 @dataclass
 class Check:
     label: str
-    measured: Optional[float]
+    measured: float | None
     target: str
-    status: str      # met | missed | not measured
+    status: str  # met | missed | not measured
     note: str = ""
 
 
-def _rows(doc: Dict[str, object]) -> Dict[tuple, Dict[str, object]]:
+def _rows(doc: dict[str, object]) -> dict[tuple, dict[str, object]]:
     """(headline case id, provider) -> row; at other sizes, by kind (first row wins)."""
     full = (doc.get("settings") or {}).get("size", "full") == "full"
     by_kind = {kind(c): c for c in CASES}
-    out: Dict[tuple, Dict[str, object]] = {}
+    out: dict[tuple, dict[str, object]] = {}
     for r in doc.get("results", []):
         if r.get("dtype") != DTYPE or r.get("layout") != LAYOUT:
             continue
@@ -88,10 +102,10 @@ def _why_missing(rows, case: str) -> str:
     return "not in the results"
 
 
-def check_targets(doc: Dict[str, object]) -> List[Check]:
+def check_targets(doc: dict[str, object]) -> list[Check]:
     """Every target, and peak memory against eager for each headline training case."""
     rows = _rows(doc)
-    out: List[Check] = []
+    out: list[Check] = []
     for t in TARGETS:
         r = rows.get((t.case, "resfast"))
         value = r.get(t.what) if r and r.get("status") == "ok" else None
@@ -110,7 +124,9 @@ def check_targets(doc: Dict[str, object]) -> List[Check]:
         a, b = ours.get("peak_mem_mb"), eager.get("peak_mem_mb")
         if a is None or b is None:
             continue
-        out.append(Check(f"{case} peak MB vs eager", a, f"<= {b:.0f} MB", "met" if a <= b else "missed"))
+        out.append(
+            Check(f"{case} peak MB vs eager", a, f"<= {b:.0f} MB", "met" if a <= b else "missed")
+        )
     return out
 
 
@@ -125,11 +141,14 @@ def format_checks(checks: Sequence[Check]) -> str:
             value = f"{c.measured:.0f} MB"
         else:
             value = f"{c.measured:.2f}x"
-        lines.append(f"| {c.label} | {value} | {c.target} | {c.status}{' (' + c.note + ')' if c.note else ''} |")
+        lines.append(
+            f"| {c.label} | {value} | {c.target} | {c.status}"
+            + (f" ({c.note}) |" if c.note else " |")
+        )
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:
         print("usage: python -m resfast.bench.headline RESULTS.json", file=sys.stderr)

@@ -7,10 +7,11 @@ channels_last by default), runs ``--warmup`` steps, then profiles ``--steps``
 steps and writes the ``key_averages`` table sorted by self device time (self CPU
 time on the CPU), with the step's median time measured outside the profiler.
 """
+
 import argparse
 import copy
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -18,14 +19,27 @@ from . import cases as C
 from .measure import default_settings, sync, time_steps
 
 
-def profile_case(case_id: str, size: str = "auto", dtype: str = "bf16", layout: str = "channels_last",
-                 batch: Optional[int] = None, warmup: int = 3, steps: int = 2, rows: int = 30) -> str:
+def profile_case(
+    case_id: str,
+    size: str = "auto",
+    dtype: str = "bf16",
+    layout: str = "channels_last",
+    batch: int | None = None,
+    warmup: int = 3,
+    steps: int = 2,
+    rows: int = 30,
+) -> str:
     settings = default_settings(size=size, compile="off")
     name, _, mode = case_id.partition("/")
-    found = [c for c in C.select_cases(settings.size, names=[name], modes=[mode or "train"], batch=batch)
-             if c.name == name or settings.size != "full"]
+    found = [
+        c
+        for c in C.select_cases(settings.size, names=[name], modes=[mode or "train"], batch=batch)
+        if c.name == name or settings.size != "full"
+    ]
     if not found:
-        raise ValueError(f"no {settings.size} benchmark case {case_id!r}; `resfast bench --list` shows them")
+        raise ValueError(
+            f"no {settings.size} benchmark case {case_id!r}; `resfast bench --list` shows them"
+        )
     case, device = found[0], settings.device
     mods = C.build_modules(case, device)
     wl = C.make_workload(case, copy.deepcopy(mods.resfast), device, C.DTYPES[dtype], layout)
@@ -39,16 +53,22 @@ def profile_case(case_id: str, size: str = "auto", dtype: str = "bf16", layout: 
         sync(device)
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
-    head = (f"{case.id} batch {case.batch} input {'x'.join(map(str, case.in_shape))} {dtype} {layout} on "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
-            f"{timing.ms:.3f} ms/step (median of 3 rounds of {steps}, outside the profiler); "
-            f"first call {timing.first_call_s:.1f} s\nprofiled: {steps} steps, sorted by {key}\n")
+    head = (
+        f"{case.id} batch {case.batch} input {'x'.join(map(str, case.in_shape))} "
+        f"{dtype} {layout} on "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}: "
+        f"{timing.ms:.3f} ms/step (median of 3 rounds of {steps}, outside the profiler); "
+        f"first call {timing.first_call_s:.1f} s\nprofiled: {steps} steps, sorted by {key}\n"
+    )
     return head + table
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m resfast.bench.profile", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m resfast.bench.profile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("case", help="a benchmark id, e.g. resnet50/train (at cpu-tiny: its tiny twin)")
     p.add_argument("--size", default="auto", choices=("auto",) + C.SIZES)
     p.add_argument("--dtype", default="bf16", choices=tuple(C.DTYPES))
@@ -60,8 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--out", help="write the table here too")
     args = p.parse_args(argv)
     try:
-        text = profile_case(args.case, args.size, args.dtype, args.layout, args.batch, args.warmup, args.steps,
-                            args.rows)
+        text = profile_case(
+            args.case,
+            args.size,
+            args.dtype,
+            args.layout,
+            args.batch,
+            args.warmup,
+            args.steps,
+            args.rows,
+        )
     except ValueError as e:
         print(f"resfast.bench.profile: {e}", file=sys.stderr)
         return 2

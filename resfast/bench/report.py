@@ -108,7 +108,7 @@ def _layout(layout: str) -> str:
 def row_cells(r: Dict[str, object]) -> List[str]:
     bench = f"{r['name']} {r['mode']} {r['dtype']} {_layout(r['layout'])}"
     if r["status"] != "ok":
-        return [bench, r["provider"], r["status"], "", "", "", "", "", "", "", "", (r.get("reason") or "")[:90]]
+        return [bench, r["provider"], r["status"]] + [""] * 8 + [(r.get("reason") or "")[:90]]
     vs_eager = _num(r.get("ratio_vs_eager"), "{:.2f}x")
     if r.get("ratio_vs_conv_alone") is not None:
         vs_eager += f" ({r['ratio_vs_conv_alone']:.2f}x conv)"
@@ -118,7 +118,8 @@ def row_cells(r: Dict[str, object]) -> List[str]:
     return [bench, r["provider"], _num(ips, "{:.0f}" if ips and ips >= 100 else "{:.1f}"),
             _num(r.get("ms"), "{:.3f}"), vs_eager, _num(r.get("ratio_vs_compile"), "{:.2f}x"),
             _num(r.get("tflops"), "{:.3g}"), _num(r.get("gbs"), "{:.3g}"), pct,
-            _num(r.get("peak_mem_mb"), "{:.0f}"), _num(r.get("first_call_s"), "{:.1f}"), r.get("kernel_path") or ""]
+            _num(r.get("peak_mem_mb"), "{:.0f}"), _num(r.get("first_call_s"), "{:.1f}"),
+            r.get("kernel_path") or ""]
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:

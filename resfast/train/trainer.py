@@ -299,8 +299,8 @@ def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True,
-                   unit="step")
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   dynamic_ncols=True, unit="step")
     else:
         bar = _NoBar()
     sync = device.type == "cuda"

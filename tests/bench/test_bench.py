@@ -457,7 +457,8 @@ def test_headline_selection_in_order(capsys):
     assert bench_main(["--device", "cpu", "--size", "full", "--list", "--headline"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
     assert listed == list(CASES)
-    assert bench_main(["--device", "cpu", "--size", "full", "--list", "--headline", "--names", "vgg16"]) == 0
+    assert bench_main(["--device", "cpu", "--size", "full", "--list", "--headline",
+                       "--names", "vgg16"]) == 0
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["vgg16/train"]
     assert bench_main(["--device", "cpu", "--list", "--headline"]) == 0
     tiny = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -469,8 +470,8 @@ def test_append_rows_order_and_targets(tmp_path):
     ceilings); eager is measured before resfast; the headline check reads the file."""
     from resfast.bench.headline import check_targets, format_checks
 
-    common = ["--device", "cpu", "--headline", "--out", str(tmp_path), "--name", "run", "--no-plot", "--quiet",
-              "--dtype", "bf16", "--layout", "channels_last"]
+    common = ["--device", "cpu", "--headline", "--out", str(tmp_path), "--name", "run", "--no-plot",
+              "--quiet", "--dtype", "bf16", "--layout", "channels_last"]
     assert bench_main(common + ["--names", "bn_add_relu*"]) == 0
     first = json.loads((tmp_path / "run.json").read_text())
     assert bench_main(common + ["--names", "conv3x3*", "--modes", "eval", "--append"]) == 0
@@ -483,8 +484,9 @@ def test_append_rows_order_and_targets(tmp_path):
     md = (tmp_path / "run.md").read_text()
     assert all(f"`{run['command']}`" in md for run in doc["runs"])
     conv = {r["provider"]: r for r in doc["results"] if r["name"].startswith("conv3x3")}
-    assert conv["resfast"]["ratio_vs_eager"] == pytest.approx(conv["eager"]["ms"] / conv["resfast"]["ms"])
-    assert conv["resfast"]["ratio_vs_conv_alone"] == pytest.approx(conv["conv_alone"]["ms"] / conv["resfast"]["ms"])
+    ours = conv["resfast"]
+    assert ours["ratio_vs_eager"] == pytest.approx(conv["eager"]["ms"] / ours["ms"])
+    assert ours["ratio_vs_conv_alone"] == pytest.approx(conv["conv_alone"]["ms"] / ours["ms"])
     checks = {c.label: c for c in check_targets(doc)}
     eval_check = checks["eval conv+BN+ReLU vs the bare conv"]
     assert eval_check.measured == conv["resfast"]["ratio_vs_conv_alone"]
@@ -523,9 +525,10 @@ def test_gpu_run_summary(tmp_path):
     work.mkdir()
     results.mkdir()
     (work / "steps.tsv").write_text("setup\tok\t0\t12\t45\t\nops\tfailed\t1\t30\t150\t\n"
-                                    "model\ttimeout\t124\t150\t150\t\ntrain-torch\tskipped\t-\t0\t60\tbudget spent\n")
-    (work / "ops.log").write_text("..F.\n=== FAILED tests/ops/test_x.py::test_a[cuda] (call)\nAssertionError\n"
-                                  "=== end of tests/ops/test_x.py::test_a[cuda]\n"
+                                    "model\ttimeout\t124\t150\t150\t\n"
+                                    "train-torch\tskipped\t-\t0\t60\tbudget spent\n")
+    (work / "ops.log").write_text("..F.\n=== FAILED tests/ops/test_x.py::test_a[cuda] (call)\n"
+                                  "AssertionError\n=== end of tests/ops/test_x.py::test_a[cuda]\n"
                                   "FAILED tests/ops/test_x.py::test_a[cuda] - AssertionError\n"
                                   "1 failed, 3 passed, 5 deselected in 30.1s\n")
     (work / "model.log").write_text("...\n")

@@ -221,5 +221,5 @@ def test_progress_off_needs_no_tqdm(tmp_path, monkeypatch):
     ckpt = run(tmp_path, "--epochs", "1")
     assert len(ckpt["history"]) == 1
     with pytest.raises(ImportError):
-        train_main(["--model", "tiny_models:tiny_resnet", "--out", str(tmp_path / "bar"), *SMALL[:-2],
-                    "--progress", "on", "--epochs", "1"])
+        train_main(["--model", "tiny_models:tiny_resnet", "--out", str(tmp_path / "bar"),
+                    *SMALL[:-2], "--progress", "on", "--epochs", "1"])
