@@ -113,7 +113,8 @@ TIMEOUT=$(( BUDGET + 60 ))   # the run ends itself inside its budget; the margin
 [ ${#COMMAND} -lt 2000 ]
 cat <<EOF
 
-The device call (tool 'run'), once a GPU is lent:
+The device call (tool 'run'), once a GPU is lent; the tool sends the checkout the session
+started in, so prepare in that checkout:
   command:   $COMMAND
   carry:     ["$CARRY"]
   timeout_s: $TIMEOUT
