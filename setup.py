@@ -8,6 +8,11 @@ Environment:
                             builds the same extension
   CUDA_HOME                 the toolkit root
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
+  RESFAST_PY_LIMITED_API=1  build against Python's stable ABI (resfast/_C.abi3.so): one
+                            module for every CPython >= 3.10, such as one built here with
+                            3.11 for a GPU machine's 3.12 (scripts/gpu_prepare.sh). The
+                            extension's only Python API call is PyModule_Create2, which
+                            the stable ABI has; libtorch_python is then not linked.
 """
 import glob
 import os
@@ -30,6 +35,10 @@ def _max_jobs():
     return str(max(1, min(os.cpu_count() or 1, int(mem_gb // 2))))
 
 
+def _limited_api():
+    return os.environ.get("RESFAST_PY_LIMITED_API", "0") == "1"
+
+
 def _want_cuda():
     if os.environ.get("RESFAST_SKIP_CUDA", "0") == "1":
         return False
@@ -40,7 +49,8 @@ def _extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-std=c++20", "-DRESFAST_PYTHON_MODULE"]
     if not _want_cuda():
-        return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                            py_limited_api=_limited_api())
 
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cxx_flags += ["-DRESFAST_WITH_CUDA", f'-DRESFAST_CUDA_ARCHS="{archs}"']
@@ -58,6 +68,7 @@ def _extension():
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DRESFAST_WITH_CUDA",
                      "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        py_limited_api=_limited_api(),
     )
 
 
@@ -66,4 +77,6 @@ os.environ.setdefault("MAX_JOBS", _max_jobs())
 setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    # torch defines Py_LIMITED_API as 3.10's; a wheel built so is tagged cp310-abi3
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if _limited_api() else {},
 )

@@ -51,7 +51,9 @@ def load_rows(path):
 def collect(results_dir, metric, pattern=None, provider="resfast"):
     """{device: {benchmark label: [(timestamp, value, file)]}}"""
     series = defaultdict(lambda: defaultdict(list))
-    for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    paths = glob.glob(os.path.join(results_dir, "*.json"))
+    paths += glob.glob(os.path.join(results_dir, "*", "bench.json"))  # gpu_run.sh run folders
+    for path in sorted(paths):
         got = load_rows(path)
         if got is None:
             continue

@@ -15,13 +15,18 @@ examples:
   resfast bench --sets ops blocks --names resnet50 vgg16 --out benchmarks/results
   resfast bench --names 'conv3x3*' --dtype bf16 fp32 --layout all --steps 20
   resfast bench --list                                             # what would run
+  resfast bench --headline --sets ops blocks --out DIR --name run  # the headline ops, then:
+  resfast bench --headline --names resnet50 --out DIR --name run --append
 
 A case runs if its set (ops, blocks, models) is in --sets or its name matches
 a --names glob (name, name/mode, kind or set); everything when neither is given.
 For each case and each (dtype, layout), the providers run in the same process:
 resfast, torch.nn eager, torch.compile of the torch.nn module (and, for the
 eval conv + BN + ReLU, the bare conv). "vs eager" = eager ms / this ms (> 1 is
-faster). TFLOP/s counts conv/GEMM FLOPs (torch.utils.flop_counter); GB/s counts
+faster); providers run eager, resfast, then the other references, torch.compile
+last (its compilation is the slowest first call; "1st call s" reports each
+provider's first call, compilation included, apart from the timed steps).
+TFLOP/s counts conv/GEMM FLOPs (torch.utils.flop_counter); GB/s counts
 the bytes model of each op (see the JSON's bytes_model); "% ceiling" is against
 the matmul TFLOP/s or copy GB/s measured at the start of the run. peak MB (CUDA)
 is the peak allocated during the timed steps above what was allocated before.
@@ -46,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--modes", nargs="+", metavar="MODE", help="train, eval (default both)")
     sel.add_argument("--priority", nargs="+", metavar="GLOB", default=[],
                      help="run the cases matching these globs first, in this order (useful with --time-budget)")
+    sel.add_argument("--headline", action="store_true",
+                     help="only the headline cases (resfast.bench.headline), in their order; "
+                     "--sets and --names narrow them further")
     sel.add_argument("--providers", nargs="+", metavar="P", help=f"subset of {', '.join(C.PROVIDERS)}")
     sel.add_argument("--list", action="store_true", help="list the selected cases and exit")
     cfg = p.add_argument_group("configuration")
@@ -69,11 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="leave torch.backends.cudnn.benchmark off (default: on while measuring, so the eager "
                      "baseline gets cuDNN's fastest algorithms)")
     tim.add_argument("--time-budget", type=float, metavar="S",
-                     help="stop starting new cases after S seconds (the rest are recorded as skipped)")
+                     help="stop starting new measurements after S seconds (the rest are "
+                     "recorded as skipped)")
     out = p.add_argument_group("output")
     out.add_argument("--out", metavar="DIR", help="write <stem>.json, <stem>.png and <stem>.md here")
     out.add_argument("--name", metavar="STEM", help="file stem (default YYYY-MM-DD-<device-slug>, "
                      "-2, -3 ... appended rather than overwrite)")
+    out.add_argument("--append", action="store_true",
+                     help="add to the results file --out/--name if it exists (its ceilings are "
+                     "reused): several runs, e.g. one process per network, into one file")
     out.add_argument("--no-plot", action="store_true", help="no PNG")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     out.add_argument("--report", metavar="JSON", help="measure nothing: print the table of a results file and "
@@ -96,6 +108,19 @@ def _order(cases: List[C.Case], priority: Sequence[str]) -> List[C.Case]:
     for pat in priority:
         first += [c for c in cases if C.matches(c, pat) and c not in first]
     return first + [c for c in cases if c not in first]
+
+
+def _headline(cases: List[C.Case], size: str) -> List[C.Case]:
+    """The headline cases among ``cases``, in the headline order; at a size other
+    than full, the first case of the same kind and mode stands in for each (a CPU
+    dry run of the same steps at tiny shapes)."""
+    from .headline import CASES, kind
+
+    out = []
+    for want in CASES:
+        same = [c for c in cases if (c.id == want if size == "full" else kind(c.id) == kind(want))]
+        out += same[:1]
+    return out
 
 
 def _out_stem(out_dir: str, name: Optional[str], device) -> str:
@@ -124,8 +149,11 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
         if args.batch is not None and args.batch < 1:
             raise ValueError(f"--batch must be >= 1, got {args.batch}")
-        cases = _order(C.select_cases(settings.size, _split(args.sets), _split(args.names), _split(args.modes),
-                                      args.batch), _split(args.priority))
+        cases = C.select_cases(settings.size, _split(args.sets), _split(args.names),
+                               _split(args.modes), args.batch)
+        if args.headline:
+            cases = _headline(cases, settings.size)
+        cases = _order(cases, _split(args.priority))
     except (ValueError, RuntimeError, AssertionError) as e:
         print(f"resfast bench: {e}", file=sys.stderr)
         return 2
@@ -144,51 +172,75 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     paths = {}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = _out_stem(args.out, args.name, settings.device)
+        stem = args.name or (report.default_stem(settings.device) if args.append
+                             else _out_stem(args.out, args.name, settings.device))
         paths = {ext: os.path.join(args.out, f"{stem}.{ext}") for ext in ("json", "png", "md")}
     t_start = time.perf_counter()
     log(f"resfast bench: {len(cases)} cases x {len(dtypes) * len(layouts)} configs on {settings.device} "
         f"(size {settings.size}, {settings.warmup} warm-up, {settings.rounds} x {settings.steps} steps"
         + (f", {settings.threads} CPU thread" if settings.threads else "") + ")")
+    previous = None
+    if args.append and paths and os.path.exists(paths["json"]):
+        previous = report.load_json(paths["json"])
     with cpu_threads(settings.threads):
-        doc = _measure(argv, settings, cases, dtypes, layouts, paths, args.time_budget, log)
+        doc = _measure(argv, settings, cases, dtypes, layouts, paths, args.time_budget, log,
+                       previous)
     return _finish(doc, paths, args, t_start)
 
 
-def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log):
+# eager first (the reference every ratio needs), resfast next, torch.compile last:
+# its compilation is the slowest first call, so a time budget cuts it first
+ORDER = ("eager", "resfast", "conv_alone", "cudnn_fe", "compile")
+DISPLAY = ("resfast", "cudnn_fe", "conv_alone", "compile", "eager")  # the order of a case's rows
+
+
+def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log, previous=None):
     """Ceilings, then every case x (dtype, layout) x provider; the JSON is
-    rewritten after each so a killed run leaves what it measured."""
+    rewritten after each row so a killed run leaves what it measured. With
+    ``previous`` (a results document) its rows are kept and its ceilings reused."""
     t_start = time.perf_counter()
-    ceilings = measure_ceilings(settings.device, dtypes)
-    log(report.format_ceilings(ceilings))
+    if previous is not None:
+        ceilings = previous["ceilings"]
+        log("appending to the results file; its " + report.format_ceilings(ceilings))
+    else:
+        ceilings = measure_ceilings(settings.device, dtypes)
+        log(report.format_ceilings(ceilings))
     runner = Runner(settings, ceilings, log=log)
     doc = report.new_document(argv, settings, ceilings, settings.device)
-    order = ("eager", "compile", "conv_alone", "cudnn_fe", "resfast")  # references first: resfast gets its ratios
+    if previous is not None:
+        doc["results"] = list(previous.get("results", []))
+        doc["runs"] = previous.get("runs", [{"command": previous.get("command"),
+                                             "timestamp": previous.get("timestamp")}])
+    doc.setdefault("runs", []).append({"command": doc["command"], "timestamp": doc["timestamp"]})
+    kept = len(doc["results"])
     total = len(cases) * len(dtypes) * len(layouts)
     done = 0
     for case in cases:
         for dtype in dtypes:
             for layout in layouts:
                 done += 1
-                over = time_budget is not None and time.perf_counter() - t_start > time_budget
                 rows = []
-                for prov in (p for p in order if p in case.providers()):
-                    if over:
+                for prov in (p for p in ORDER if p in case.providers()):
+                    if time_budget is not None and time.perf_counter() - t_start > time_budget:
                         row = runner.blank_row(case, dtype, layout, prov)
                         row.status, row.reason = "skipped", f"time budget (--time-budget {time_budget:g} s) spent"
                     else:
                         row = runner.measure(case, dtype, layout, prov)
                     rows.append(row)
                     if row.status == "ok":
-                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.ms:.3f} ms/step "
-                            f"({row.images_per_s:.1f} images/s) {row.kernel_path}")
+                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: "
+                            f"{row.ms:.3f} ms/step ({row.images_per_s:.1f} images/s, "
+                            f"first call {row.first_call_s:.1f} s) {row.kernel_path}")
                     elif row.status == "error":
                         log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.status}: {row.reason}")
-                for row in rows:
-                    runner.complete(row, case, measure_refs=False)
-                doc["results"] += [r.as_dict() for r in sorted(rows, key=lambda r: order[::-1].index(r.provider))]
-                if paths:
-                    report.write_json(paths["json"], doc)
+                    for r in rows:  # ratios against what of this configuration is measured yet
+                        runner.complete(r, case, measure_refs=False)
+                    shown = sorted(rows, key=lambda r: DISPLAY.index(r.provider))
+                    doc["results"][kept:] = [dict(r.as_dict(), command=doc["command"])
+                                             for r in shown]
+                    if paths:
+                        report.write_json(paths["json"], doc)
+                kept = len(doc["results"])
         runner.release()
     return doc
 
@@ -198,7 +250,8 @@ def _print_and_write(doc, paths, plot=True) -> None:
     env = doc["environment"]
     print(f"resfast bench  {doc['timestamp']}  {env.get('gpu') or env['device']}  torch {env['torch']}  "
           f"triton {env['triton']}  CUDA {env['cuda_runtime']}")
-    print(f"command: {doc['command']}")
+    for run in doc.get("runs") or [{"command": doc["command"]}]:
+        print(f"command: {run['command']}")
     print(report.format_ceilings(ceilings))
     shown = [r for r in doc["results"] if r["status"] != "skipped"]
     print(report.format_table(shown) if shown else "(nothing measured)")
@@ -217,9 +270,10 @@ def _print_and_write(doc, paths, plot=True) -> None:
     if paths:
         report.write_json(paths["json"], doc)
         with open(paths["md"], "w") as f:
-            f.write(f"`{doc['command']}` on {env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
-                    f"triton {env['triton']})\n\n{report.format_ceilings(ceilings)}\n\n"
-                    f"{report.format_markdown(shown)}\n")
+            f.write(f"{env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
+                    f"triton {env['triton']}, git {env.get('git_commit')})\n\n"
+                    f"{report.format_ceilings(ceilings)}\n\n"
+                    f"{report.format_markdown_by_command(doc, shown)}\n")
         written = [paths["json"], paths["md"]]
         if plot and report.plot(doc, paths["png"]):
             written.append(paths["png"])

@@ -94,7 +94,7 @@ def environment(device) -> Dict[str, object]:
 # ---- the table ---------------------------------------------------------------------------
 
 COLUMNS = ("benchmark", "provider", "images/s", "ms/step", "vs eager", "vs compile", "TFLOP/s", "GB/s",
-           "% ceiling", "peak MB", "kernel path")
+           "% ceiling", "peak MB", "1st call s", "kernel path")
 
 
 def _num(v, fmt="{:.1f}") -> str:
@@ -108,7 +108,7 @@ def _layout(layout: str) -> str:
 def row_cells(r: Dict[str, object]) -> List[str]:
     bench = f"{r['name']} {r['mode']} {r['dtype']} {_layout(r['layout'])}"
     if r["status"] != "ok":
-        return [bench, r["provider"], r["status"], "", "", "", "", "", "", "", (r.get("reason") or "")[:90]]
+        return [bench, r["provider"], r["status"]] + [""] * 8 + [(r.get("reason") or "")[:90]]
     vs_eager = _num(r.get("ratio_vs_eager"), "{:.2f}x")
     if r.get("ratio_vs_conv_alone") is not None:
         vs_eager += f" ({r['ratio_vs_conv_alone']:.2f}x conv)"
@@ -118,13 +118,14 @@ def row_cells(r: Dict[str, object]) -> List[str]:
     return [bench, r["provider"], _num(ips, "{:.0f}" if ips and ips >= 100 else "{:.1f}"),
             _num(r.get("ms"), "{:.3f}"), vs_eager, _num(r.get("ratio_vs_compile"), "{:.2f}x"),
             _num(r.get("tflops"), "{:.3g}"), _num(r.get("gbs"), "{:.3g}"), pct,
-            _num(r.get("peak_mem_mb"), "{:.0f}"), r.get("kernel_path") or ""]
+            _num(r.get("peak_mem_mb"), "{:.0f}"), _num(r.get("first_call_s"), "{:.1f}"),
+            r.get("kernel_path") or ""]
 
 
 def format_table(rows: Sequence[Dict[str, object]]) -> str:
     cells = [list(COLUMNS)] + [row_cells(r) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    right = {2, 3, 4, 5, 6, 7, 8, 9}
+    right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
     lines = []
     for n, c in enumerate(cells):
         lines.append("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths)))
@@ -138,6 +139,15 @@ def format_markdown(rows: Sequence[Dict[str, object]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row_cells(r)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def format_markdown_by_command(doc: Dict[str, object], rows: Sequence[Dict[str, object]]) -> str:
+    """One markdown table per command that measured rows (``--append`` runs add
+    theirs), each under the command that reproduces it."""
+    groups: Dict[str, List[Dict[str, object]]] = {}
+    for r in rows:
+        groups.setdefault(r.get("command") or doc["command"], []).append(r)
+    return "\n\n".join(f"`{cmd}`\n\n{format_markdown(rs)}" for cmd, rs in groups.items())
 
 
 def format_ceilings(ceil: Dict[str, object]) -> str:

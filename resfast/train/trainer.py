@@ -303,15 +303,31 @@ def _log(d: Dist, msg: str):
         print(msg, flush=True)
 
 
+class _NoBar:
+    """The progress bar with --progress off: no tqdm import (a GPU machine may not have it)."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device, args, autocast, epoch, d: Dist,
                     progress: bool) -> Dict[str, float]:
-    from tqdm.auto import tqdm
-
     model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct1, correct5, n
     steps = len(loader)
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
-               dynamic_ncols=True, unit="step")
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                   dynamic_ncols=True, unit="step")
+    else:
+        bar = _NoBar()
     sync = device.type == "cuda"
     t0 = time.perf_counter()
     seen_local = 0

@@ -447,3 +447,97 @@ def test_cli_on_cuda_with_compile(tmp_path, capsys):
     assert ours["kernels"]["resfast::conv2d_bn"] == "triton"
     assert by["eager"]["kernel_path"] == "aten/cudnn" and by["compile"]["kernel_path"] == "inductor/triton"
     assert doc["ceilings"]["matmul_tflops"]["bf16"] > 1 and doc["ceilings"]["copy_gbs"] > 100
+
+
+def test_headline_selection_in_order(capsys):
+    """--headline: the issue-10 cases, in their order (ops first, each network last);
+    at cpu-tiny the first case of each kind stands in."""
+    from resfast.bench.headline import CASES, kind
+
+    assert bench_main(["--device", "cpu", "--size", "full", "--list", "--headline"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == list(CASES)
+    assert bench_main(["--device", "cpu", "--size", "full", "--list", "--headline",
+                       "--names", "vgg16"]) == 0
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["vgg16/train"]
+    assert bench_main(["--device", "cpu", "--list", "--headline"]) == 0
+    tiny = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert [kind(c) for c in tiny] == [kind(c) for c in CASES] and tiny != list(CASES)
+
+
+def test_append_rows_order_and_targets(tmp_path):
+    """Two processes' worth of rows in one file (--append keeps the first run's rows and
+    ceilings); eager is measured before resfast; the headline check reads the file."""
+    from resfast.bench.headline import check_targets, format_checks
+
+    common = ["--device", "cpu", "--headline", "--out", str(tmp_path), "--name", "run", "--no-plot",
+              "--quiet", "--dtype", "bf16", "--layout", "channels_last"]
+    assert bench_main(common + ["--names", "bn_add_relu*"]) == 0
+    first = json.loads((tmp_path / "run.json").read_text())
+    assert bench_main(common + ["--names", "conv3x3*", "--modes", "eval", "--append"]) == 0
+    doc = json.loads((tmp_path / "run.json").read_text())
+    assert doc["ceilings"] == first["ceilings"]
+    assert doc["results"][:len(first["results"])] == first["results"]
+    assert {r["name"].split("-")[0] for r in doc["results"]} == {"bn_add_relu", "conv3x3_bn_relu"}
+    assert [run["command"] for run in doc["runs"]] == [r["command"] for r in (doc["results"][0],
+                                                                              doc["results"][-1])]
+    md = (tmp_path / "run.md").read_text()
+    assert all(f"`{run['command']}`" in md for run in doc["runs"])
+    conv = {r["provider"]: r for r in doc["results"] if r["name"].startswith("conv3x3")}
+    ours = conv["resfast"]
+    assert ours["ratio_vs_eager"] == pytest.approx(conv["eager"]["ms"] / ours["ms"])
+    assert ours["ratio_vs_conv_alone"] == pytest.approx(conv["conv_alone"]["ms"] / ours["ms"])
+    checks = {c.label: c for c in check_targets(doc)}
+    eval_check = checks["eval conv+BN+ReLU vs the bare conv"]
+    assert eval_check.measured == conv["resfast"]["ratio_vs_conv_alone"]
+    assert eval_check.status == ("met" if eval_check.measured >= 1 / 1.1 else "missed")
+    assert checks["ResNet-50 train vs eager"].status == "not measured"
+    assert "| eval conv+BN+ReLU vs the bare conv |" in format_checks(check_targets(doc))
+
+
+def test_measurement_order_eager_first_compile_last():
+    from resfast.bench.cli import ORDER
+
+    assert ORDER[0] == "eager" and ORDER[1] == "resfast" and ORDER[-1] == "compile"
+    assert set(ORDER) == set(C.PROVIDERS)
+
+
+def test_profile_table(tmp_path):
+    from resfast.bench.profile import main
+
+    out = tmp_path / "p.txt"
+    assert main(["bottleneck-8x8x16/train", "--warmup", "1", "--steps", "1", "--rows", "5", "--out",
+                 str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("bottleneck-8x8x16/train batch") and "ms/step" in text
+    assert "resfast::" in text or "aten::" in text
+    assert main(["no-such-case/train"]) == 2
+
+
+def test_gpu_run_summary(tmp_path):
+    """scripts/gpu_summary.py: steps, test counts and failures (a killed shard too), targets."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import gpu_summary
+    finally:
+        sys.path.pop(0)
+    work, results = tmp_path / "work", tmp_path / "results"
+    work.mkdir()
+    results.mkdir()
+    (work / "steps.tsv").write_text("setup\tok\t0\t12\t45\t\nops\tfailed\t1\t30\t150\t\n"
+                                    "model\ttimeout\t124\t150\t150\t\n"
+                                    "train-torch\tskipped\t-\t0\t60\tbudget spent\n")
+    (work / "ops.log").write_text("..F.\n=== FAILED tests/ops/test_x.py::test_a[cuda] (call)\n"
+                                  "AssertionError\n=== end of tests/ops/test_x.py::test_a[cuda]\n"
+                                  "FAILED tests/ops/test_x.py::test_a[cuda] - AssertionError\n"
+                                  "1 failed, 3 passed, 5 deselected in 30.1s\n")
+    (work / "model.log").write_text("...\n")
+    text = gpu_summary.summary(str(work), str(results), budget=450, elapsed=300)
+    assert "300 s of a 450 s budget" in text
+    assert "| ops | failed (rc 1) | 30 | 150 |" in text and "| model | timeout (rc 124) |" in text
+    assert "- ops (failed): 1 failed, 3 passed, 5 deselected" in text
+    assert "  - FAILED tests/ops/test_x.py::test_a[cuda]" in text
+    assert "- model (timeout): no summary (killed?)" in text
+    assert "Headline targets" not in text  # no bench.json yet
+    assert gpu_summary.main(["--work", str(work), "--results", str(results)]) == 0
+    assert (results / "summary.md").read_text() == gpu_summary.summary(str(work), str(results))

@@ -264,3 +264,17 @@ def test_image_folder_training_with_dense_eval(tmp_path, mode):
     assert final[f"{mode}_scales"] == ([36] if mode == "dense" else [36, 40])
     run_info = json.load(open(tmp_path / "out" / "run.json"))
     assert run_info["data"]["kind"] == "imagefolder" and run_info["data"]["num_classes"] == 3
+
+
+def test_progress_off_needs_no_tqdm(tmp_path, monkeypatch):
+    """A machine without tqdm (the lent GPU machine) trains with --progress off."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "tqdm" or m.startswith("tqdm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # `import tqdm` now raises ImportError
+    ckpt = run(tmp_path, "--epochs", "1")
+    assert len(ckpt["history"]) == 1
+    with pytest.raises(ImportError):
+        train_main(["--model", "tiny_models:tiny_resnet", "--out", str(tmp_path / "bar"),
+                    *SMALL[:-2], "--progress", "on", "--epochs", "1"])
