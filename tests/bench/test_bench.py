@@ -18,7 +18,7 @@ from resfast.bench import bench_main
 from resfast.bench import baselines as B
 from resfast.bench.baselines import eager_twin
 from resfast.bench.measure import Runner, default_settings
-from tests.helpers import triton_interpreter_problem
+from tests.support.helpers import triton_interpreter_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()

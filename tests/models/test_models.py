@@ -7,7 +7,7 @@
 * where torchvision has no twin (plain nets, CIFAR and pre-activation ResNets,
   shortcut options A and C, VGG A-LRN and C), computes the same function as a
   reference forward written here with the same modules' own torch.nn forwards
-  (tolerances: tests/models/equivalence.py; for VGG A-LRN and C the features,
+  (tolerances: tests/support/equivalence.py; for VGG A-LRN and C the features,
   run by torch's own nn.Sequential forward);
 * VGG dense evaluation and multi-scale evaluation;
 * argument checks.
@@ -26,7 +26,7 @@ import resfast.models as M
 from resfast import nn as rnn
 from resfast.models.preact import PreActBasicBlock, PreActBottleneck, PreActResNet
 from resfast.models.resnet import PlainBasicBlock, PlainBottleneck
-from tests.models.equivalence import check_equivalence, fill_, meta_build
+from tests.support.equivalence import check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 ALL = M.list_models()

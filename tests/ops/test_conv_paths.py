@@ -16,10 +16,10 @@ from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
 from resfast.ops import conv_path
-from tests.helpers import check_module_pair, triton_interpreter_problem
-from tests.ops.test_blocks import _projection, _randomize
-from tests.ops.test_bn_relu_conv import TorchBNReLUConv
-from tests.ops.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
+from tests.support.helpers import check_module_pair, triton_interpreter_problem
+from tests.nn.test_blocks import _projection, _randomize
+from tests.nn.test_bn_relu_conv import TorchBNReLUConv
+from tests.nn.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
 
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -5,7 +5,7 @@ import torch
 
 import resfast
 from resfast.ops import OPS
-from tests.helpers import DEVICES
+from tests.support.helpers import DEVICES
 
 ops = torch.ops.resfast
 F64 = dict(dtype=torch.float64)

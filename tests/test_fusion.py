@@ -2,7 +2,7 @@
 
 After fusing, the state_dict is the same (keys and values), the model computes
 the same function (outputs, every gradient, BN running statistics: see
-tests/models/equivalence.py for the tolerances), what was fused is listed,
+tests/support/equivalence.py for the tolerances), what was fused is listed,
 and what cannot be fused is left as it was.
 """
 import subprocess
@@ -19,10 +19,10 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import resfast
 from resfast import nn as rnn
 from resfast.fusion import FusedSequential, fuse, fused_modules, fusion_plan
-from tests.models.equivalence import build, check_equivalence, fill_, meta_build
+from tests.support.equivalence import build, check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _same_state(a: nn.Module, b: nn.Module):

@@ -1,11 +1,11 @@
 """Compile the Triton conv kernels for the H100 (sm_90) without a GPU.
 
-``python -m tests.triton_sm90`` compiles every variant of VARIANTS with the
+``python -m tests.kernels.conv2d_bn_sm90`` compiles every variant of VARIANTS with the
 launch configuration the GPU launchers choose (tile sizes, dot dtypes, warps,
 pipeline stages: the same functions of resfast.kernels.conv2d_bn) to a cubin,
 with the ptxas Triton ships, and prints one JSON line per variant. It must run
 with TRITON_INTERPRET=0 (under the interpreter ``triton.jit`` gives functions
-the compiler cannot take), hence a separate process; tests/test_triton_compile.py
+the compiler cannot take), hence a separate process; tests/kernels/test_conv2d_bn_sm90.py
 runs it and checks the lines.
 """
 import json

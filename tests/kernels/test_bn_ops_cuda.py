@@ -18,7 +18,7 @@ except ImportError:  # the package above the ops may be mid-edit; the ops alone 
     import os
 
     _here = os.path.dirname(os.path.abspath(__file__))
-    torch.ops.load_library(glob.glob(os.path.join(_here, "..", "resfast", "_C*.so"))[0])
+    torch.ops.load_library(glob.glob(os.path.join(_here, "..", "..", "resfast", "_C*.so"))[0])
 
 pytestmark = pytest.mark.gpu
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (N, C_in, C_out, H, W, K, stride)
@@ -28,7 +28,7 @@ class TorchBNReLUConv(nn.Module):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bn_relu_conv(device, dtype, shape, layout, training):
     n, cin, cout, h, w, k, stride = shape
-    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/helpers.py
+    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/support/helpers.py
     ref = TorchBNReLUConv(cin, cout, k, stride)
     with torch.no_grad():
         ref.bn.weight.uniform_(0.5, 1.5)

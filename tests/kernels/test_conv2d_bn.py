@@ -3,7 +3,7 @@
 The reference is conv2d(relu(x * s + t)) (+ bias, + relu) and its batch statistics,
 built in float64 from the same inputs; its gradients come from torch.autograd with the
 loss sum(grad_y * y) + sum(grad_mean * mean(y)) + sum(grad_var * var(y)). Tolerances
-follow tests/helpers.py: relative-norm error at most max(floor, 2 x the error of torch's
+follow tests/support/helpers.py: relative-norm error at most max(floor, 2 x the error of torch's
 own composite in the kernel's dtype) for y and the statistics, and the project's looser
 gradient rule (GRAD_FACTOR, GRAD_FLOOR: ReLU mask flips near zero make low-precision
 gradient errors noisy). Without a GPU the kernels run on CPU tensors under the Triton
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from resfast.kernels.conv2d_bn import conv2d_bn_backward, conv2d_bn_forward
-from tests.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err, triton_interpreter_problem
+from tests.support.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err, triton_interpreter_problem
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]

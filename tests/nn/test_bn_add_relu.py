@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SHAPES = [(2, 3, 13, 13), (1, 63, 7, 7), (3, 16, 7, 7), (2, 64, 5, 3)]
@@ -27,7 +27,7 @@ class TorchAddReLU(nn.Module):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bn_add_relu(device, dtype, shape, layout, training):
     n, c, h, w = shape
-    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/helpers.py
+    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/support/helpers.py
     ref = TorchBNAddReLU(c)
     with torch.no_grad():
         ref.weight.uniform_(0.5, 1.5)

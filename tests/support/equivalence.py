@@ -54,7 +54,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from tests.helpers import autocast_ctx, rel_err, to_layout
+from tests.support.helpers import autocast_ctx, rel_err, to_layout
 
 FP64_BOUND = 1e-8
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 4e-3}  # outputs, BN statistics

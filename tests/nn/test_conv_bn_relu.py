@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -46,7 +46,7 @@ def _randomize_bn(bn):
 def test_conv_bn_relu(device, dtype, shape, layout, training):
     n, cin, cout, h, w, k, stride = shape
     if dtype in LOW_PRECISION:
-        n *= 4  # fewer ReLU mask flips per element: see GRAD_FLOOR in tests/helpers.py
+        n *= 4  # fewer ReLU mask flips per element: see GRAD_FLOOR in tests/support/helpers.py
     if training and n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) == 1:
         pytest.skip("BN training needs more than one value per channel")
     bias = cout % 2 == 1  # both cases over the shapes

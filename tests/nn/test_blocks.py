@@ -7,7 +7,7 @@ from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
