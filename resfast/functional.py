@@ -182,6 +182,11 @@ def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] =
     return ops.bn_act(p.y, p.scale, p.shift, residual, relu)
 
 
+def materialize(h) -> Tensor:
+    """``h`` as a Tensor: a :class:`Pending` is finished, a Tensor returned as it is."""
+    return finish(h) if isinstance(h, Pending) else h
+
+
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
     # The kernels write channels_last; hand NCHW callers NCHW back.
     if x.is_contiguous(memory_format=torch.channels_last) or out.dim() != 4:

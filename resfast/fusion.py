@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from . import nn as rnn
-from .functional import BatchNormArgs, Pending
+from .functional import BatchNormArgs
 
 __all__ = ["fuse", "fused_modules", "FusedSequential", "fusion_plan"]
 
@@ -134,10 +134,6 @@ def describe_plan(plan: List[Step]) -> str:
     return ", ".join(f"{k} x{v}" for k, v in counts.items())
 
 
-def _materialize(h):
-    return F.finish(h) if isinstance(h, Pending) else h
-
-
 def run_plan(modules, plan: List[Step], x):
     """Run a fusion plan; returns a Tensor or a :class:`Pending` (the caller
     finishes it, or hands it to a conv that applies it in its prologue)."""
@@ -153,9 +149,9 @@ def run_plan(modules, plan: List[Step], x):
             else:
                 h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **args)
         elif kind.startswith("bn"):
-            h = F.batch_norm_pending(_materialize(h), BatchNormArgs.of(modules[idx[0]]), relu=kind == "bn_relu")
+            h = F.batch_norm_pending(F.materialize(h), BatchNormArgs.of(modules[idx[0]]), relu=kind == "bn_relu")
         else:
-            h = modules[idx[0]](_materialize(h))
+            h = modules[idx[0]](F.materialize(h))
     return h
 
 
@@ -175,7 +171,7 @@ class FusedSequential(nn.Sequential):
         h = x
         if plan[0].kind.startswith("conv") and not x.is_contiguous(memory_format=torch.channels_last):
             h = x.contiguous(memory_format=torch.channels_last)
-        out = _materialize(run_plan(mods, plan, h))
+        out = F.materialize(run_plan(mods, plan, h))
         if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()
                 and not x.is_contiguous(memory_format=torch.channels_last)):
             out = out.contiguous()

@@ -266,7 +266,8 @@ def _model(case: Case) -> nn.Module:
     raise ValueError(f"no thin twin for {type(net).__name__}")
 
 
-def _materialize(module: nn.Module, device) -> nn.Module:
+def _allocate_on(module: nn.Module, device) -> nn.Module:
+    """A meta-built module given storage on ``device`` and the benchmark's weights."""
     return _init_(module.to_empty(device=device)) if device != torch.device("meta") else module
 
 
@@ -290,7 +291,7 @@ def build_resfast(case: Case, device) -> nn.Module:
             m = _model(case)
         else:
             raise ValueError(f"unknown benchmark kind {case.kind!r}")
-    return _materialize(m, device).train(case.mode == "train")
+    return _allocate_on(m, device).train(case.mode == "train")
 
 
 @dataclass

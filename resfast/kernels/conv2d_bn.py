@@ -353,7 +353,7 @@ def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int, block_m: int) 
     return mean, m2 / m
 
 
-def conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
+def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
                       in_shift: Tensor | None, in_relu: bool, stride: int, padding: int,
                       stats: bool, out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var): y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride, padding) + bias)
@@ -415,12 +415,12 @@ def _check_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, out_relu, o
         _check_vector(name, t, weight.shape[0], x, sdt)
 
 
-def conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
+def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
                        x: Tensor, weight: Tensor, y: Tensor | None, mean: Tensor | None,
                        in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
                        stride: int, padding: int, out_relu: bool,
                        output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_a, grad_weight, grad_bias) of conv2d_bn_forward, grad_a being w.r.t. the prologue
+    """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the prologue
     output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
     _check_conv(x, weight, None, in_scale, in_shift, stride, padding)
     n, ci, h, w = x.shape

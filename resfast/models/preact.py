@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_num_classes, check_shortcut, init_conv_bn
-from .resnet import StemAndStages, materialize
+from .resnet import StemAndStages
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18", "preact_resnet34",
            "preact_resnet50", "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164",
@@ -55,7 +55,7 @@ class _PreActUnit(nn.Module):
             a = x
             raw = None
             if self.downsample is None:
-                a = raw = materialize(x)
+                a = raw = F.materialize(x)
         if self.downsample is not None:
             conv = self.downsample[0] if isinstance(self.downsample, nn.Sequential) else self.downsample
             sc = F.conv2d(a, conv.weight, conv.bias, stride=conv.stride[0], padding=conv.padding[0])

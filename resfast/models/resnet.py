@@ -35,10 +35,6 @@ def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
 
 
-def materialize(h: Union[Tensor, Pending]) -> Tensor:
-    return F.finish(h) if isinstance(h, Pending) else h
-
-
 class PlainBasicBlock(nn.Module):
     """BasicBlock without the shortcut: ``relu(bn2(conv2(relu(bn1(conv1(x))))))``."""
 
@@ -121,7 +117,7 @@ class StemAndStages(nn.Module):
         h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None, BatchNormArgs.of(self.bn1),
                                                       stride=conv.stride[0], padding=conv.padding[0], relu=True)
         if self.maxpool is not None:
-            h = self.maxpool(materialize(h))
+            h = self.maxpool(F.materialize(h))
         return h
 
 
@@ -183,8 +179,8 @@ class ResNet(StemAndStages):
                 if self.plain:
                     h = block.forward_pending(h)
                 else:
-                    h = block(materialize(h))
-        return materialize(h)
+                    h = block(F.materialize(h))
+        return F.materialize(h)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)

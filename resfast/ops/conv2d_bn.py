@@ -136,23 +136,23 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
 # ---- the ops ------------------------------------------------------------------
 
 def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
-    from ..kernels.conv2d_bn import conv2d_bn_forward
+    from ..kernels.conv2d_bn import triton_conv2d_bn_forward
 
     if x.dtype != weight.dtype:
         # Mixed precision (float32 x, 16-bit weights) only meets a network's input, once: apply the
         # prologue at x's precision here rather than carry a second dtype through the kernels.
         x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
-    return conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+    return triton_conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
 
 
 def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
                      padding, out_relu, output_mask):
-    from ..kernels.conv2d_bn import conv2d_bn_backward
+    from ..kernels.conv2d_bn import triton_conv2d_bn_backward
 
     x_dtype = x.dtype
     if x.dtype != weight.dtype:  # see _triton_forward
         x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
-    grad_a, grad_w, grad_b = conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
+    grad_a, grad_w, grad_b = triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
                                                 in_shift, in_relu, stride, padding, out_relu, output_mask)
     return grad_a.to(x_dtype), grad_w, grad_b
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from resfast.kernels.conv2d_bn import conv2d_bn_backward, conv2d_bn_forward
+from resfast.kernels.conv2d_bn import triton_conv2d_bn_backward, triton_conv2d_bn_forward
 from tests.support.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err, triton_interpreter_problem
 
 CL = torch.channels_last
@@ -118,7 +118,7 @@ def _reference(inputs, dtype, **grads):
 
 
 def _backward(inputs, y, mean, grad_y, grad_mean, grad_var, mask):
-    return conv2d_bn_backward(grad_y, grad_mean, grad_var, inputs["x"], inputs["weight"], y, mean,
+    return triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, inputs["x"], inputs["weight"], y, mean,
                               inputs["in_scale"], inputs["in_shift"], inputs["in_relu"], inputs["stride"],
                               inputs["padding"], inputs["out_relu"], list(mask))
 
@@ -128,7 +128,7 @@ def _backward(inputs, y, mean, grad_y, grad_mean, grad_var, mask):
 def test_forward_backward(case, dtype, device):
     inputs = _make_inputs(case, dtype, device)
     stats = inputs["stats"]
-    y, mean, var = conv2d_bn_forward(**inputs)
+    y, mean, var = triton_conv2d_bn_forward(**inputs)
     assert y.dtype == dtype and y.is_contiguous(memory_format=CL)
 
     grad_y = torch.randn(y.shape, device=device).to(dtype)
@@ -178,7 +178,7 @@ GRAD_SUBSETS = [
 @pytest.mark.parametrize("present,mask", GRAD_SUBSETS, ids=lambda v: "".join("1" if b else "0" for b in v))
 def test_backward_subsets(present, mask, device):
     inputs = _make_inputs(CASES["3x3_s2_bn_stats_nchw"], torch.float32, device)
-    y, mean, _ = conv2d_bn_forward(**inputs)
+    y, mean, _ = triton_conv2d_bn_forward(**inputs)
     co = y.shape[1]
     grad_y, grad_mean, grad_var = (
         torch.randn(shape, device=device) if want else None
@@ -202,7 +202,7 @@ def test_stats_robust_to_large_mean(device):
     """|mean| = 1e4 >> std ~ 1: E[y^2] - E[y]^2 in float32 loses the variance entirely."""
     inputs = _make_inputs(CASES["3x3_s1_bn_relu_stats"], torch.float32, device)
     inputs["bias"] = torch.full((inputs["weight"].shape[0],), 1e4, device=device)
-    y, mean, var = conv2d_bn_forward(**inputs)
+    y, mean, var = triton_conv2d_bn_forward(**inputs)
     (ref, _), _ = _reference(inputs, torch.float32)
     y32 = y.float()
     naive = (y32 * y32).mean(dim=(0, 2, 3)) - y32.mean(dim=(0, 2, 3)) ** 2
@@ -219,7 +219,7 @@ def test_empty_batch(stats, device):
     inputs["x"] = inputs["x"][:0]
     inputs["stats"] = stats
     inputs["out_relu"] = False
-    y, mean, var = conv2d_bn_forward(**inputs)
+    y, mean, var = triton_conv2d_bn_forward(**inputs)
     assert y.shape == (0, 5, 5, 4) and y.is_contiguous(memory_format=CL)
     assert mean.shape == var.shape == ((5,) if stats else (0,))
     grad_a, grad_w, grad_b = _backward(inputs, y, mean, torch.zeros_like(y), None, None, (True, True, True))
@@ -255,7 +255,7 @@ def test_bad_forward_inputs(change, match, device):
     inputs = _make_inputs(CASES["3x3_s2_bn_stats_nchw"], torch.float32, device)
     inputs.update({k: f(inputs) for k, f in change.items()})
     with pytest.raises(ValueError, match=match):
-        conv2d_bn_forward(**inputs)
+        triton_conv2d_bn_forward(**inputs)
 
 
 BAD_BACKWARD = {
