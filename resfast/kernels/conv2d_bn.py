@@ -21,6 +21,7 @@ Elementwise math (prologue, g, epilogue, statistics) runs in the accumulator dty
 float32 (float64 for float64 input). ``tl.dot`` gets operands in the input dtype
 (bf16/fp16 on tensor cores, float32 as IEEE fp32, float64 as float64), except under the
 Triton interpreter, which computes bfloat16 wrongly: there half types stay float32.
+Tiles, warps, pipeline depths and dot precision: :mod:`resfast.kernels.configs`.
 """
 import torch
 import triton
@@ -29,11 +30,10 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from . import interpreting
+from .configs import dot_config, gemm_tiles, launch_options, wgrad_rows_per_split, wgrad_tiles
 
 _CL = torch.channels_last
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 # ---- device helpers --------------------------------------------------------------------
@@ -248,45 +248,6 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dot_config(dtype: torch.dtype) -> dict:
-    """Constexprs fixing the dot operand dtype, accumulator and fp32 precision."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # the interpreter computes half types wrongly: give tl.dot float32 operands there
-    operand = acc if interpreting() else _TL_DTYPE[dtype]
-    # float32 runs as IEEE fp32 (no tf32) so results match float32 references
-    precision = "ieee" if dtype == torch.float32 else None
-    return dict(DOT_DTYPE=operand, ACC_DTYPE=acc, DOT_PRECISION=precision)
-
-
-def _tile_cap(dtype: torch.dtype) -> int:
-    return 128 if dtype.itemsize <= 2 else 64
-
-
-def _gemm_blocks(n_cols: int, n_red: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for a GEMM with n_cols output columns and n_red channels reduced per tap.
-
-    Under the interpreter every tl op costs Python overhead whatever its size: the
-    smallest GPU-legal channel blocks (16) and 32-row tiles keep the tests' tiny shapes
-    at a few programs while still spanning several row tiles. On the GPU: 128-row
-    tiles, channel blocks as wide as the channels (16..128); halved for float32/64, whose
-    IEEE dots run on FMA units and spill registers at 128x64 (sm90, ptxas).
-    """
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
-    cap = _tile_cap(dtype)
-    return dict(BLOCK_M=cap, BLOCK_N=min(cap, max(16, triton.next_power_of_2(n_cols))),
-                BLOCK_K=min(cap // 2, max(16, triton.next_power_of_2(n_red))))
-
-
-def _launch_opts(tile_elems: int, dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for an output tile of tile_elems accumulators."""
-    if interpreting():
-        return {}
-    big = tile_elems >= 128 * 128
-    # fp32 operand tiles are twice the bytes: fewer pipeline stages fit in shared memory
-    return dict(num_warps=8 if big else 4, num_stages=3 if dtype.itemsize <= 2 else 2)
-
-
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
@@ -373,25 +334,25 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_
 
     x = x.contiguous(memory_format=_CL)
     w_gemm = weight.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()  # [(kh, kw, ci), co]
-    blocks = _gemm_blocks(co, ci, x.dtype)
-    tiles_m = triton.cdiv(m, blocks["BLOCK_M"])
+    tiles = gemm_tiles(co, ci, x.dtype)
+    tiles_m = triton.cdiv(m, tiles.block_m)
     if stats:
         part_mean = torch.empty((tiles_m, co), dtype=sdt, device=x.device)
         part_m2 = torch.empty_like(part_mean)
     else:
         part_mean = part_m2 = y  # never read or written
-    grid = (tiles_m, triton.cdiv(co, blocks["BLOCK_N"]))
+    grid = (tiles_m, triton.cdiv(co, tiles.block_n))
     wrap_triton(_conv2d_bn_forward_kernel)[grid](
         x, w_gemm, y if bias is None else bias, y if in_scale is None else in_scale,
         y if in_shift is None else in_shift, y, part_mean, part_m2,
         h, w, ci, oh, ow, co, m,
         KSIZE=k, STRIDE=stride, PAD=padding,
         HAS_BIAS=bias is not None, HAS_AFFINE=in_scale is not None, IN_RELU=in_relu,
-        OUT_RELU=out_relu, STATS=stats, **_dot_config(x.dtype), **blocks,
-        **_launch_opts(blocks["BLOCK_M"] * blocks["BLOCK_N"], x.dtype))
+        OUT_RELU=out_relu, STATS=stats, **dot_config(x.dtype).constexprs(), **tiles.constexprs(),
+        **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     if not stats:
         return y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt)
-    mean, var = _merge_tile_stats(part_mean, part_m2, m, blocks["BLOCK_M"])
+    mean, var = _merge_tile_stats(part_mean, part_m2, m, tiles.block_m)
     return y, mean, var
 
 
@@ -443,7 +404,7 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, g
         mean_ptr=x if grad_var is None else mean,
         HAS_GY=grad_y is not None, HAS_GMEAN=grad_mean is not None, HAS_GVAR=grad_var is not None,
         OUT_RELU=out_relu)
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **_dot_config(x.dtype))
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **dot_config(x.dtype).constexprs())
     grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else empty
     grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, want_b)
                       if want_w or want_b else (None, None))
@@ -455,58 +416,34 @@ def _dgrad(x, weight, oh, ow, grads, conv) -> Tensor:
     co, k = weight.shape[0], weight.shape[2]
     grad_a = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
     w_gemm = weight.permute(2, 3, 0, 1).reshape(k * k * co, ci).contiguous()  # [(kh, kw, co), ci]
-    blocks = _gemm_blocks(ci, co, x.dtype)
+    tiles = gemm_tiles(ci, co, x.dtype)
     m_in = n * h * w
-    grid = (triton.cdiv(m_in, blocks["BLOCK_M"]), triton.cdiv(ci, blocks["BLOCK_N"]))
+    grid = (triton.cdiv(m_in, tiles.block_m), triton.cdiv(ci, tiles.block_n))
     wrap_triton(_conv2d_bn_dgrad_kernel)[grid](
         w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in, count=n * oh * ow,
-        **grads, **conv, **blocks, **_launch_opts(blocks["BLOCK_M"] * blocks["BLOCK_N"], x.dtype))
+        **grads, **conv, **tiles.constexprs(), **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     return grad_a
-
-
-def _wgrad_blocks(co: int, ci: int, dtype: torch.dtype) -> dict:
-    """Tiles of (Co, Ci) per tap, and the output pixels reduced per step."""
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_CO=16, BLOCK_CI=16)
-    cap = _tile_cap(dtype)
-    return dict(BLOCK_M=cap // 2, BLOCK_CO=min(cap, max(16, triton.next_power_of_2(co))),
-                BLOCK_CI=min(cap, max(16, triton.next_power_of_2(ci))))
-
-
-def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
-    """The tiles, and the split of the m output pixels that fills the GPU.
-
-    Under the interpreter: two splits, so the split merge is exercised.
-    """
-    cfg = _wgrad_blocks(co, ci, x.dtype)
-    tiles = triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
-    if interpreting():
-        target_programs = 2 * tiles
-    else:
-        target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
-    splits = max(1, min(row_blocks, triton.cdiv(target_programs, tiles)))
-    cfg["rows_per_split"] = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-    return cfg
 
 
 def _wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, want_b):
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     m = n * oh * ow
-    cfg = _wgrad_config(co, ci, m, k * k, x)
-    splits = triton.cdiv(m, cfg["rows_per_split"])
+    tiles = wgrad_tiles(co, ci, x.dtype)
+    rows_per_split = wgrad_rows_per_split(tiles, co, ci, m, k * k, x.device)
+    splits = triton.cdiv(m, rows_per_split)
     acc_dtype = _stats_dtype(x.dtype)
     gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype, device=x.device)
     gb_part = torch.empty((splits, co) if want_b else (0,), dtype=acc_dtype, device=x.device)
     # without grad_weight only the first (tap, Ci block) column of programs is needed, for the bias
-    k_tiles = k * k * triton.cdiv(ci, cfg["BLOCK_CI"]) if want_w else 1
-    grid = (triton.cdiv(co, cfg["BLOCK_CO"]), k_tiles, splits)
+    k_tiles = k * k * triton.cdiv(ci, tiles.block_ci) if want_w else 1
+    grid = (triton.cdiv(co, tiles.block_co), k_tiles, splits)
     wrap_triton(_conv2d_bn_wgrad_kernel)[grid](
         x_ptr=x, scale_ptr=x if in_scale is None else in_scale, shift_ptr=x if in_shift is None else in_shift,
         gw_part_ptr=gw_part, gb_part_ptr=gb_part, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M=m,
         HAS_AFFINE=in_scale is not None, IN_RELU=in_relu, WANT_W=want_w, WANT_B=want_b,
-        **grads, **conv, **cfg, **_launch_opts(cfg["BLOCK_CO"] * cfg["BLOCK_CI"], x.dtype))
+        rows_per_split=rows_per_split, **grads, **conv, **tiles.constexprs(),
+        **launch_options(tiles.block_co * tiles.block_ci, x.dtype).kwargs())
     grad_w = gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous() if want_w else None
     grad_b = gb_part.sum(0).to(weight.dtype) if want_b else None
     return grad_w, grad_b

@@ -2,7 +2,7 @@
 
 ``python -m tests.kernels.conv2d_bn_sm90`` compiles every variant of VARIANTS with the
 launch configuration the GPU launchers choose (tile sizes, dot dtypes, warps,
-pipeline stages: the same functions of resfast.kernels.conv2d_bn) to a cubin,
+pipeline stages: the functions of resfast.kernels.configs) to a cubin,
 with the ptxas Triton ships, and prints one JSON line per variant. It must run
 with TRITON_INTERPRET=0 (under the interpreter ``triton.jit`` gives functions
 the compiler cannot take), hence a separate process; tests/kernels/test_conv2d_bn_sm90.py
@@ -50,22 +50,24 @@ def _compile(variant: str) -> dict:
     from triton.compiler import ASTSource
 
     import resfast.kernels.conv2d_bn as K
+    from resfast.kernels import configs
 
     kernel_name, dtype_name, shape_name = variant.split("-", 2)
     _, ci, co, k, stride, side, kind = next(s for s in SHAPES if s[0] == shape_name)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     dtype = next(t for t, name in names.items() if name == dtype_name)
     stats_name = names[K._stats_dtype(dtype)]
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **K._dot_config(dtype))
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
     if kernel_name == "forward":
-        fn, blocks = K._conv2d_bn_forward_kernel, K._gemm_blocks(co, ci, dtype)
-        tile = blocks["BLOCK_M"] * blocks["BLOCK_N"]
+        fn, tiles = K._conv2d_bn_forward_kernel, configs.gemm_tiles(co, ci, dtype)
+        tile = tiles.block_m * tiles.block_n
     elif kernel_name == "dgrad":
-        fn, blocks = K._conv2d_bn_dgrad_kernel, K._gemm_blocks(ci, co, dtype)
-        tile = blocks["BLOCK_M"] * blocks["BLOCK_N"]
+        fn, tiles = K._conv2d_bn_dgrad_kernel, configs.gemm_tiles(ci, co, dtype)
+        tile = tiles.block_m * tiles.block_n
     else:
-        fn, blocks = K._conv2d_bn_wgrad_kernel, K._wgrad_blocks(co, ci, dtype)
-        tile = blocks["BLOCK_CO"] * blocks["BLOCK_CI"]
+        fn, tiles = K._conv2d_bn_wgrad_kernel, configs.wgrad_tiles(co, ci, dtype)
+        tile = tiles.block_co * tiles.block_ci
+    blocks = tiles.constexprs()
     constexprs = dict(conv, **_flags(kernel_name, kind), **blocks)
     # per-channel vectors and partial sums are in the statistics dtype, tensors in the input dtype
     stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr", "mean_ptr",
@@ -89,7 +91,7 @@ def _compile(variant: str) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(constexprs) - set(fn.arg_names)
     assert not missing, f"{variant}: constexprs {missing} are not parameters of {fn.__name__}"
-    options = K._launch_opts(tile, dtype)
+    options = configs.launch_options(tile, dtype).kwargs()
     start = time.perf_counter()
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
