@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
+from .dtypes import stats_dtype
 
 ops = torch.ops.resfast
 
@@ -128,10 +129,6 @@ def _uses_batch_stats(bn: BatchNormArgs) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _stats_dtype(x: Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ---- convs ------------------------------------------------------------------------
 
 def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *, stride: int = 1,
@@ -158,7 +155,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         scale, shift = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
         return Pending(y, scale, shift, relu)
     # eval: fold BN into the conv, one pass with the ReLU in the epilogue.
-    scale, shift = _running_scale_shift(bn, _stats_dtype(src))
+    scale, shift = _running_scale_shift(bn, stats_dtype(src))
     folded_w = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
     folded_b = shift if bias is None else shift + bias.to(scale.dtype) * scale
     y, _, _ = ops.conv2d_bn(src, folded_w, folded_b.to(dtype), in_scale, in_shift, in_relu, stride, padding,
@@ -208,7 +205,7 @@ def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
         mean, var = ops.bn_stats(x)
         scale, shift = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
     else:
-        scale, shift = _running_scale_shift(bn, _stats_dtype(x))
+        scale, shift = _running_scale_shift(bn, stats_dtype(x))
     return Pending(x, scale, shift, relu)
 
 

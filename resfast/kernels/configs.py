@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dtypes import stats_dtype
 from . import interpreting
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -70,7 +71,7 @@ def dot_config(dtype: torch.dtype) -> DotConfig:
     IEEE (no tf32), so float32 results match float32 references. The
     interpreter computes half-type dots wrongly: there the operands are the
     accumulator dtype."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    acc = _TL_DTYPE[stats_dtype(dtype)]
     operand = acc if interpreting() else _TL_DTYPE[dtype]
     return DotConfig(operand, acc, "ieee" if dtype == torch.float32 else None)
 

@@ -22,6 +22,12 @@ float32 (float64 for float64 input). ``tl.dot`` gets operands in the input dtype
 (bf16/fp16 on tensor cores, float32 as IEEE fp32, float64 as float64), except under the
 Triton interpreter, which computes bfloat16 wrongly: there half types stay float32.
 Tiles, warps, pipeline depths and dot precision: :mod:`resfast.kernels.configs`.
+
+float64 is test-only here: the op keeps float64 on ATen (tensor cores have no float64
+path worth a kernel, and ATen keeps gradcheck exact), so it never launches these kernels
+in float64. The variant stays because the kernel tests (tests/kernels/test_conv2d_bn.py)
+compare its index logic with float64 references at rounding level, 1e-12, where a wrong
+mask or offset cannot hide in float32 noise, and the sm_90 compile test covers it.
 """
 import torch
 import triton
@@ -29,11 +35,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ..dtypes import stats_dtype
 from . import interpreting
 from .configs import dot_config, gemm_tiles, launch_options, wgrad_rows_per_split, wgrad_tiles
 
 _CL = torch.channels_last
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: tests only (see above)
 
 
 # ---- device helpers --------------------------------------------------------------------
@@ -244,60 +251,24 @@ def _conv2d_bn_wgrad_kernel(
 
 # ---- host side -------------------------------------------------------------------------
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _check_vector(name: str, t, n: int, x: Tensor, dtype=None):
-    if t is None:
-        return
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape) if isinstance(t, Tensor) else t!r}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point, got {t.dtype}")
-
-
-def _check_conv(x, weight, bias, in_scale, in_shift, stride, padding):
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, Ci, H, W), got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+def _check_preconditions(x: Tensor, weight: Tensor, **others) -> None:
+    """What the kernels themselves need; the arguments are validated once, by the
+    op (``resfast.ops.conv2d_bn.check_conv_inputs``): a dtype they compile for,
+    one dtype for x and weight (the GEMM's), every tensor on x's device, and that
+    device a GPU (or the CPU under the Triton interpreter)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D tensor (Co, Ci, K, K), got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must have a square kernel, got {tuple(weight.shape[2:])}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight has {weight.shape[1]} input channels (weight.shape[1]) but x has {x.shape[1]}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"x must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {x.device}")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift must be given together")
-    sdt = _stats_dtype(x.dtype)
-    _check_vector("bias", bias, weight.shape[0], x)
-    _check_vector("in_scale", in_scale, x.shape[1], x, sdt)
-    _check_vector("in_shift", in_shift, x.shape[1], x, sdt)
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
-    k = weight.shape[2]
-    if min(x.shape[2], x.shape[3]) + 2 * padding < k:
-        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel ({k}x{k}) "
-                         f"with padding {padding}")
+    for name, t in dict(weight=weight, **others).items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
 def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
@@ -319,13 +290,11 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_
                       stats: bool, out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var): y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride, padding) + bias)
     in channels_last, with the per-channel mean and biased variance of y when stats (else empty)."""
-    _check_conv(x, weight, bias, in_scale, in_shift, stride, padding)
-    if stats and out_relu:
-        raise ValueError("out_relu cannot be combined with stats (the statistics are of the pre-ReLU output)")
+    _check_preconditions(x, weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=_CL)
     m = n * oh * ow
     if m == 0:
@@ -356,26 +325,6 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_
     return y, mean, var
 
 
-def _check_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, out_relu, output_mask, out_shape):
-    if len(output_mask) != 3:
-        raise ValueError(f"output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got {output_mask!r}")
-    for name, t in (("grad_y", grad_y), ("y", y)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != out_shape:
-            raise ValueError(f"{name} must have shape {out_shape}, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if y is None and (out_relu or grad_var is not None):
-        raise ValueError("y is needed with out_relu or grad_var")
-    if mean is None and grad_var is not None:
-        raise ValueError("mean is needed with grad_var")
-    sdt = _stats_dtype(x.dtype)
-    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var), ("mean", mean if grad_var is not None else None)):
-        _check_vector(name, t, weight.shape[0], x, sdt)
-
-
 def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
                        x: Tensor, weight: Tensor, y: Tensor | None, mean: Tensor | None,
                        in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
@@ -383,11 +332,15 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, g
                        output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the prologue
     output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
-    _check_conv(x, weight, None, in_scale, in_shift, stride, padding)
+    _check_preconditions(x, weight, in_scale=in_scale, in_shift=in_shift, grad_y=grad_y, y=y,
+                         grad_mean=grad_mean, grad_var=grad_var, mean=mean)
+    if y is None and (out_relu or grad_var is not None):
+        raise ValueError("y is needed with out_relu or grad_var")
+    if mean is None and grad_var is not None:
+        raise ValueError("mean is needed with grad_var")
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    _check_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, out_relu, output_mask, (n, co, oh, ow))
     want_a, want_w, want_b = (bool(b) for b in output_mask)
     empty = x.new_empty((0,))
     m = n * oh * ow
@@ -432,7 +385,7 @@ def _wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, 
     tiles = wgrad_tiles(co, ci, x.dtype)
     rows_per_split = wgrad_rows_per_split(tiles, co, ci, m, k * k, x.device)
     splits = triton.cdiv(m, rows_per_split)
-    acc_dtype = _stats_dtype(x.dtype)
+    acc_dtype = stats_dtype(x.dtype)
     gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype, device=x.device)
     gb_part = torch.empty((splits, co) if want_b else (0,), dtype=acc_dtype, device=x.device)
     # without grad_weight only the first (tap, Ci block) column of programs is needed, for the bias

@@ -4,21 +4,23 @@
                                                  previous layer), padding applied to a
     y = conv2d(a, weight, stride, padding) + bias
     y = relu(y)                                  only with out_relu (eval mode, BN folded)
+    mean, var = batch statistics of y per channel (only with stats)
 
 The GEMM runs in the weight's dtype (y has it too); x may be float32 with
 bfloat16/float16 weights (mixed precision), and the prologue then reads x at
-full precision. The gradient of a is returned in x's dtype.
-    mean, var = batch statistics of y per channel (only with stats)
+full precision. The gradient of a is returned in x's dtype. The arguments are
+checked here, once (:func:`check_conv_inputs`, in the op and its fake).
 
 y is always channels_last. On CUDA the op runs one of two paths, chosen per
 problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
 in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
 the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
-statistics by ``bn_stats`` (CUDA C++). On the CPU it runs ATen with the same
-numerics (operands in the weight's dtype, float32 accumulation). Setting
-``RESFAST_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU
-tensors through the Triton kernels, which is how the tests check the GPU code
-on a machine without one.
+statistics by ``bn_stats`` (CUDA C++). float64 stays on ATen on every device.
+On the CPU it runs ATen with the same numerics (operands in the weight's dtype,
+float32 accumulation). Setting ``RESFAST_TRITON_ON_CPU=1`` together with
+``TRITON_INTERPRET=1`` sends CPU tensors through the GPU paths (the Triton
+kernels under the interpreter), which is how the tests check the GPU code on a
+machine without one.
 
 ``resfast::conv2d_bn_backward`` takes the gradients of y, mean and var and
 returns those of a (not x: the prologue's backward is ``resfast::bn_act_backward``),
@@ -32,7 +34,7 @@ from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
 from . import conv_path
-from .bn import stats_dtype
+from ..dtypes import stats_dtype
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -42,26 +44,42 @@ def _triton_on_cpu() -> bool:
     return os.environ.get("RESFAST_TRITON_ON_CPU", "0") == "1"
 
 
+def _check_channel_vector(name: str, t: Optional[Tensor], n: int, x: Tensor,
+                          dtype: Optional[torch.dtype] = None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor of shape ({n},), got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
+
+
 def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu):
+    """The arguments of ``resfast::conv2d_bn``, checked once, here, by the op and
+    its fake (the Triton kernels check only what they themselves need). A
+    ValueError names the argument. Per-channel vectors of the prologue are in the
+    statistics dtype of x (:func:`resfast.dtypes.stats_dtype`)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be floating point, got {x.dtype}")
-    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must be (C_out, C_in, K, K), got {tuple(weight.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (C_out, C_in, K, K), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]}")
     if weight.dtype != x.dtype and not (x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)):
         raise ValueError(f"weight dtype {weight.dtype} does not go with x dtype {x.dtype} (they must match, "
                          "or x may be float32 with bfloat16/float16 weights under mixed precision)")
-    for name, t, n in (("weight", weight, None), ("bias", bias, weight.shape[0]),
-                       ("in_scale", in_scale, x.shape[1]), ("in_shift", in_shift, x.shape[1])):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if n is not None and (t.dim() != 1 or t.shape[0] != n):
-            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    _check_channel_vector("bias", bias, weight.shape[0], x)
+    _check_channel_vector("in_scale", in_scale, x.shape[1], x, stats_dtype(x))
+    _check_channel_vector("in_shift", in_shift, x.shape[1], x, stats_dtype(x))
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     if stride not in (1, 2) or padding < 0:
@@ -73,11 +91,32 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel ({k}x{k}) with padding {padding}")
 
 
-def _out_shape(x, weight, stride, padding):
+def check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, stride,
+                               padding, out_relu, output_mask):
+    """The arguments of ``resfast::conv2d_bn_backward``: those of the forward,
+    then the gradients of (y, mean, var) and the saved y and mean."""
+    check_conv_inputs(x, weight, None, in_scale, in_shift, stride, padding, False, out_relu)
+    if len(output_mask) != 3:
+        raise ValueError(f"output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got {output_mask!r}")
+    out_shape = _out_shape(x, weight, stride, padding)
+    for name, t in (("grad_y", grad_y), ("y", y)):
+        if t is None:
+            continue
+        if tuple(t.shape) != out_shape:
+            raise ValueError(f"{name} must have shape {out_shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    # mean is read only with grad_var (the variance's gradient); without statistics it is empty
+    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var),
+                    ("mean", mean if grad_var is not None else None)):
+        _check_channel_vector(name, t, weight.shape[0], x, stats_dtype(x))
+
+
+def _out_shape(x, weight, stride, padding) -> tuple:
     k = weight.shape[2]
     oh = (x.shape[2] + 2 * padding - k) // stride + 1
     ow = (x.shape[3] + 2 * padding - k) // stride + 1
-    return x.shape[0], weight.shape[0], oh, ow
+    return (x.shape[0], weight.shape[0], oh, ow)
 
 
 def _prologue(x, in_scale, in_shift, in_relu, dtype):
@@ -255,6 +294,8 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], gr
                        x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, in_scale: Optional[Tensor],
                        in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, out_relu: bool,
                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, stride,
+                               padding, out_relu, output_mask)
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
             out_relu, output_mask)
     return _backward_impl(*args)(*args)
@@ -263,6 +304,8 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], gr
 @register_fake("resfast::conv2d_bn_backward")
 def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
       out_relu, output_mask):
+    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, stride,
+                               padding, out_relu, output_mask)
     return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))

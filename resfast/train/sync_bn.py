@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..dtypes import stats_dtype
+
 
 class _AllReduceSum(torch.autograd.Function):
     """Differentiable ``all_reduce(SUM)``: the backward all-reduces the gradient."""
@@ -98,8 +100,8 @@ def batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
         return nn.BatchNorm2d.forward(bn, x)
     if x.dim() != 4:
         raise ValueError(f"expected a 4-D input, got shape {tuple(x.shape)}")
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(stats_dtype)
+    sdt = stats_dtype(x)
+    xs = x.to(sdt)
     var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
     count = x.numel() // x.shape[1]
     mean, var, total = reducer(mean, var, count)
@@ -117,10 +119,10 @@ def batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
             bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.to(stats_dtype)
+        scale = scale * bn.weight.to(sdt)
     shift = -mean * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.to(stats_dtype)
+        shift = shift + bn.bias.to(sdt)
     y = xs * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
     return y.to(x.dtype)
 

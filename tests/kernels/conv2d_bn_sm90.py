@@ -50,13 +50,14 @@ def _compile(variant: str) -> dict:
     from triton.compiler import ASTSource
 
     import resfast.kernels.conv2d_bn as K
+    from resfast.dtypes import stats_dtype
     from resfast.kernels import configs
 
     kernel_name, dtype_name, shape_name = variant.split("-", 2)
     _, ci, co, k, stride, side, kind = next(s for s in SHAPES if s[0] == shape_name)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
     dtype = next(t for t, name in names.items() if name == dtype_name)
-    stats_name = names[K._stats_dtype(dtype)]
+    stats_name = names[stats_dtype(dtype)]
     conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
     if kernel_name == "forward":
         fn, tiles = K._conv2d_bn_forward_kernel, configs.gemm_tiles(co, ci, dtype)
