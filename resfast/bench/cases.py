@@ -11,8 +11,9 @@ Sizes:
 
 Providers:
   resfast     the resfast module / network
-  eager       the same computation in torch.nn (``baselines``; torchvision's
-              own network where it exists), cuDNN on a GPU
+  eager       the same computation in torch.nn (the module's twin,
+              ``resfast.twin.torch_twin``; torchvision's own network where it
+              exists), cuDNN on a GPU
   compile     ``torch.compile`` of that torch.nn module (default mode); the
               optimizer step of a network stays eager in every provider
   conv_alone  (eval conv + BN + ReLU only) the bare ``nn.Conv2d``: what a
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as rnn
+from ..twin import torch_twin
 from . import baselines
 
 SIZES = ("cpu-tiny", "full")
@@ -312,8 +314,8 @@ def build_modules(case: Case, device) -> Modules:
     if eager is not None:
         baseline = f"torchvision.models.{case.get('model')}"
     else:
-        eager = baselines.eager_twin(ours)
-        baseline = f"torch.nn (resfast.bench.baselines.{type(eager).__name__})"
+        eager = torch_twin(ours)
+        baseline = f"torch.nn (resfast.twin of {type(ours).__name__})"
     conv_alone = copy.deepcopy(ours.conv) if "conv_alone" in case.providers() else None
     eager = eager.train(case.mode == "train")
     fe = baselines.cudnn_fe_twin(eager) if "cudnn_fe" in case.providers() else None

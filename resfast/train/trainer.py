@@ -212,8 +212,8 @@ class ShardSampler(Sampler):
 def create_model(name: str, num_classes: int, backend: str = "resfast") -> nn.Module:
     """A network by registry name (``resfast.models.get_model``) or ``module:function``;
     ``backend="torch"`` gives the same network on plain torch.nn (the registry's
-    ``backend=`` argument if it has one, else :func:`resfast.train.backend.to_torch`)."""
-    from .backend import to_torch
+    ``backend=`` argument if it has one, else :func:`resfast.twin.to_torch`)."""
+    from ..twin import to_torch
 
     if ":" in name:
         mod_name, fn_name = name.rsplit(":", 1)
@@ -241,13 +241,13 @@ def create_model(name: str, num_classes: int, backend: str = "resfast") -> nn.Mo
 
 def check_backend(model: nn.Module, backend: str, example: torch.Tensor) -> None:
     """The torch backend must dispatch no resfast op (one small eval-mode forward)."""
-    from .backend import resfast_ops_called
+    from ..twin import resfast_ops_called
 
     if backend == "torch":
         used = resfast_ops_called(model, example)
         if used:
             raise RuntimeError(f"--backend torch still runs resfast ops {sorted(used)}: the model has fused "
-                               f"layers resfast.train.backend.to_torch does not know")
+                               f"layers resfast.twin.to_torch does not know")
 
 
 # ---- the loop -----------------------------------------------------------------------

@@ -16,9 +16,9 @@ import torch
 from resfast.bench import cases as C
 from resfast.bench import bench_main
 from resfast.bench import baselines as B
-from resfast.bench.baselines import eager_twin
 from resfast.bench.measure import Runner, default_settings
-from tests.support.helpers import triton_interpreter_problem
+from resfast.twin import torch_twin
+from tests.support.helpers import no_resfast_ops, triton_interpreter_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
@@ -104,7 +104,7 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
     assert bn["tflops"] is None  # no GEMM FLOPs
     net = by[("resnet56", "train", "bf16", "channels_last", "resfast")]
     assert net["status"] == "ok" and net["flops"] > 0 and net["spec"]["width_div"] == 2
-    assert by[("resnet56", "train", "bf16", "channels_last", "eager")]["baseline"].endswith("ResNetRef)")
+    assert by[("resnet56", "train", "bf16", "channels_last", "eager")]["baseline"] == "torch.nn (resfast.twin of ResNet)"
     skipped = by[("resnet56", "train", "fp32", "channels_last", "resfast")]
     assert skipped["status"] == "skipped" and "runs only in" in skipped["reason"]
     assert all(r["peak_mem_mb"] is None for r in ok)  # CUDA only
@@ -197,10 +197,9 @@ def test_eager_twin_is_the_same_computation(case):
                 m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
-    ref = eager_twin(ours)
-    for m in ref.modules():
-        mod = type(m).__module__
-        assert not mod.startswith("resfast.") or mod == "resfast.bench.baselines", type(m)
+    ref = C.build_modules(case, "cpu").eager.double()  # the baseline the benchmark times: the twin
+    assert type(ref) is type(torch_twin(ours))
+    ref.load_state_dict(ours.state_dict())
     shape = (case.batch, *case.in_shape)
     xs = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
           for _ in range(2 if case.kind == "bn_add_relu" else 1)]
@@ -208,12 +207,14 @@ def test_eager_twin_is_the_same_computation(case):
     torch.manual_seed(1)
     y = ours(*xs)
     torch.manual_seed(1)  # the same dropout masks
-    y_ref = ref(*xr)
+    with no_resfast_ops("the eager baseline"):
+        y_ref = ref(*xr)
     assert y.shape == y_ref.shape and _rel(y, y_ref) < 1e-9
     if case.mode == "train":
         g = torch.randn_like(y)
         y.backward(g)
-        y_ref.backward(g)
+        with no_resfast_ops("the eager baseline"):
+            y_ref.backward(g)
         for a, b in zip(xs, xr):
             assert _rel(a.grad, b.grad) < 1e-7
     mine = [v for k, v in ours.named_buffers() if k.endswith(("running_mean", "running_var"))]

@@ -5,18 +5,16 @@
 * has the published number of weight layers and parameters;
 * is initialised as torchvision initialises;
 * where torchvision has no twin (plain nets, CIFAR and pre-activation ResNets,
-  shortcut options A and C, VGG A-LRN and C), computes the same function as a
-  reference forward written here with the same modules' own torch.nn forwards
-  (tolerances: tests/support/equivalence.py; for VGG A-LRN and C the features,
+  shortcut options A and C, VGG A-LRN and C), computes the same function as its
+  plain torch.nn twin (resfast.twin: the same modules' own torch.nn forwards;
+  tolerances: tests/support/equivalence.py; for VGG A-LRN and C the features,
   run by torch's own nn.Sequential forward);
 * VGG dense evaluation and multi-scale evaluation;
 * argument checks.
 The torchvision twins (resnet18..152, vgg11..19 and _bn) are also run, at
 length, by test_torchvision_equivalence.py.
 """
-import copy
 import math
-import types
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ from torch import nn
 import resfast.models as M
 from resfast import nn as rnn
 from resfast.models.preact import PreActBasicBlock, PreActBottleneck, PreActResNet
-from resfast.models.resnet import PlainBasicBlock, PlainBottleneck
+from resfast.twin import torch_twin
 from tests.support.equivalence import check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
@@ -267,73 +265,8 @@ def test_vgg_layouts():
 
 
 # ---- equivalence with a torch.nn reference (networks torchvision does not have) -------------
-
-def _ref_shortcut_a(x, out_channels, stride):
-    y = x[:, :, ::stride, ::stride]
-    extra = out_channels - x.shape[1]
-    before = y.new_zeros(y.shape[0], extra // 2, *y.shape[2:])
-    after = y.new_zeros(y.shape[0], extra - extra // 2, *y.shape[2:])
-    return torch.cat([before, y, after], dim=1)
-
-
-def _ref_resnet(self, x):
-    """ResNet / plain net from its modules' own torch.nn forwards."""
-    x = torch.relu(self.bn1(self.conv1(x)))
-    if self.maxpool is not None:
-        x = self.maxpool(x)
-    for stage in self.stages():
-        for b in stage:
-            bottleneck = isinstance(b, (PlainBottleneck, rnn.Bottleneck))
-            h = torch.relu(b.bn1(b.conv1(x)))
-            if bottleneck:
-                h = torch.relu(b.bn2(b.conv2(h)))
-                out = b.bn3(b.conv3(h))
-            else:
-                out = b.bn2(b.conv2(h))
-            if isinstance(b, (PlainBasicBlock, PlainBottleneck)):
-                x = torch.relu(out)
-                continue
-            if b.downsample is not None:
-                sc = b.downsample(x)
-            elif b.option_a is not None:
-                sc = _ref_shortcut_a(x, *b.option_a)
-            else:
-                sc = x
-            x = torch.relu(out + sc)
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _ref_preact(self, x):
-    """Full pre-activation ResNet (He et al. 2016) from its modules' torch.nn forwards."""
-    x = torch.relu(self.bn1(self.conv1(x)))
-    if self.maxpool is not None:
-        x = self.maxpool(x)
-    for stage in self.stages():
-        for b in stage:
-            a = torch.relu(b.bn1(x)) if b.bn1 is not None else x
-            if b.downsample is not None:
-                sc = b.downsample(a)
-            elif b.option_a is not None:
-                sc = _ref_shortcut_a(x, *b.option_a)
-            else:
-                sc = x
-            h = b.conv1(a)
-            h = b.conv2(torch.relu(b.bn2(h)))
-            if isinstance(b, PreActBottleneck):
-                h = b.conv3(torch.relu(b.bn3(h)))
-            x = h + sc
-    x = torch.relu(self.bn_final(x))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _reference(model):
-    ref = copy.deepcopy(model)
-    if isinstance(ref, M.vgg.FusedSequential):
-        ref.__class__ = nn.Sequential  # torch's own forward over the same children
-        return ref
-    ref.forward = types.MethodType(_ref_preact if isinstance(model, PreActResNet) else _ref_resnet, ref)
-    return ref
-
+# The reference is the network's plain torch.nn twin (resfast.twin), which runs no resfast
+# op (check_equivalence asserts it); its option A shortcut is checked in tests/test_twin.py.
 
 def _small_preact(block, shortcut="B"):
     return PreActResNet(block, [2, 2, 2], num_classes=10, shortcut=shortcut, widths=(8, 16, 32), stem="cifar")
@@ -369,7 +302,7 @@ SLOW_REFERENCE = ("plain50", "resnet50-A", "preact_resnet50", "vgg16_c.features"
 def test_against_reference(case):
     builder, size = REFERENCE_CASES[case]
     torch.manual_seed(0)
-    ref = _reference(fill_(meta_build(builder).to_empty(device="cpu")))
+    ref = torch_twin(fill_(meta_build(builder).to_empty(device="cpu")))
 
     def ours():
         return meta_build(builder).to_empty(device="cpu")

@@ -17,9 +17,9 @@ from torchvision.models.resnet import Bottleneck as TVBottleneck
 import resfast
 from resfast.ops import conv_path
 from tests.support.helpers import check_module_pair, triton_interpreter_problem
+from resfast.twin import torch_twin
 from tests.nn.test_blocks import _projection, _randomize
-from tests.nn.test_bn_relu_conv import TorchBNReLUConv
-from tests.nn.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
+from tests.nn.test_conv_bn_relu import _randomize_bn
 
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,7 +39,7 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("conf", [(3, 8, 3, 1), (13, 5, 1, 2)], ids=str)
 def test_conv_bn_relu(dtype, training, conf):
     cin, cout, k, stride = conf
-    ref = TorchConvBNReLU(cin, cout, k, stride, True, relu=True)
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True)
     n = 8 if dtype == torch.bfloat16 else 2
@@ -49,7 +49,7 @@ def test_conv_bn_relu(dtype, training, conf):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_bn_relu_conv(dtype, layout):
-    ref = TorchBNReLUConv(6, 5, 3, 2)
+    ref = torch_twin(resfast.nn.BNReLUConv2d(6, 5, 3, 2))
     ours = resfast.nn.BNReLUConv2d(6, 5, 3, 2)
     n = 8 if dtype == torch.bfloat16 else 2
     check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device=DEVICE, training=True,

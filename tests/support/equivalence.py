@@ -54,7 +54,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from tests.support.helpers import autocast_ctx, rel_err, to_layout
+from tests.support.helpers import autocast_ctx, no_resfast_ops, rel_err, to_layout
 
 FP64_BOUND = 1e-8
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 4e-3}  # outputs, BN statistics
@@ -117,7 +117,8 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
     ref = ref.to(device).train(training)
     state = copy.deepcopy(ref.state_dict())
     ref64 = copy.deepcopy(ref).double()
-    want = run_step(ref64, x, torch.float64, "nchw", device=device)
+    with no_resfast_ops():
+        want = run_step(ref64, x, torch.float64, "nchw", device=device)
     del ref64
     lines, failures = [], []
     norms = sorted(w.double().norm().item() for k, w in want.items() if "grad" in k and w is not None)
@@ -135,7 +136,8 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             # channels_last float32 kernels on the CPU can be ~1e-3 off where
             # its NCHW ones are ~1e-6: ResNet-50's layer1 dgrad)
             same = copy.deepcopy(ref).to(dtype=pdt).train(training)
-            torch_same = run_step(same, x, dtype, layout, device=device)
+            with no_resfast_ops():
+                torch_same = run_step(same, x, dtype, layout, device=device)
             del same
         worst = {"output": [0.0, 0.0], "grads": [0.0, 0.0], "buffers": [0.0, 0.0]}  # ours, torch's own
         skipped = 0

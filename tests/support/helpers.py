@@ -6,11 +6,14 @@ computation in the same precision, plus a small floor. For float32/float64 we
 compare against the float64 reference with a fixed relative-norm bound:
 different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 """
+import contextlib
 import functools
 from typing import Optional
 
 import pytest
 import torch
+
+from resfast.twin import recording_resfast_ops
 
 # relative-norm floors per precision
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -102,6 +105,15 @@ def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor
     return err
 
 
+@contextlib.contextmanager
+def no_resfast_ops(what: str = "the torch.nn reference"):
+    """Fails if a resfast op runs inside: a reference (the plain torch.nn twin,
+    torchvision) must stay independent of the code under test."""
+    with recording_resfast_ops() as used:
+        yield
+    assert not used, f"{what} ran resfast ops {sorted(used)}"
+
+
 def autocast_ctx(device: str, dtype: torch.dtype):
     if dtype in (torch.bfloat16, torch.float16):
         return torch.autocast(device, dtype=dtype)
@@ -141,16 +153,19 @@ def check_module_pair(ours, ref, inputs, *, dtype, device, training, layout="nhw
             out = module(*xs)
         return out, xs
 
-    out64, x64 = run(ref64, torch.float64, autocast_ctx(device, None))
+    with no_resfast_ops():
+        out64, x64 = run(ref64, torch.float64, autocast_ctx(device, None))
     grad = torch.randn_like(out64)
     results = {}
     for key, module, dt, cast in (("ours", ours, pdt, autocast_ctx(device, dtype)),
                                   ("same", same, pdt, autocast_ctx(device, dtype))):
-        out, xs = run(module, dt, cast)
-        assert out.shape == out64.shape
-        grads = torch.autograd.grad(out, xs + [p for p in module.parameters()], grad.to(out.dtype))
+        with no_resfast_ops() if key == "same" else contextlib.nullcontext():
+            out, xs = run(module, dt, cast)
+            assert out.shape == out64.shape
+            grads = torch.autograd.grad(out, xs + [p for p in module.parameters()], grad.to(out.dtype))
         results[key] = (out, grads)
-    grads64 = torch.autograd.grad(out64, x64 + list(ref64.parameters()), grad)
+    with no_resfast_ops():
+        grads64 = torch.autograd.grad(out64, x64 + list(ref64.parameters()), grad)
 
     low = dtype in (torch.bfloat16, torch.float16)
     (o_out, o_grads), (s_out, s_grads) = results["ours"], results["same"]

@@ -52,7 +52,7 @@ def _check_one_step_float64(rank: int, world: int, backend: str):
     import copy
 
     import tiny_models
-    from resfast.train.backend import to_torch
+    from resfast.twin import to_torch
 
     torch.manual_seed(0)
     ref = tiny_models.tiny_resnet().double()
