@@ -24,16 +24,20 @@ __all__ = ["CudnnFEConvBNReLU", "torchvision_twin", "cudnn_fe_twin", "cudnn_fe_s
 
 
 def torchvision_twin(name: str, module: nn.Module) -> Optional[nn.Module]:
-    """``torchvision.models.<name>`` with ``module``'s weights (its state_dict is
+    """The torchvision network registered as the twin of resfast's ``name``
+    (``resfast.models.registry``), with ``module``'s weights (its state_dict is
     torchvision's, key for key), or None when torchvision is not installed or
     has no such network."""
+    from ..models.registry import model_info
+
+    tv_name = model_info(name).torchvision
+    if tv_name is None:
+        return None
     try:
         import torchvision
     except ImportError:
         return None
-    builder = getattr(torchvision.models, name, None)
-    if builder is None:
-        return None
+    builder = getattr(torchvision.models, tv_name)
     ref = module.state_dict()
     first = next(iter(ref.values()))
     num_classes = module.fc.out_features if hasattr(module, "fc") else module.classifier[-1].out_features

@@ -7,6 +7,7 @@ The module tree follows torchvision's ResNet: ``conv1``, ``bn1``,
 ``layer1..3``, ``fc``.
 """
 from .. import nn as rnn
+from .registry import register_model
 from .resnet import PlainBasicBlock, ResNet
 
 __all__ = ["cifar_resnet", "cifar_plain", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
@@ -35,45 +36,56 @@ def cifar_plain(depth: int, num_classes: int = 10) -> ResNet:
     return ResNet(PlainBasicBlock, [n] * 3, num_classes=num_classes, widths=WIDTHS, stem="cifar")
 
 
+@register_model(dataset="cifar")
 def resnet20(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(20, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def resnet32(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(32, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def resnet44(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(44, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def resnet56(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(56, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def resnet110(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(110, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def resnet1202(num_classes: int = 10, zero_init_residual: bool = False, shortcut: str = "A") -> ResNet:
     return cifar_resnet(1202, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(dataset="cifar")
 def plain20(num_classes: int = 10) -> ResNet:
     return cifar_plain(20, num_classes)
 
 
+@register_model(dataset="cifar")
 def plain32(num_classes: int = 10) -> ResNet:
     return cifar_plain(32, num_classes)
 
 
+@register_model(dataset="cifar")
 def plain44(num_classes: int = 10) -> ResNet:
     return cifar_plain(44, num_classes)
 
 
+@register_model(dataset="cifar")
 def plain56(num_classes: int = 10) -> ResNet:
     return cifar_plain(56, num_classes)
 
 
+@register_model(dataset="cifar")
 def plain110(num_classes: int = 10) -> ResNet:
     return cifar_plain(110, num_classes)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_num_classes, check_shortcut, init_conv_bn
+from .registry import register_model
 from .resnet import StemAndStages
 
 __all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18", "preact_resnet34",
@@ -178,36 +179,44 @@ def _cifar(block, n: int, num_classes: int, shortcut: str) -> PreActResNet:
                         stem="cifar")
 
 
+@register_model()
 def preact_resnet18(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(18, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet34(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(34, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet50(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(50, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet101(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(101, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet152(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(152, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet110(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-110: 3 x 18 basic units, 16-32-64 channels."""
     return _cifar(PreActBasicBlock, 18, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet164(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-164: 3 x 18 bottleneck units, 64-128-256 output channels."""
     return _cifar(PreActBottleneck, 18, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet1001(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-1001: 3 x 111 bottleneck units."""
     return _cifar(PreActBottleneck, 111, num_classes, shortcut)

@@ -22,6 +22,7 @@ from .. import functional as F
 from .. import nn as rnn
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_bool, check_num_classes, check_shortcut, init_conv_bn
+from .registry import register_model
 
 __all__ = ["ResNet", "PlainBasicBlock", "PlainBottleneck", "resnet18", "resnet34", "resnet50", "resnet101",
            "resnet152", "plain18", "plain34", "plain50", "plain101", "plain152"]
@@ -205,48 +206,58 @@ def _plain(depth: int, num_classes: int = 1000) -> ResNet:
     return ResNet(PlainBasicBlock if block is rnn.BasicBlock else PlainBottleneck, layers, num_classes=num_classes)
 
 
+@register_model(torchvision="resnet18")
 def resnet18(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
     """ResNet-18: basic blocks 2-2-2-2."""
     return _resnet(18, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(torchvision="resnet34")
 def resnet34(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
     """ResNet-34: basic blocks 3-4-6-3."""
     return _resnet(34, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(torchvision="resnet50")
 def resnet50(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
     """ResNet-50: bottleneck blocks 3-4-6-3."""
     return _resnet(50, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(torchvision="resnet101")
 def resnet101(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
     """ResNet-101: bottleneck blocks 3-4-23-3."""
     return _resnet(101, num_classes, zero_init_residual, shortcut)
 
 
+@register_model(torchvision="resnet152")
 def resnet152(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
     """ResNet-152: bottleneck blocks 3-8-36-3."""
     return _resnet(152, num_classes, zero_init_residual, shortcut)
 
 
+@register_model()
 def plain18(num_classes: int = 1000) -> ResNet:
     """Plain-18: ResNet-18 without shortcuts."""
     return _plain(18, num_classes)
 
 
+@register_model()
 def plain34(num_classes: int = 1000) -> ResNet:
     """Plain-34: ResNet-34 without shortcuts."""
     return _plain(34, num_classes)
 
 
+@register_model()
 def plain50(num_classes: int = 1000) -> ResNet:
     return _plain(50, num_classes)
 
 
+@register_model()
 def plain101(num_classes: int = 1000) -> ResNet:
     return _plain(101, num_classes)
 
 
+@register_model()
 def plain152(num_classes: int = 1000) -> ResNet:
     return _plain(152, num_classes)

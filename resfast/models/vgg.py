@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..fusion import FusedSequential
 from ._utils import check_bool, check_num_classes, init_conv_bn
+from .registry import register_model
 
 __all__ = ["VGG", "CONFIGS", "make_layers", "multi_scale_eval", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13",
            "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
@@ -152,52 +153,63 @@ def _vgg(cfg: str, batch_norm: bool, num_classes: int = 1000, **kwargs) -> VGG:
     return VGG(make_layers(CONFIGS[cfg], batch_norm), num_classes=num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg11")
 def vgg11(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration A (11 weight layers)."""
     return _vgg("A", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg11_bn")
 def vgg11_bn(num_classes: int = 1000, **kwargs) -> VGG:
     """VGG A with BatchNorm after every conv (torchvision's vgg11_bn)."""
     return _vgg("A", True, num_classes, **kwargs)
 
 
+@register_model()
 def vgg11_lrn(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration A-LRN: A with local response normalisation after the first layer."""
     return _vgg("A-LRN", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg13")
 def vgg13(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration B (13 weight layers)."""
     return _vgg("B", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg13_bn")
 def vgg13_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("B", True, num_classes, **kwargs)
 
 
+@register_model()
 def vgg16_c(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration C: 16 weight layers, with a 1x1 conv ending stages 3, 4 and 5."""
     return _vgg("C", batch_norm, num_classes, **kwargs)
 
 
+@register_model()
 def vgg16_c_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("C", True, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg16")
 def vgg16(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration D (16 weight layers, all 3x3)."""
     return _vgg("D", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg16_bn")
 def vgg16_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("D", True, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg19")
 def vgg19(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration E (19 weight layers)."""
     return _vgg("E", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg19_bn")
 def vgg19_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("E", True, num_classes, **kwargs)

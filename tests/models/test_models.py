@@ -49,7 +49,25 @@ def test_registry_names():
         "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164", "preact_resnet1001"}
     assert set(ALL) == expected and ALL == sorted(ALL)
     for name in ALL:
-        assert getattr(M, name) is M._REGISTRY[name]
+        assert getattr(M, name) is M.registry.model_info(name).builder
+
+
+def test_registry_entries():
+    """What each network is registered with: its data set's input size, its torchvision twin."""
+    assert set(M.TORCHVISION_EQUIVALENT) == {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {
+        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
+    for info in M.registry.registered():
+        assert info.input_size == ((3, 32, 32) if info.name in M.CIFAR_MODELS else (3, 224, 224)), info
+        assert M.default_input_size(info.name) == M.default_input_size(info.name.upper()) == info.input_size
+        assert info.torchvision == (info.name if info.name in TV else None), info
+    assert M.default_input_size("not_a_registered_model") == (3, 224, 224)
+
+
+def test_register_model_rejects_duplicates_and_unknown_data_sets():
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_model()(M.resnet18)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        M.register_model(dataset="mnist")
 
 
 def test_get_model_unknown_name_lists_the_valid_ones():
