@@ -202,13 +202,12 @@ class _VGG:
 
 def _rules() -> List[Tuple[Type[nn.Module], type]]:
     """(resfast class, twin forward), most specific first."""
-    from .fusion import FusedSequential
     from .models import preact, resnet, vgg
 
     return [(preact.PreActResNet, _PreActResNet), (preact.PreActBasicBlock, _PreActBasicBlock),
             (preact.PreActBottleneck, _PreActBottleneck), (resnet.ResNet, _ResNet),
             (resnet.PlainBasicBlock, _PlainBasicBlock), (resnet.PlainBottleneck, _PlainBottleneck),
-            (vgg.VGG, _VGG), (FusedSequential, _FusedSequential),
+            (vgg.VGG, _VGG), (rnn.FusedSequential, _FusedSequential),
             (rnn.Conv2dBNReLU, _Conv2dBNReLU), (rnn.BatchNormAddReLU, _BatchNormAddReLU),
             (rnn.AddReLU, _AddReLU), (rnn.BNReLUConv2d, _BNReLUConv2d), (rnn.BasicBlock, _BasicBlock),
             (rnn.Bottleneck, _Bottleneck)]

@@ -18,7 +18,8 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resfast
 from resfast import nn as rnn
-from resfast.fusion import FusedSequential, fuse, fused_modules, fusion_plan
+from resfast.fusion import fuse, fused_modules
+from resfast.nn import FusedSequential, fusion_plan
 from tests.support.equivalence import build, check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16

@@ -2,7 +2,7 @@
 
 The layout is torchvision's (``features.N.*``, ``classifier.N.*``), so a
 torchvision VGG ``state_dict`` loads unchanged. ``features`` is a
-:class:`resfast.fusion.FusedSequential`: Conv2d [-> BatchNorm2d] -> ReLU runs go
+:class:`resfast.nn.FusedSequential`: Conv2d [-> BatchNorm2d] -> ReLU runs go
 through the fused conv (training-mode BN statistics in the conv's epilogue,
 BN-apply + ReLU in the next conv's prologue; eval mode folds BN into the conv;
 without BN the bias and ReLU ride in the conv's epilogue).
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..fusion import FusedSequential
+from ..nn import FusedSequential
 from ._utils import check_bool, check_num_classes, init_conv_bn
 from .registry import register_model
 

@@ -11,8 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .functional import BatchNormArgs
+from .. import functional as F
+from ..functional import BatchNormArgs
 
 
 def check_fusable_conv(conv: nn.Module, name: str = "conv") -> None:
