@@ -12,16 +12,14 @@ Every builder takes ``num_classes``; ResNets also ``zero_init_residual`` and
 ``batch_norm``, ``dropout``, ``dense`` (dense evaluation) and ``init_weights``.
 """
 from . import cifar, preact, registry, resnet, vgg
-from .cifar import (plain20, plain32, plain44, plain56, plain110, resnet20, resnet32,  # noqa: F401 (re-exported)
-                    resnet44, resnet56, resnet110, resnet1202)
-from .preact import (PreActResNet, preact_resnet18, preact_resnet34, preact_resnet50,  # noqa: F401
-                     preact_resnet101, preact_resnet110, preact_resnet152, preact_resnet164, preact_resnet1001)
+from .preact import PreActResNet
 from .registry import default_input_size, get_model, list_models, register_model
-from .resnet import (ResNet, plain18, plain34, plain50, plain101, plain152, resnet18, resnet34,  # noqa: F401
-                     resnet50, resnet101, resnet152)
+from .resnet import ResNet
 from .summary import summary
-from .vgg import (VGG, multi_scale_eval, vgg11, vgg11_bn, vgg11_lrn, vgg13, vgg13_bn, vgg16,  # noqa: F401
-                  vgg16_bn, vgg16_c, vgg16_c_bn, vgg19, vgg19_bn)
+from .vgg import VGG, multi_scale_eval
+
+# every registered builder as an attribute (resfast.models.resnet50), from the registry
+globals().update({m.name: m.builder for m in registry.registered()})
 
 # the torchvision builder of the same name exists (and has the same state_dict)
 TORCHVISION_EQUIVALENT = tuple(m.name for m in registry.registered() if m.torchvision is not None)
@@ -29,6 +27,7 @@ TORCHVISION_EQUIVALENT = tuple(m.name for m in registry.registered() if m.torchv
 # CIFAR-sized networks (32x32 input, 10 classes by default)
 CIFAR_MODELS = tuple(m.name for m in registry.registered() if m.dataset == "cifar")
 
-__all__ = ["list_models", "get_model", "register_model", "summary", "default_input_size", "multi_scale_eval",
-           "VGG", "ResNet", "PreActResNet", "TORCHVISION_EQUIVALENT", "CIFAR_MODELS", "cifar", "preact",
-           "registry", "resnet", "vgg", *list_models()]
+__all__ = ["list_models", "get_model", "register_model", "summary", "default_input_size",
+           "multi_scale_eval",
+           "VGG", "ResNet", "PreActResNet", "TORCHVISION_EQUIVALENT", "CIFAR_MODELS", "cifar",
+           "preact", "registry", "resnet", "vgg", *list_models()]
