@@ -29,8 +29,15 @@ from torch import Tensor, nn
 from . import functional as F
 from . import nn as rnn
 from .functional import BatchNormArgs
-from .nn.sequential import (FusedSequential, conv_problem, describe_plan, fusion_plan, has_hooks, is_plain_bn,
-                            is_plain_relu)
+from .nn.sequential import (
+    FusedSequential,
+    conv_problem,
+    describe_plan,
+    fusion_plan,
+    has_hooks,
+    is_plain_bn,
+    is_plain_relu,
+)
 
 # FusedSequential and fusion_plan live in the nn layer (resfast.nn); re-exported for fuse()'s users
 __all__ = ["fuse", "fused_modules", "FusedSequential", "fusion_plan"]
@@ -56,7 +63,8 @@ class BottleneckShortcut(_ShortcutNamed, rnn.Bottleneck):
     """:class:`resfast.nn.Bottleneck` whose shortcut child is named ``shortcut``."""
 
 
-_BASIC = {"required": ("conv1", "bn1", "conv2", "bn2"), "convs": (("conv1", 3, None), ("conv2", 3, 1))}
+_BASIC = {"required": ("conv1", "bn1", "conv2", "bn2"),
+          "convs": (("conv1", 3, None), ("conv2", 3, 1))}
 _BOTTLENECK = {"required": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),
                "convs": (("conv1", 1, 1), ("conv2", 3, None), ("conv3", 1, 1))}
 # instance attributes a torchvision block has besides its modules
@@ -86,17 +94,20 @@ def _block_problem(m: nn.Module, kind: str) -> Optional[str]:
     if has_hooks(m):
         return "has hooks"
     prev = None
-    for (name, k, s), bn_name in zip(layout["convs"], [c[0].replace("conv", "bn") for c in layout["convs"]]):
+    for (name, k, s), bn_name in zip(layout["convs"],
+                                     [c[0].replace("conv", "bn") for c in layout["convs"]]):
         conv, bn = m._modules[name], m._modules[bn_name]
         problem = conv_problem(conv, name)
         if problem:
             return problem
         if conv.kernel_size[0] != k or conv.padding[0] != k // 2:
-            return f"{name} is {conv.kernel_size} with padding {conv.padding}, expected {k}x{k} with padding {k // 2}"
+            return (f"{name} is {conv.kernel_size} with padding {conv.padding}, expected {k}x{k} "
+                    f"with padding {k // 2}")
         if conv.bias is not None:
             return f"{name} has a bias"
         if s is not None and conv.stride[0] != s:
-            return f"{name} has stride {conv.stride[0]} (the stride belongs in the {'first' if k == 3 else '3x3'} conv)"
+            return (f"{name} has stride {conv.stride[0]} (the stride belongs in the "
+                    f"{'first' if k == 3 else '3x3'} conv)")
         if not is_plain_bn(bn, conv.out_channels):
             return f"{bn_name} is not a plain nn.BatchNorm2d over {conv.out_channels} channels"
         if prev is not None and conv.in_channels != prev:
@@ -134,7 +145,8 @@ def _randomize_bn(module: nn.Module, gen: torch.Generator) -> None:
             if isinstance(bn, nn.BatchNorm2d):
                 def rand(t, lo, hi):
                     if t is not None:
-                        t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float32) * (hi - lo) + lo)
+                        t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float32) * (hi - lo)
+                                + lo)
                 rand(bn.weight, 0.5, 1.5)
                 rand(bn.bias, -0.5, 0.5)
                 rand(bn.running_mean, -0.5, 0.5)
@@ -152,7 +164,8 @@ def _same_function(m: nn.Module, kind: str) -> bool:
     p = ref._modules["conv1"].weight
     if p.device.type == "meta":
         return False  # nothing to compute with: not verified, so not fused
-    x = torch.randn((2, ref._modules["conv1"].in_channels, 8, 8), generator=gen).to(device=p.device, dtype=p.dtype)
+    x = torch.randn((2, ref._modules["conv1"].in_channels, 8, 8),
+                    generator=gen).to(device=p.device, dtype=p.dtype)
     try:
         with torch.no_grad():
             want, got = ref(x), fused(x)

@@ -56,9 +56,11 @@ def batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
                 bn.num_batches_tracked.add_(1)
                 if momentum is None:
                     momentum = 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=momentum)
+            bn.running_mean.mul_(1 - momentum).add_(mean.detach().to(bn.running_mean.dtype),
+                                                    alpha=momentum)
             unbiased = var.detach() * (total / (total - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype),
+                                                   alpha=momentum)
     scale = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.to(sdt)
@@ -193,7 +195,8 @@ class _VGG:
         k = self.avgpool.output_size
         k = k if isinstance(k, int) else k[0]
         if h.shape[2] < k or h.shape[3] < k:
-            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k}, got {tuple(h.shape[2:])}")
+            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k}, got "
+                             f"{tuple(h.shape[2:])}")
         c = fc1.in_features // (k * k)
         h = drop1(torch.relu_(F.conv2d(h, fc1.weight.view(fc1.out_features, c, k, k), fc1.bias)))
         h = drop2(torch.relu_(F.conv2d(h, fc2.weight[:, :, None, None], fc2.bias)))
@@ -209,8 +212,8 @@ def _rules() -> List[Tuple[Type[nn.Module], type]]:
             (resnet.PlainBasicBlock, _PlainBasicBlock), (resnet.PlainBottleneck, _PlainBottleneck),
             (vgg.VGG, _VGG), (rnn.FusedSequential, _FusedSequential),
             (rnn.Conv2dBNReLU, _Conv2dBNReLU), (rnn.BatchNormAddReLU, _BatchNormAddReLU),
-            (rnn.AddReLU, _AddReLU), (rnn.BNReLUConv2d, _BNReLUConv2d), (rnn.BasicBlock, _BasicBlock),
-            (rnn.Bottleneck, _Bottleneck)]
+            (rnn.AddReLU, _AddReLU), (rnn.BNReLUConv2d, _BNReLUConv2d),
+            (rnn.BasicBlock, _BasicBlock), (rnn.Bottleneck, _Bottleneck)]
 
 
 _CLASSES: Dict[Tuple[type, type], type] = {}
@@ -222,8 +225,9 @@ def _torch_class(cls: type, mixin: type) -> type:
     key = (cls, mixin)
     if key not in _CLASSES:
         name = "Torch_" + f"{cls.__module__}.{cls.__qualname__}".replace(".", "_")
-        new = type(name, (mixin, cls), {"_plain_torch": True, "__module__": __name__, "__qualname__": name,
-                                        "__doc__": f"{cls.__name__} computed with plain torch.nn."})
+        new = type(name, (mixin, cls), {
+            "_plain_torch": True, "__module__": __name__, "__qualname__": name,
+            "__doc__": f"{cls.__name__} computed with plain torch.nn."})
         setattr(sys.modules[__name__], name, new)
         _CLASSES[key] = new
     return _CLASSES[key]
@@ -251,7 +255,8 @@ def torch_twin(module: nn.Module) -> nn.Module:
 def has_fused_layers(model: nn.Module) -> bool:
     """Whether ``model`` holds modules that run the resfast fused ops."""
     bases = tuple(base for base, _ in _rules())
-    return any(isinstance(m, bases) and not getattr(type(m), "_plain_torch", False) for m in model.modules())
+    return any(isinstance(m, bases) and not getattr(type(m), "_plain_torch", False)
+               for m in model.modules())
 
 
 @contextlib.contextmanager

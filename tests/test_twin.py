@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from resfast.functional import shortcut_a
-from resfast.twin import has_fused_layers, recording_resfast_ops, resfast_ops_called, to_torch, torch_twin
+from resfast.twin import (
+    has_fused_layers,
+    recording_resfast_ops,
+    resfast_ops_called,
+    to_torch,
+    torch_twin,
+)
 from tests.support import tiny_models
 
 models = pytest.importorskip("resfast.models")
@@ -66,15 +72,17 @@ def _small(kind):
         "bottleneck_B": lambda: ResNet(rnn.Bottleneck, [1, 1, 1, 1], num_classes=10, shortcut="B"),
         "bottleneck_C": lambda: ResNet(rnn.Bottleneck, [1, 1, 1, 1], num_classes=10, shortcut="C"),
         "plain_bottleneck": lambda: ResNet(PlainBottleneck, [1, 1, 1, 1], num_classes=10),
-        "preact_basic_A": lambda: PreActResNet(PreActBasicBlock, [1, 1, 1], num_classes=10, shortcut="A",
-                                               widths=(16, 32, 64), stem="cifar"),
+        "preact_basic_A": lambda: PreActResNet(PreActBasicBlock, [1, 1, 1], num_classes=10,
+                                               shortcut="A", widths=(16, 32, 64), stem="cifar"),
         "preact_basic_B": lambda: models.get_model("preact_resnet18", num_classes=10),
-        "preact_bottleneck_C": lambda: PreActResNet(PreActBottleneck, [1, 1, 1, 1], num_classes=10, shortcut="C"),
+        "preact_bottleneck_C": lambda: PreActResNet(PreActBottleneck, [1, 1, 1, 1], num_classes=10,
+                                                    shortcut="C"),
     }[kind]()
 
 
 @pytest.mark.parametrize("kind", ["resnet20", "plain20", "resnet18", "bottleneck_B", "bottleneck_C",
-                                  "plain_bottleneck", "preact_basic_A", "preact_basic_B", "preact_bottleneck_C"])
+                                  "plain_bottleneck", "preact_basic_A", "preact_basic_B",
+                                  "preact_bottleneck_C"])
 def test_registry_networks(kind):
     torch.manual_seed(0)
     check_same(_small(kind), torch.randn(2, 3, 32, 32))
@@ -89,9 +97,11 @@ def test_vgg_fused_features_and_dense():
 
     torch.manual_seed(0)
     for bn in (True, False):  # conv-BN-ReLU and conv(+bias)-ReLU runs of a FusedSequential
-        model = VGG(make_layers([8, "M", 512, "M"], batch_norm=bn), num_classes=10, init_weights=False)
+        model = VGG(make_layers([8, "M", 512, "M"], batch_norm=bn), num_classes=10,
+                    init_weights=False)
         model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-        model.classifier = nn.Sequential(nn.Linear(512 * 4, 16), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(16, 16),
+        model.classifier = nn.Sequential(nn.Linear(512 * 4, 16), nn.ReLU(True), nn.Dropout(0.5),
+                                         nn.Linear(16, 16),
                                          nn.ReLU(True), nn.Dropout(0.5), nn.Linear(16, 10))
         check_same(model, torch.randn(2, 3, 8, 8), dense=True)
 
@@ -146,5 +156,5 @@ def test_shortcut_a(cin, cout, stride):
     """The option A shortcut (the one the fused blocks and the twin share) against
     an independent construction: strided identity between zero channels."""
     x = torch.randn(2, cin, 7, 6)
-    torch.testing.assert_close(shortcut_a(x, cout, stride), _shortcut_a_by_concatenation(x, cout, stride),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(shortcut_a(x, cout, stride),
+                               _shortcut_a_by_concatenation(x, cout, stride), rtol=0, atol=0)

@@ -40,7 +40,8 @@ def torchvision_twin(name: str, module: nn.Module) -> Optional[nn.Module]:
     builder = getattr(torchvision.models, tv_name)
     ref = module.state_dict()
     first = next(iter(ref.values()))
-    num_classes = module.fc.out_features if hasattr(module, "fc") else module.classifier[-1].out_features
+    num_classes = (module.fc.out_features if hasattr(module, "fc")
+                   else module.classifier[-1].out_features)
     with torch.device("meta"):
         tv = builder(weights=None, num_classes=num_classes)
     tv = tv.to_empty(device=first.device)
@@ -48,7 +49,8 @@ def torchvision_twin(name: str, module: nn.Module) -> Optional[nn.Module]:
     return tv.train(module.training)
 
 
-# ---- the cuDNN frontend peer (provider "cudnn_fe") ------------------------------------------------
+# ---- the cuDNN frontend peer (provider "cudnn_fe")
+# ------------------------------------------------
 
 CUDNN_FE_INSTALL = "cudnn frontend not installed (pip install nvidia-cudnn-frontend)"
 CUDNN_FE_DTYPES = (torch.bfloat16, torch.float16)
@@ -62,11 +64,13 @@ def cudnn_fe_skip_reason(device, dtype: torch.dtype, layout: str) -> Optional[st
     try:
         import cudnn  # noqa: F401
     except Exception as e:  # ImportError, or the bundled library failing to load
-        return f"{CUDNN_FE_INSTALL}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return (f"{CUDNN_FE_INSTALL}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return "cudnn_fe needs a CUDA GPU"
     if dtype not in CUDNN_FE_DTYPES:
-        return f"cudnn_fe runs bf16/fp16 only (cuDNN FE fused conv+genstats), not {str(dtype).replace('torch.', '')}"
+        return ("cudnn_fe runs bf16/fp16 only (cuDNN FE fused conv+genstats), not "
+                f"{str(dtype).replace('torch.', '')}")
     if layout != "channels_last":
         return "cudnn_fe needs channels_last (NHWC) tensors"
     return None
@@ -96,14 +100,16 @@ class _CudnnFEGraphs:
         ho = (x.shape[2] + 2 * padding - w.shape[2]) // stride + 1
         wo = (x.shape[3] + 2 * padding - w.shape[3]) // stride + 1
         self.y_shape = (n, k, ho, wo)
-        y_like = torch.empty(self.y_shape, device=dev, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+        y_like = torch.empty(self.y_shape, device=dev,
+                             dtype=x.dtype).contiguous(memory_format=torch.channels_last)
         self.y_stride = y_like.stride()
 
-        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32, handle=self.handle)
+        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32,
+                          handle=self.handle)
         self.X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=io)
         self.W = g.tensor(name="W", dim=list(w.shape), stride=list(w.stride()), data_type=io)
-        self.Y = g.conv_fprop(image=self.X, weight=self.W, padding=[padding, padding], stride=[stride, stride],
-                              dilation=[1, 1], name="conv")
+        self.Y = g.conv_fprop(image=self.X, weight=self.W, padding=[padding, padding],
+                              stride=[stride, stride], dilation=[1, 1], name="conv")
         self.Y.set_output(True).set_data_type(io)
         self.SUM, self.SQ = g.genstats(input=self.Y, name="genstats")
         self.SUM.set_output(True).set_data_type(fp32)
@@ -115,13 +121,17 @@ class _CudnnFEGraphs:
         last = None
         for sdt in (torch.float32, x.dtype):
             try:
-                g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32,
-                                  handle=self.handle)
-                self.YI = g.tensor(name="Y", dim=list(self.y_shape), stride=list(self.y_stride), data_type=io)
+                g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32,
+                                  compute_data_type=fp32, handle=self.handle)
+                self.YI = g.tensor(name="Y", dim=list(self.y_shape), stride=list(self.y_stride),
+                                   data_type=io)
                 cshape, cstride = [1, k, 1, 1], [k, 1, k, k]
-                self.S = g.tensor(name="scale", dim=cshape, stride=cstride, data_type=_cudnn_dtype(cudnn, sdt))
-                self.B = g.tensor(name="shift", dim=cshape, stride=cstride, data_type=_cudnn_dtype(cudnn, sdt))
-                t = g.bias(input=g.scale(input=self.YI, scale=self.S, name="bn_scale"), bias=self.B, name="bn_shift")
+                self.S = g.tensor(name="scale", dim=cshape, stride=cstride,
+                                  data_type=_cudnn_dtype(cudnn, sdt))
+                self.B = g.tensor(name="shift", dim=cshape, stride=cstride,
+                                  data_type=_cudnn_dtype(cudnn, sdt))
+                t = g.bias(input=g.scale(input=self.YI, scale=self.S, name="bn_scale"), bias=self.B,
+                           name="bn_shift")
                 self.OUT = g.relu(input=t, name="relu") if relu else t
                 self.OUT.set_output(True).set_data_type(io)
                 g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -140,7 +150,8 @@ class _CudnnFEGraphs:
     def conv_stats(self, x: Tensor, w: Tensor):
         self._stream()
         k = self.y_shape[1]
-        y = torch.empty(self.y_shape, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+        y = torch.empty(self.y_shape, device=x.device,
+                        dtype=x.dtype).contiguous(memory_format=torch.channels_last)
         s = torch.empty((1, k, 1, 1), device=x.device, dtype=torch.float32)
         sq = torch.empty_like(s)
         self.g1.execute({self.X: x, self.W: w, self.Y: y, self.SUM: s, self.SQ: sq}, self.workspace,
@@ -151,9 +162,11 @@ class _CudnnFEGraphs:
         self._stream()
         out = torch.empty_like(y)
         k = self.y_shape[1]
-        sc = scale.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=torch.channels_last)
-        sh = shift.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=torch.channels_last)
-        self.g2.execute({self.YI: y, self.S: sc, self.B: sh, self.OUT: out}, self.workspace, handle=self.handle)
+        cl = torch.channels_last
+        sc = scale.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=cl)
+        sh = shift.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=cl)
+        self.g2.execute({self.YI: y, self.S: sc, self.B: sh, self.OUT: out}, self.workspace,
+                        handle=self.handle)
         return out
 
 
@@ -187,8 +200,8 @@ class _FEConvBNReLUFn(torch.autograd.Function):
             dz, y, gamma, None, None, mean, invstd, True, mod.bn.eps, [True, True, True])
         conv = mod.conv
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, w, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            dy, x, w, None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
+            [0, 0], conv.groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         return dx, dw, dgamma, dbeta, None
 
 
@@ -204,11 +217,15 @@ class CudnnFEConvBNReLU(nn.Module):
     ``backend="torch"`` replaces the two graphs by torch ops (the CPU tests of
     the finalize and backward); the benchmark always uses ``"cudnn"``."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str = "cudnn"):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True,
+                 backend: str = "cudnn"):
         super().__init__()
-        if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.bias is not None or not bn.affine:
-            raise ValueError("cudnn_fe covers an ungrouped, undilated, bias-free conv and an affine BN")
-        if len(set(conv.padding)) != 1 or len(set(conv.stride)) != 1 or not isinstance(conv.padding[0], int):
+        if (conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.bias is not None
+            or not bn.affine):
+            raise ValueError("cudnn_fe covers an ungrouped, undilated, bias-free conv and an "
+                             "affine BN")
+        if (len(set(conv.padding)) != 1 or len(set(conv.stride)) != 1
+            or not isinstance(conv.padding[0], int)):
             raise ValueError("cudnn_fe covers square stride and padding")
         self.conv, self.bn, self.use_relu, self.backend = conv, bn, relu, backend
         self._graphs = {}
@@ -230,9 +247,11 @@ class CudnnFEConvBNReLU(nn.Module):
         return new
 
     def _graph(self, x: Tensor, w: Tensor) -> _CudnnFEGraphs:
-        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), x.dtype, x.device)
+        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), x.dtype,
+               x.device)
         if key not in self._graphs:
-            self._graphs[key] = _CudnnFEGraphs(x, w, self.conv.stride[0], self.conv.padding[0], self.use_relu)
+            self._graphs[key] = _CudnnFEGraphs(x, w, self.conv.stride[0], self.conv.padding[0],
+                                               self.use_relu)
         return self._graphs[key]
 
     def _conv_stats(self, x: Tensor, w: Tensor):
@@ -284,7 +303,8 @@ def cudnn_fe_twin(eager: nn.Module, backend: str = "cudnn") -> CudnnFEConvBNReLU
 
 
 def check_against_eager(peer: nn.Module, eager: nn.Module, x: Tensor, backward: bool = True,
-                        dtype: torch.dtype = torch.float32, tol: Optional[float] = None) -> Optional[str]:
+                        dtype: torch.dtype = torch.float32,
+                        tol: Optional[float] = None) -> Optional[str]:
     """Run ``peer`` and ``eager`` (each a deep copy: the timed modules keep
     their state) on the same input under the same autocast, and compare the
     output and, with ``backward``, the input and weight gradients of the same
@@ -298,7 +318,8 @@ def check_against_eager(peer: nn.Module, eager: nn.Module, x: Tensor, backward: 
     grad = None
     for m in (eager, peer):
         xi = x.detach().clone().requires_grad_(backward)
-        ctx = torch.autocast(dev, dtype=dtype) if dtype in CUDNN_FE_DTYPES else torch.autocast(dev, enabled=False)
+        ctx = (torch.autocast(dev, dtype=dtype) if dtype in CUDNN_FE_DTYPES
+               else torch.autocast(dev, enabled=False))
         with ctx:
             out = m(xi)
         got = {"output": out.detach().double()}

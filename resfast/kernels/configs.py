@@ -56,7 +56,7 @@ class WgradTiles(NamedTuple):
 
 
 class LaunchOptions(NamedTuple):
-    """num_warps / num_stages of a launch; None leaves Triton's default (the interpreter takes none)."""
+    """num_warps / num_stages of a launch; None: Triton's default (the interpreter takes none)."""
 
     num_warps: Optional[int] = None
     num_stages: Optional[int] = None

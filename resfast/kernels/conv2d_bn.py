@@ -40,7 +40,8 @@ from . import interpreting
 from .configs import dot_config, gemm_tiles, launch_options, wgrad_rows_per_split, wgrad_tiles
 
 _CL = torch.channels_last
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float64: tests only (see above)
+# float64: tests only (see above)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---- device helpers --------------------------------------------------------------------
@@ -98,7 +99,8 @@ def _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, rows, row_ok, c
 
 
 @triton.jit
-def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M: tl.constexpr):
+def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
+                      BLOCK_M: tl.constexpr):
     """Per-channel mean and sum of squared deviations of this tile's rows (two passes in registers,
     so no E[y^2] - E[y]^2 cancellation)."""
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
@@ -149,10 +151,12 @@ def _conv2d_bn_forward_kernel(
     if OUT_RELU:
         acc = tl.maximum(acc, 0.0)
     y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y, mask=row_ok[:, None] & co_ok[None, :])
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y,
+             mask=row_ok[:, None] & co_ok[None, :])
     if STATS:
         # statistics of y as stored, so that BN normalizes exactly the values it reads back
-        _store_tile_stats(y.to(ACC_DTYPE), row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M)
+        _store_tile_stats(y.to(ACC_DTYPE), row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
+                          BLOCK_M)
 
 
 @triton.jit
@@ -186,22 +190,22 @@ def _conv2d_bn_dgrad_kernel(
         ow = twc // STRIDE
         hit = (row_ok & (th >= 0) & (tw >= 0) & (thc % STRIDE == 0) & (twc % STRIDE == 0)
                & (oh < OH) & (ow < OW))
-        g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, (n * OH + oh) * OW + ow, hit,
-                           co, Co, count, HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE,
+        g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, (n * OH + oh) * OW + ow,
+                           hit, co, Co, count, HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE,
                            BLOCK_M, BLOCK_K)
         w = tl.load(w_ptr + (tap * Co + co)[:, None] * Ci + ci[None, :],
                     mask=(co < Co)[:, None] & ci_ok[None, :], other=0.0)
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
-    tl.store(ga_ptr + rows.to(tl.int64)[:, None] * Ci + ci[None, :], acc.to(ga_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & ci_ok[None, :])
+    tl.store(ga_ptr + rows.to(tl.int64)[:, None] * Ci + ci[None, :],
+             acc.to(ga_ptr.dtype.element_ty), mask=row_ok[:, None] & ci_ok[None, :])
 
 
 @triton.jit
 def _conv2d_bn_wgrad_kernel(
-    x_ptr, scale_ptr, shift_ptr, gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, gw_part_ptr, gb_part_ptr,
-    H, W, Ci, OH, OW, Co, M, rows_per_split,
+    x_ptr, scale_ptr, shift_ptr, gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, gw_part_ptr,
+    gb_part_ptr, H, W, Ci, OH, OW, Co, M, rows_per_split,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
@@ -265,31 +269,36 @@ def _check_preconditions(x: Tensor, weight: Tensor, **others) -> None:
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"x must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {x.device}")
+        raise ValueError("x must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got {x.device}")
     for name, t in dict(weight=weight, **others).items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
+def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int,
+                      block_m: int) -> tuple[Tensor, Tensor]:
     """Chan's parallel merge of per-tile (mean, M2) into the mean and biased variance over m rows.
 
     All tiles are merged at once: mean = sum(n_i mean_i) / m and
     M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2); only deviations are squared, so a large
     |mean| does not cancel the variance away.
     """
-    starts = torch.arange(part_mean.shape[0], device=part_mean.device, dtype=part_mean.dtype) * block_m
+    starts = torch.arange(part_mean.shape[0], device=part_mean.device,
+                          dtype=part_mean.dtype) * block_m
     counts = (m - starts).clamp(max=block_m)[:, None]
     mean = (counts * part_mean).sum(0) / m
     m2 = part_m2.sum(0) + (counts * (part_mean - mean) ** 2).sum(0)
     return mean, m2 / m
 
 
-def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
-                      in_shift: Tensor | None, in_relu: bool, stride: int, padding: int,
-                      stats: bool, out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride, padding) + bias)
-    in channels_last, with the per-channel mean and biased variance of y when stats (else empty)."""
+def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
+                             in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
+                             stride: int, padding: int, stats: bool,
+                             out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var), y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride,
+    padding) + bias) in channels_last, with the per-channel mean and biased variance of y when
+    stats (else empty)."""
     _check_preconditions(x, weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
@@ -299,7 +308,8 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_
     m = n * oh * ow
     if m == 0:
         nan = torch.full((co,), float("nan"), dtype=sdt, device=x.device)
-        return (y, nan, nan.clone()) if stats else (y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt))
+        return (y, nan, nan.clone()) if stats else (y, y.new_empty((0,), dtype=sdt),
+                                                    y.new_empty((0,), dtype=sdt))
 
     x = x.contiguous(memory_format=_CL)
     w_gemm = weight.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()  # [(kh, kw, ci), co]
@@ -325,13 +335,13 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_
     return y, mean, var
 
 
-def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
-                       x: Tensor, weight: Tensor, y: Tensor | None, mean: Tensor | None,
-                       in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
-                       stride: int, padding: int, out_relu: bool,
-                       output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the prologue
-    output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
+def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
+                              grad_var: Tensor | None, x: Tensor, weight: Tensor, y: Tensor | None,
+                              mean: Tensor | None, in_scale: Tensor | None, in_shift: Tensor | None,
+                              in_relu: bool, stride: int, padding: int, out_relu: bool,
+                              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the
+    prologue output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
     _check_preconditions(x, weight, in_scale=in_scale, in_shift=in_shift, grad_y=grad_y, y=y,
                          grad_mean=grad_mean, grad_var=grad_var, mean=mean)
     if y is None and (out_relu or grad_var is not None):
@@ -345,21 +355,22 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, g
     empty = x.new_empty((0,))
     m = n * oh * ow
     if m == 0:
-        return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL) if want_a else empty,
-                torch.zeros_like(weight) if want_w else empty,
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL) if want_a
+                else empty, torch.zeros_like(weight) if want_w else empty,
                 weight.new_zeros((co,)) if want_b else empty)
 
     x = x.contiguous(memory_format=_CL)
     grads = dict(
         gy_ptr=x if grad_y is None else grad_y.contiguous(memory_format=_CL),
         y_ptr=x if y is None else y.contiguous(memory_format=_CL),
-        gmean_ptr=x if grad_mean is None else grad_mean, gvar_ptr=x if grad_var is None else grad_var,
-        mean_ptr=x if grad_var is None else mean,
+        gmean_ptr=x if grad_mean is None else grad_mean,
+        gvar_ptr=x if grad_var is None else grad_var, mean_ptr=x if grad_var is None else mean,
         HAS_GY=grad_y is not None, HAS_GMEAN=grad_mean is not None, HAS_GVAR=grad_var is not None,
         OUT_RELU=out_relu)
     conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **dot_config(x.dtype).constexprs())
     grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else empty
-    grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, want_b)
+    grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w,
+                             want_b)
                       if want_w or want_b else (None, None))
     return grad_a, grad_w if want_w else empty, grad_b if want_b else empty
 
@@ -373,8 +384,10 @@ def _dgrad(x, weight, oh, ow, grads, conv) -> Tensor:
     m_in = n * h * w
     grid = (triton.cdiv(m_in, tiles.block_m), triton.cdiv(ci, tiles.block_n))
     wrap_triton(_conv2d_bn_dgrad_kernel)[grid](
-        w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in, count=n * oh * ow,
-        **grads, **conv, **tiles.constexprs(), **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
+        w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in,
+        count=n * oh * ow,
+        **grads, **conv, **tiles.constexprs(),
+        **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     return grad_a
 
 
@@ -386,17 +399,20 @@ def _wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, 
     rows_per_split = wgrad_rows_per_split(tiles, co, ci, m, k * k, x.device)
     splits = triton.cdiv(m, rows_per_split)
     acc_dtype = stats_dtype(x.dtype)
-    gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype, device=x.device)
+    gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype,
+                          device=x.device)
     gb_part = torch.empty((splits, co) if want_b else (0,), dtype=acc_dtype, device=x.device)
     # without grad_weight only the first (tap, Ci block) column of programs is needed, for the bias
     k_tiles = k * k * triton.cdiv(ci, tiles.block_ci) if want_w else 1
     grid = (triton.cdiv(co, tiles.block_co), k_tiles, splits)
     wrap_triton(_conv2d_bn_wgrad_kernel)[grid](
-        x_ptr=x, scale_ptr=x if in_scale is None else in_scale, shift_ptr=x if in_shift is None else in_shift,
+        x_ptr=x, scale_ptr=x if in_scale is None else in_scale,
+        shift_ptr=x if in_shift is None else in_shift,
         gw_part_ptr=gw_part, gb_part_ptr=gb_part, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M=m,
         HAS_AFFINE=in_scale is not None, IN_RELU=in_relu, WANT_W=want_w, WANT_B=want_b,
         rows_per_split=rows_per_split, **grads, **conv, **tiles.constexprs(),
         **launch_options(tiles.block_co * tiles.block_ci, x.dtype).kwargs())
-    grad_w = gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous() if want_w else None
+    grad_w = (gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous()
+              if want_w else None)
     grad_b = gb_part.sum(0).to(weight.dtype) if want_b else None
     return grad_w, grad_b

@@ -28,7 +28,8 @@ Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
 
 
 def register_model(*, dataset: str = "imagenet", torchvision: Optional[str] = None,
-                   input_size: Optional[Tuple[int, int, int]] = None) -> Callable[[Builder], Builder]:
+                   input_size: Optional[Tuple[int, int, int]] = None
+                   ) -> Callable[[Builder], Builder]:
     """Register the decorated builder under its function name. ``input_size``
     defaults to the data set's (3x224x224 for ImageNet, 3x32x32 for CIFAR)."""
     if dataset not in INPUT_SIZES:
@@ -38,7 +39,8 @@ def register_model(*, dataset: str = "imagenet", torchvision: Optional[str] = No
         name = builder.__name__
         if name in _MODELS:
             raise ValueError(f"a model named {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, builder, dataset, tuple(input_size or INPUT_SIZES[dataset]), torchvision)
+        _MODELS[name] = ModelInfo(name, builder, dataset, tuple(input_size or INPUT_SIZES[dataset]),
+                                  torchvision)
         return builder
 
     return register

@@ -23,8 +23,8 @@ from ..nn import FusedSequential
 from ._utils import check_bool, check_num_classes, init_conv_bn
 from .registry import register_model
 
-__all__ = ["VGG", "CONFIGS", "make_layers", "multi_scale_eval", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13",
-           "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+__all__ = ["VGG", "CONFIGS", "make_layers", "multi_scale_eval", "vgg11", "vgg11_bn", "vgg11_lrn",
+           "vgg13", "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
 # channel widths, "M" = 2x2 max-pool, "LRN" = local response normalisation,
 # (C, 1) = a 1x1 conv (configuration C).
@@ -33,9 +33,11 @@ CONFIGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M", 512, 512, (512, 1), "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M", 512, 512,
+          (512, 1), "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512,
+          512, 512, "M"],
 }
 
 
@@ -107,12 +109,14 @@ class VGG(nn.Module):
         k = self.avgpool.output_size
         k = k if isinstance(k, int) else k[0]
         if h.shape[2] < k or h.shape[3] < k:
-            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k} (an input of at least "
-                             f"{32 * k}x{32 * k}), got {tuple(h.shape[2:])} from an input of {tuple(x.shape[2:])}")
+            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k} (an input "
+                             f"of at least {32 * k}x{32 * k}), got {tuple(h.shape[2:])} from an "
+                             f"input of {tuple(x.shape[2:])}")
         c = fc1.in_features // (k * k)
         h = F.conv2d(h, fc1.weight.view(fc1.out_features, c, k, k), fc1.bias, relu=True)
         h = drop1(h)
-        h = F.conv2d(h, fc2.weight.view(fc2.out_features, fc2.in_features, 1, 1), fc2.bias, relu=True)
+        h = F.conv2d(h, fc2.weight.view(fc2.out_features, fc2.in_features, 1, 1), fc2.bias,
+                     relu=True)
         h = drop2(h)
         return F.conv2d(h, fc3.weight.view(fc3.out_features, fc3.in_features, 1, 1), fc3.bias)
 
@@ -126,8 +130,8 @@ def multi_scale_eval(model: nn.Module, images: Tensor, scales: Sequence[int] = (
     num_classes) probabilities. Runs without gradients; put the model in eval
     mode first."""
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got {got}")
     scales = list(scales)
     if not scales or any(isinstance(q, bool) or not isinstance(q, int) or q < 1 for q in scales):
         raise ValueError(f"scales must be a non-empty list of positive ints, got {scales!r}")

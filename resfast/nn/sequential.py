@@ -16,8 +16,8 @@ from .. import functional as F
 from ..functional import BatchNormArgs
 from .layers import check_fusable_conv
 
-__all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS", "has_hooks",
-           "conv_problem", "is_fusable_conv", "is_plain_bn", "is_plain_relu"]
+__all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS",
+           "has_hooks", "conv_problem", "is_fusable_conv", "is_plain_bn", "is_plain_relu"]
 
 
 # ---- what can be fused --------------------------------------------------------------
@@ -45,7 +45,8 @@ def is_fusable_conv(m: nn.Module) -> bool:
 
 
 def is_plain_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
-    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward and not has_hooks(m)
+    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
+            and not has_hooks(m)
             and (channels is None or m.num_features == channels))
 
 
@@ -136,7 +137,8 @@ def run_plan(modules, plan: List[Step], x):
             else:
                 h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **args)
         elif kind.startswith("bn"):
-            h = F.batch_norm_pending(F.materialize(h), BatchNormArgs.of(modules[idx[0]]), relu=kind == "bn_relu")
+            h = F.batch_norm_pending(F.materialize(h), BatchNormArgs.of(modules[idx[0]]),
+                                     relu=kind == "bn_relu")
         else:
             h = modules[idx[0]](F.materialize(h))
     return h
@@ -156,7 +158,8 @@ class FusedSequential(nn.Sequential):
             return super().forward(x)
         mods = list(self)
         h = x
-        if plan[0].kind.startswith("conv") and not x.is_contiguous(memory_format=torch.channels_last):
+        if (plan[0].kind.startswith("conv")
+            and not x.is_contiguous(memory_format=torch.channels_last)):
             h = x.contiguous(memory_format=torch.channels_last)
         out = F.materialize(run_plan(mods, plan, h))
         if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()

@@ -75,7 +75,8 @@ def global_batch_stats(mean: Tensor, var: Tensor, count: int, group=None, *,
     if world == 1:
         return mean, var, int(count)
     if mean.shape != var.shape or mean.dim() != 1:
-        raise ValueError(f"mean and var must be 1-D of equal shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
+        raise ValueError(f"mean and var must be 1-D of equal shape, got {tuple(mean.shape)} and "
+                         f"{tuple(var.shape)}")
     c = mean.shape[0]
     n = float(count)
     m = mean.to(torch.float64)

@@ -28,16 +28,18 @@ SHAPES = [
 ]
 KERNELS = ("forward", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
-VARIANTS = [f"{kernel}-{dtype}-{shape[0]}" for kernel in KERNELS for dtype in DTYPES for shape in SHAPES]
+VARIANTS = [f"{kernel}-{dtype}-{shape[0]}" for kernel in KERNELS for dtype in DTYPES
+            for shape in SHAPES]
 SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block can opt into on an H100
 
 
 def _flags(kernel: str, kind: str) -> dict:
     fused, stem = kind == "fused", kind == "stem"
     if kernel == "forward":
-        return dict(HAS_BIAS=kind == "plain", HAS_AFFINE=fused, IN_RELU=fused, OUT_RELU=kind == "plain",
-                    STATS=kind != "plain")
-    grads = dict(HAS_GY=True, HAS_GMEAN=kind != "plain", HAS_GVAR=kind != "plain", OUT_RELU=kind == "plain")
+        return dict(HAS_BIAS=kind == "plain", HAS_AFFINE=fused, IN_RELU=fused,
+                    OUT_RELU=kind == "plain", STATS=kind != "plain")
+    grads = dict(HAS_GY=True, HAS_GMEAN=kind != "plain", HAS_GVAR=kind != "plain",
+                 OUT_RELU=kind == "plain")
     if kernel == "dgrad":
         return grads
     return dict(grads, HAS_AFFINE=fused, IN_RELU=fused, WANT_W=True, WANT_B=not stem)
@@ -55,7 +57,8 @@ def _compile(variant: str) -> dict:
 
     kernel_name, dtype_name, shape_name = variant.split("-", 2)
     _, ci, co, k, stride, side, kind = next(s for s in SHAPES if s[0] == shape_name)
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+             torch.float64: "fp64"}
     dtype = next(t for t, name in names.items() if name == dtype_name)
     stats_name = names[stats_dtype(dtype)]
     conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
@@ -71,8 +74,8 @@ def _compile(variant: str) -> dict:
     blocks = tiles.constexprs()
     constexprs = dict(conv, **_flags(kernel_name, kind), **blocks)
     # per-channel vectors and partial sums are in the statistics dtype, tensors in the input dtype
-    stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr", "mean_ptr",
-                  "gw_part_ptr", "gb_part_ptr"}
+    stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr",
+                  "mean_ptr", "gw_part_ptr", "gb_part_ptr"}
     out_side = (side + 2 * (k // 2) - k) // stride + 1
     ints = dict(H=side, W=side, Ci=ci, OH=out_side, OW=out_side, Co=co, M=BATCH * out_side ** 2,
                 M_in=BATCH * side ** 2, count=BATCH * out_side ** 2,
@@ -94,7 +97,8 @@ def _compile(variant: str) -> dict:
     assert not missing, f"{variant}: constexprs {missing} are not parameters of {fn.__name__}"
     options = configs.launch_options(tile, dtype).kwargs()
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs,
+                                        attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     return dict(variant=variant, ok=True, seconds=round(time.perf_counter() - start, 2),
                 shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
@@ -106,7 +110,8 @@ def _compile(variant: str) -> dict:
 
 def main(variants) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("run with TRITON_INTERPRET=0: the interpreter's triton.jit cannot be compiled", file=sys.stderr)
+        print("run with TRITON_INTERPRET=0: the interpreter's triton.jit cannot be compiled",
+              file=sys.stderr)
         return 2
     for variant in variants:
         try:

@@ -16,7 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from resfast.kernels.conv2d_bn import triton_conv2d_bn_backward, triton_conv2d_bn_forward
-from tests.support.helpers import GRAD_FACTOR, GRAD_FLOOR, assert_close, rel_err, triton_interpreter_problem
+from tests.support.helpers import (
+    GRAD_FACTOR,
+    GRAD_FLOOR,
+    assert_close,
+    rel_err,
+    triton_interpreter_problem,
+)
 
 CL = torch.channels_last
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -45,15 +51,18 @@ INDEX_CASES = {
     "3x3_two_channel_blocks": (3, 1, 1, 1, 20, 24, 7, 7, True, True, True, False, True, "nhwc"),
     "5x5_s2_p2": (5, 2, 2, 1, 3, 5, 7, 8, False, True, True, False, True, "nchw"),
 }
-PARAMS = ([pytest.param(case, dtype, id=f"{name}-{str(dtype)[6:]}") for name, case in CASES.items() for dtype in DTYPES]
-          + [pytest.param(case, torch.float32, id=f"{name}-float32") for name, case in INDEX_CASES.items()])
+PARAMS = ([pytest.param(case, dtype, id=f"{name}-{str(dtype)[6:]}") for name,
+           case in CASES.items() for dtype in DTYPES]
+          + [pytest.param(case, torch.float32, id=f"{name}-float32") for name,
+             case in INDEX_CASES.items()])
 
 
 @pytest.fixture(autouse=True)
 def _nan_filled_empty():
     """torch.empty hands out NaN-filled memory, so any output or partial-sum element the
     kernels fail to write turns into a non-finite result (rel_err rejects those)."""
-    was_on, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on, was_warn = (torch.are_deterministic_algorithms_enabled(),
+                        torch.is_deterministic_algorithms_warn_only_enabled())
     was_fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -89,7 +98,8 @@ def _composite(inputs, dtype, grad_y=None, grad_mean=None, grad_var=None):
     sdt = _stats_dtype(dtype)
     x = inputs["x"].to(sdt)
     if inputs["in_scale"] is not None:
-        x = x * inputs["in_scale"].to(sdt).view(1, -1, 1, 1) + inputs["in_shift"].to(sdt).view(1, -1, 1, 1)
+        x = (x * inputs["in_scale"].to(sdt).view(1, -1, 1, 1)
+             + inputs["in_shift"].to(sdt).view(1, -1, 1, 1))
     if inputs["in_relu"]:
         x = torch.relu(x)
     a = x.to(dtype).requires_grad_()
@@ -99,7 +109,8 @@ def _composite(inputs, dtype, grad_y=None, grad_mean=None, grad_var=None):
     if inputs["out_relu"]:
         y = torch.relu(y)
     var, mean = torch.var_mean(y.to(sdt), dim=(0, 2, 3), correction=0)
-    loss = sum((g.to(sdt) * v).sum() for g, v in ((grad_y, y.to(sdt)), (grad_mean, mean), (grad_var, var))
+    loss = sum((g.to(sdt) * v).sum() for g,
+               v in ((grad_y, y.to(sdt)), (grad_mean, mean), (grad_var, var))
                if g is not None)
     leaves = [t for t in (a, weight, bias) if t is not None]
     grads = (torch.autograd.grad(loss, leaves, allow_unused=True) if isinstance(loss, torch.Tensor)
@@ -111,16 +122,19 @@ def _composite(inputs, dtype, grad_y=None, grad_mean=None, grad_var=None):
 def _reference(inputs, dtype, **grads):
     """The float64 reference, and torch's same-dtype composite for the half types (float32
     and float64 are held to fixed floors: torch's float32 conv may use tf32 on a GPU)."""
-    ref = _composite({k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
-                     torch.float64, **{k: None if v is None else v.double() for k, v in grads.items()})
+    ref = _composite({k: v.double() if isinstance(v, torch.Tensor) else v for k,
+                      v in inputs.items()},
+                     torch.float64,
+                     **{k: None if v is None else v.double() for k, v in grads.items()})
     same = _composite(inputs, dtype, **grads) if dtype in (torch.bfloat16, torch.float16) else None
     return ref, same
 
 
 def _backward(inputs, y, mean, grad_y, grad_mean, grad_var, mask):
-    return triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, inputs["x"], inputs["weight"], y, mean,
-                              inputs["in_scale"], inputs["in_shift"], inputs["in_relu"], inputs["stride"],
-                              inputs["padding"], inputs["out_relu"], list(mask))
+    return triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, inputs["x"], inputs["weight"], y,
+                                     mean, inputs["in_scale"], inputs["in_shift"],
+                                     inputs["in_relu"], inputs["stride"], inputs["padding"],
+                                     inputs["out_relu"], list(mask))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,11 +154,13 @@ def test_forward_backward(case, dtype, device):
     mask = (True, True, inputs["bias"] is not None)
     grad_a, grad_w, grad_b = _backward(inputs, y, mean, grad_y, grad_mean, grad_var, mask)
 
-    (ref, ref_grads), same = _reference(inputs, dtype, grad_y=grad_y, grad_mean=grad_mean, grad_var=grad_var)
+    (ref, ref_grads), same = _reference(inputs, dtype, grad_y=grad_y, grad_mean=grad_mean,
+                                        grad_var=grad_var)
     same_out, same_grads = same or ((None,) * 3, (None,) * 3)
     assert_close("y", y, ref[0], same_out[0], dtype)
     if stats:
-        assert mean.dtype == var.dtype == _stats_dtype(dtype) and mean.shape == var.shape == (y.shape[1],)
+        assert (mean.dtype == var.dtype == _stats_dtype(dtype)
+                and mean.shape == var.shape == (y.shape[1],))
         assert_close("mean", mean, ref[1], same_out[1], dtype)
         assert_close("var", var, ref[2], same_out[2], dtype)
     else:
@@ -175,7 +191,8 @@ GRAD_SUBSETS = [
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("present,mask", GRAD_SUBSETS, ids=lambda v: "".join("1" if b else "0" for b in v))
+@pytest.mark.parametrize("present,mask", GRAD_SUBSETS,
+                         ids=lambda v: "".join("1" if b else "0" for b in v))
 def test_backward_subsets(present, mask, device):
     inputs = _make_inputs(CASES["3x3_s2_bn_stats_nchw"], torch.float32, device)
     y, mean, _ = triton_conv2d_bn_forward(**inputs)
@@ -222,7 +239,8 @@ def test_empty_batch(stats, device):
     y, mean, var = triton_conv2d_bn_forward(**inputs)
     assert y.shape == (0, 5, 5, 4) and y.is_contiguous(memory_format=CL)
     assert mean.shape == var.shape == ((5,) if stats else (0,))
-    grad_a, grad_w, grad_b = _backward(inputs, y, mean, torch.zeros_like(y), None, None, (True, True, True))
+    grad_a, grad_w, grad_b = _backward(inputs, y, mean, torch.zeros_like(y), None, None,
+                                       (True, True, True))
     assert grad_a.shape == inputs["x"].shape
     assert torch.equal(grad_w, torch.zeros_like(inputs["weight"]))
     assert torch.equal(grad_b, torch.zeros_like(inputs["bias"]))
@@ -254,7 +272,8 @@ def test_bad_forward_inputs(change, match, device):
 BAD_BACKWARD = {
     "grad_var_without_mean": (_bad(mean=lambda g: None), "mean is needed"),
     "grad_var_without_y": (_bad(y=lambda g: None), "y is needed"),
-    "grad_mean_device": (_bad(grad_mean=lambda g: g["grad_mean"].to("meta")), "grad_mean is on meta"),
+    "grad_mean_device": (_bad(grad_mean=lambda g: g["grad_mean"].to("meta")),
+                         "grad_mean is on meta"),
 }
 
 
@@ -263,9 +282,9 @@ BAD_BACKWARD = {
 def test_bad_backward_inputs(change, match, device):
     inputs = _make_inputs(CASES["3x3_s2_bn_stats_nchw"], torch.float32, device)
     y, mean = torch.zeros(1, 5, 5, 4, device=device), torch.zeros(5, device=device)
-    args = dict(grad_y=torch.ones_like(y), grad_mean=torch.ones_like(mean), grad_var=torch.ones_like(mean),
-                y=y, mean=mean, mask=[True, True, True])
+    args = dict(grad_y=torch.ones_like(y), grad_mean=torch.ones_like(mean),
+                grad_var=torch.ones_like(mean), y=y, mean=mean, mask=[True, True, True])
     args.update({k: f(args) for k, f in change.items()})
     with pytest.raises(ValueError, match=match):
-        _backward(inputs, args["y"], args["mean"], args["grad_y"], args["grad_mean"], args["grad_var"],
-                  args["mask"])
+        _backward(inputs, args["y"], args["mean"], args["grad_y"], args["grad_mean"],
+                  args["grad_var"], args["mask"])

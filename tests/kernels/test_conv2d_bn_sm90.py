@@ -35,15 +35,16 @@ def _nvidia_backend() -> bool:
     return "nvidia" in getattr(triton.backends, "backends", {})
 
 
-pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="needs Triton with its NVIDIA backend")
+pytestmark = pytest.mark.skipif(not _nvidia_backend(),
+                                reason="needs Triton with its NVIDIA backend")
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "tests.kernels.conv2d_bn_sm90"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.conv2d_bn_sm90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {line["variant"]: line for line in lines}
@@ -56,9 +57,10 @@ def test_compiles_for_sm90(compiled, variant):
     assert result["ok"], f"{variant} does not compile for sm_90: {result['error']}"
     assert result["cubin_bytes"] > 0
     assert result["shared"] <= SM90_SHARED_BYTES, (
-        f"{variant} needs {result['shared']} bytes of shared memory, an H100 block has {SM90_SHARED_BYTES} "
-        f"(tiles {result['blocks']}, {result['options']})")
+        f"{variant} needs {result['shared']} bytes of shared memory, an H100 block has "
+        f"{SM90_SHARED_BYTES} (tiles {result['blocks']}, {result['options']})")
     assert result["async_copies"] > 0, f"{variant}: no load is pipelined (tiles {result['blocks']})"
     half = variant.split("-")[1] in ("bf16", "fp16")
     assert result["wgmma"] == half, (
-        f"{variant}: {'no' if half else 'a'} warpgroup MMA in the compiled kernel (tiles {result['blocks']})")
+        f"{variant}: {'no' if half else 'a'} warpgroup MMA in the compiled kernel (tiles "
+        f"{result['blocks']})")

@@ -87,11 +87,14 @@ def _cases():
                 configs = FULL_BY_DEFAULT[name]
                 yield pytest.param(name, training, configs, id=f"{name}-{mode}-full")
                 rest = [c for c in FULL + EXTRA if c not in configs]
-                yield pytest.param(name, training, rest, id=f"{name}-{mode}-rest", marks=pytest.mark.slow)
+                yield pytest.param(name, training, rest, id=f"{name}-{mode}-rest",
+                                   marks=pytest.mark.slow)
             else:
                 slow = [] if name in QUICK_BY_DEFAULT else [pytest.mark.slow]
-                yield pytest.param(name, training, QUICK[training], id=f"{name}-{mode}-quick", marks=slow)
-                yield pytest.param(name, training, FULL + EXTRA, id=f"{name}-{mode}-full", marks=pytest.mark.slow)
+                yield pytest.param(name, training, QUICK[training], id=f"{name}-{mode}-quick",
+                                   marks=slow)
+                yield pytest.param(name, training, FULL + EXTRA, id=f"{name}-{mode}-full",
+                                   marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("name, training, configs", list(_cases()))

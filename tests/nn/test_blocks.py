@@ -44,9 +44,10 @@ def test_basic_block(device, dtype, conf, layout, training):
     n = 8 if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes, stride) if proj else None
     ref = _randomize(TVBasic(cin, planes, stride, ds))
-    ours = resfast.nn.BasicBlock(cin, planes, stride, _projection(cin, planes, stride) if proj else None)
-    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 9)], dtype=dtype, device=device, training=training,
-                      layout=layout)
+    ours = resfast.nn.BasicBlock(cin, planes, stride,
+                                 _projection(cin, planes, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 9)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -59,9 +60,10 @@ def test_bottleneck(device, dtype, conf, layout, training):
     n = 8 if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes * 4, stride) if proj else None
     ref = _randomize(TVBottleneck(cin, planes, stride, ds))
-    ours = resfast.nn.Bottleneck(cin, planes, stride, _projection(cin, planes * 4, stride) if proj else None)
-    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 7)], dtype=dtype, device=device, training=training,
-                      layout=layout)
+    ours = resfast.nn.Bottleneck(cin, planes, stride,
+                                 _projection(cin, planes * 4, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 7)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -27,7 +27,8 @@ def test_bn_add_relu(device, dtype, shape, layout, training):
         ref.running_var.uniform_(0.5, 2)
     y = torch.randn(n, c, h, w) * 3 + 1
     residual = torch.randn(n, c, h, w)
-    check_module_pair(ours, ref, [y, residual], dtype=dtype, device=device, training=training, layout=layout)
+    check_module_pair(ours, ref, [y, residual], dtype=dtype, device=device, training=training,
+                      layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)

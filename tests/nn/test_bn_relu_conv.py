@@ -1,4 +1,5 @@
-"""Pre-activation conv(relu(bn(x))) against torch.nn (the module's plain torch.nn twin, resfast.twin)."""
+"""Pre-activation conv(relu(bn(x))) against torch.nn (the module's plain torch.nn twin,
+resfast.twin)."""
 import pytest
 import torch
 

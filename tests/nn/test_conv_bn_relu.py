@@ -43,8 +43,8 @@ def test_conv_bn_relu(device, dtype, shape, layout, training):
     ref = torch_twin(resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=bias, relu=True))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=bias, relu=True)
-    check_module_pair(ours, ref, [torch.randn(n, cin, h, w)], dtype=dtype, device=device, training=training,
-                      layout=layout)
+    check_module_pair(ours, ref, [torch.randn(n, cin, h, w)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -53,7 +53,8 @@ def test_conv_bn_without_relu(device, training):
     ref = torch_twin(resfast.nn.Conv2dBNReLU(6, 10, 3, 1, relu=False))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(6, 10, 3, 1, relu=False)
-    check_module_pair(ours, ref, [torch.randn(2, 6, 9, 9)], dtype=torch.float32, device=device, training=training)
+    check_module_pair(ours, ref, [torch.randn(2, 6, 9, 9)], dtype=torch.float32, device=device,
+                      training=training)
 
 
 @pytest.mark.parametrize("momentum", [0.3, None])
@@ -74,7 +75,8 @@ def test_running_stats_over_steps(momentum):
 
 
 def test_no_running_stats_uses_batch_statistics():
-    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, track_running_stats=False))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                        nn.BatchNorm2d(4, track_running_stats=False))
     ours = resfast.nn.Conv2dBNReLU(3, 4, 3, relu=False)
     ours.bn = nn.BatchNorm2d(4, track_running_stats=False)
     ours.conv.weight.data.copy_(ref[0].weight.data)

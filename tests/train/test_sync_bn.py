@@ -1,19 +1,19 @@
 """Synchronised BatchNorm (resfast/train/sync_bn.py) on one process: the classes
 convert_sync_bn gives the torch twin, and the fused ops handing every BN's batch
 statistics to the reducer. Two processes: test_ddp.py."""
+import tiny_models
 import torch
 
 from resfast.train.sync_bn import SyncBatchNorm2d, convert_sync_bn
 from resfast.twin import to_torch
-
-import tiny_models
 
 
 def test_convert_sync_bn_classes():
     ref = convert_sync_bn(to_torch(tiny_models.tiny_resnet()))
     bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(m.stats_reducer is not None for m in bns)
-    assert all(isinstance(m, SyncBatchNorm2d) for m in bns if type(m).__name__ != "Torch_resfast_nn_BatchNormAddReLU")
+    assert all(isinstance(m, SyncBatchNorm2d) for m in bns
+               if type(m).__name__ != "Torch_resfast_nn_BatchNormAddReLU")
     # outside a process group the reducer is the identity: the same function
     x = torch.randn(4, 3, 32, 32)
     plain = to_torch(tiny_models.tiny_resnet())
