@@ -17,9 +17,8 @@ Environment:
 import glob
 import os
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +55,8 @@ def _extension():
     cxx_flags += ["-DRESFAST_WITH_CUDA", f'-DRESFAST_CUDA_ARCHS="{archs}"']
     include_dirs = []
     # ATen's CUDA headers pull in cuBLAS, which pip's wheels keep outside the toolkit.
-    nvidia_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
+    nvidia_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13",
+                                  "include")
     if os.path.isdir(nvidia_include):
         include_dirs.append(os.path.abspath(nvidia_include))
     return CUDAExtension(

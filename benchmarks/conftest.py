@@ -1,8 +1,10 @@
 """pytest-benchmark suite: resfast against torch.nn eager and torch.compile.
 
-    python -m pytest benchmarks --benchmark-disable        # CPU CI: tiny shapes, runs each step once
+    # CPU CI: tiny shapes, runs each step once
+    python -m pytest benchmarks --benchmark-disable
+    # GPU: full size (the default with a GPU)
     python -m pytest benchmarks -k "resnet50 and train and bf16 and channels_last" \\
-        --benchmark-json=out.json                           # GPU: full size (the default with a GPU)
+        --benchmark-json=out.json
 
 Every test is one (case, dtype, layout, provider) of :mod:`resfast.bench.cases`
 (ids like ``conv3x3_bn_relu-56x56x64-train-bf16-channels_last-resfast``),
@@ -43,12 +45,16 @@ def _env(name, default):
 
 def pytest_addoption(parser):
     g = parser.getgroup("resfast-bench", "resfast benchmarks")
-    g.addoption("--bench-size", default=_env("RESFAST_BENCH_SIZE", "auto"), choices=("auto",) + C.SIZES,
+    g.addoption("--bench-size", default=_env("RESFAST_BENCH_SIZE", "auto"),
+                choices=("auto",) + C.SIZES,
                 help="shapes: full (GPU) or cpu-tiny; auto picks by device")
-    g.addoption("--bench-compile", default=_env("RESFAST_BENCH_COMPILE", "auto"), choices=("auto", "on", "off"),
+    g.addoption("--bench-compile", default=_env("RESFAST_BENCH_COMPILE", "auto"),
+                choices=("auto", "on", "off"),
                 help="the torch.compile provider (auto: on a GPU only)")
-    g.addoption("--bench-device", default=_env("RESFAST_BENCH_DEVICE", "auto"), help="auto, cpu, cuda")
-    g.addoption("--bench-dtypes", default=_env("RESFAST_BENCH_DTYPES", "fp32,bf16"), help="fp32,bf16")
+    g.addoption("--bench-device", default=_env("RESFAST_BENCH_DEVICE", "auto"),
+                help="auto, cpu, cuda")
+    g.addoption("--bench-dtypes", default=_env("RESFAST_BENCH_DTYPES", "fp32,bf16"),
+                help="fp32,bf16")
     g.addoption("--bench-layouts", default=_env("RESFAST_BENCH_LAYOUTS", "nchw,channels_last"),
                 help="nchw,channels_last")
     g.addoption("--bench-steps", type=int, default=None, help="steps per timed round")
@@ -63,22 +69,26 @@ def _list(value, allowed, what):
 
 
 def pytest_configure(config):
-    settings = default_settings(config.getoption("--bench-device"), config.getoption("--bench-size"),
-                                config.getoption("--bench-compile"), steps=config.getoption("--bench-steps"))
+    settings = default_settings(config.getoption("--bench-device"),
+                                config.getoption("--bench-size"),
+                                config.getoption("--bench-compile"),
+                                steps=config.getoption("--bench-steps"))
     config._resfast_runner = Runner(settings)
-    if settings.threads:  # cpu-tiny: one intra-op thread (see resfast.bench.measure.default_settings)
+    # cpu-tiny: one intra-op thread (see resfast.bench.measure.default_settings)
+    if settings.threads:
         import torch
 
         torch.set_num_threads(settings.threads)
-    config._resfast_configs = [(d, l) for d in _list(config.getoption("--bench-dtypes"), tuple(C.DTYPES), "dtype")
-                               for l in _list(config.getoption("--bench-layouts"), C.LAYOUTS, "layout")]
+    dtypes = _list(config.getoption("--bench-dtypes"), tuple(C.DTYPES), "dtype")
+    layouts = _list(config.getoption("--bench-layouts"), C.LAYOUTS, "layout")
+    config._resfast_configs = [(d, layout) for d in dtypes for layout in layouts]
 
 
 def pytest_report_header(config):
     s = config._resfast_runner.s
-    return (f"resfast bench: device {s.device}, size {s.size}, compile {'on' if s.compile else 'off'}, "
-            f"{s.warmup} warm-up + {s.rounds} x {s.steps} steps, configs "
-            + ", ".join(f"{d}/{l}" for d, l in config._resfast_configs))
+    return (f"resfast bench: device {s.device}, size {s.size}, compile "
+            f"{'on' if s.compile else 'off'}, {s.warmup} warm-up + {s.rounds} x {s.steps} steps, "
+            "configs " + ", ".join(f"{d}/{layout}" for d, layout in config._resfast_configs))
 
 
 def pytest_generate_tests(metafunc):
@@ -86,7 +96,8 @@ def pytest_generate_tests(metafunc):
         return
     marker = metafunc.definition.get_closest_marker("bench")
     if marker is None:
-        raise pytest.UsageError(f"{metafunc.function.__name__} needs @pytest.mark.bench(group=..., kind=..., mode=...)")
+        raise pytest.UsageError(f"{metafunc.function.__name__} needs @pytest.mark.bench(group=..., "
+                                "kind=..., mode=...)")
     want = marker.kwargs
     runner = metafunc.config._resfast_runner
     params = []
@@ -151,8 +162,8 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
         "command": " ".join(["python", "-m", "pytest", *config.invocation_params.args]),
         "environment": report.environment(s.device),
         "settings": {"size": s.size, "warmup": s.warmup, "steps": s.steps, "rounds": s.rounds,
-                     "compile": s.compile, "compile_reason": s.compile_reason, "cpu_threads": s.threads,
-                     "cudnn_benchmark": s.cudnn_benchmark,
+                     "compile": s.compile, "compile_reason": s.compile_reason,
+                     "cpu_threads": s.threads, "cudnn_benchmark": s.cudnn_benchmark,
                      "configs": [list(c) for c in config._resfast_configs]},
         "ceilings": runner._ceilings,
     }

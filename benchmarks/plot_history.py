@@ -21,7 +21,8 @@ import sys
 from collections import defaultdict
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METRICS = ("ratio_vs_eager", "ratio_vs_compile", "images_per_s", "ms", "pct_of_ceiling", "tflops", "gbs")
+METRICS = ("ratio_vs_eager", "ratio_vs_compile", "images_per_s", "ms", "pct_of_ceiling", "tflops",
+           "gbs")
 
 
 def _layout(layout):
@@ -39,11 +40,12 @@ def load_rows(path):
         return None
     if str(doc.get("format", "")).startswith("resfast-bench/"):
         env = doc.get("environment", {})
-        return doc.get("timestamp") or doc.get("date"), env.get("gpu") or env.get("device") or "?", \
-            doc.get("results", [])
+        return (doc.get("timestamp") or doc.get("date"), env.get("gpu") or env.get("device") or "?",
+                doc.get("results", []))
     if "benchmarks" in doc and "resfast" in doc:  # pytest-benchmark --benchmark-json of benchmarks/
         env = doc["resfast"].get("environment", {})
-        rows = [b.get("extra_info", {}) for b in doc["benchmarks"] if b.get("extra_info", {}).get("name")]
+        rows = [b.get("extra_info", {}) for b in doc["benchmarks"]
+                if b.get("extra_info", {}).get("name")]
         return str(doc.get("datetime", "")), env.get("gpu") or env.get("device") or "?", rows
     return None
 
@@ -61,12 +63,16 @@ def collect(results_dir, metric, pattern=None, provider="resfast"):
         if not stamp:
             continue
         for r in rows:
-            if r.get("status", "ok") != "ok" or r.get("provider") != provider or r.get(metric) is None:
+            if (r.get("status", "ok") != "ok" or r.get("provider") != provider
+                or r.get(metric) is None):
                 continue
-            label = f"{r['name']} {r.get('mode', '')} {r.get('dtype', '')} {_layout(r.get('layout', ''))}".strip()
-            if pattern and not fnmatch.fnmatch(label, pattern) and not fnmatch.fnmatch(r["name"], pattern):
+            label = (f"{r['name']} {r.get('mode', '')} {r.get('dtype', '')} "
+                     f"{_layout(r.get('layout', ''))}".strip())
+            if (pattern and not fnmatch.fnmatch(label, pattern)
+                and not fnmatch.fnmatch(r["name"], pattern)):
                 continue
-            series[device][label].append((str(stamp)[:16], float(r[metric]), os.path.basename(path)))
+            series[device][label].append((str(stamp)[:16], float(r[metric]),
+                                          os.path.basename(path)))
     return series
 
 
@@ -79,11 +85,13 @@ def plot(series, metric, out):
     devices = sorted(series)
     fig, axes = plt.subplots(len(devices), 1, figsize=(12, 4.5 * len(devices)), squeeze=False)
     for ax, device in zip(axes[:, 0], devices):
-        dates = sorted({d for pts in series[device].values() for d, _, _ in pts})  # run times, in order
+        # run times, in order
+        dates = sorted({d for pts in series[device].values() for d, _, _ in pts})
         index = {d: i for i, d in enumerate(dates)}
         for label, pts in sorted(series[device].items()):
             pts = sorted(pts)
-            ax.plot([index[d] for d, _, _ in pts], [v for _, v, _ in pts], marker="o", ms=3, lw=1, label=label)
+            ax.plot([index[d] for d, _, _ in pts], [v for _, v, _ in pts], marker="o", ms=3, lw=1,
+                    label=label)
         ax.set_xticks(range(len(dates)))
         ax.set_xticklabels(dates, rotation=30, ha="right", fontsize=7)
         if metric.startswith("ratio"):
@@ -98,15 +106,18 @@ def plot(series, metric, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--results", default=os.path.join(HERE, "results"), help="directory of results files")
+    p.add_argument("--results", default=os.path.join(HERE, "results"),
+                   help="directory of results files")
     p.add_argument("--out", help="PNG path (default <results>/history.png)")
     p.add_argument("--metric", default="ratio_vs_eager", choices=METRICS)
-    p.add_argument("--provider", default="resfast", help="whose rows to draw (resfast, eager, compile)")
+    p.add_argument("--provider", default="resfast",
+                   help="whose rows to draw (resfast, eager, compile)")
     p.add_argument("--filter", help="glob over 'name mode dtype layout' (or the name alone)")
     args = p.parse_args(argv)
     series = collect(args.results, args.metric, args.filter, args.provider)
     if not series:
-        print(f"no results files with {args.provider} {args.metric} in {args.results}: nothing to draw")
+        print(f"no results files with {args.provider} {args.metric} in {args.results}: nothing to "
+              "draw")
         return 0
     for device in sorted(series):
         print(f"{device}: latest {args.metric}")

@@ -6,8 +6,10 @@ Layers, bottom to top: ``resfast.kernels`` (Triton) and ``csrc/`` (C++/CUDA)
 """
 import torch  # noqa: F401  (the extension links against torch's libraries)
 
-from . import _C  # noqa: F401  (registers the C++ ops)
-from . import ops, functional, nn
+from . import _C  # noqa: F401  (registers the C++ ops, whose fakes and autograd the Python ops add)
+
+# isort: split
+from . import functional, nn, ops
 from ._info import info
 
 __version__ = "0.1.0"

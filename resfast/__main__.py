@@ -44,7 +44,8 @@ def _bench(argv):
     return bench_main(argv)
 
 
-COMMANDS = {"info": _info, "summary": _summary, "train": _train, "reproduce": _reproduce, "bench": _bench}
+COMMANDS = {"info": _info, "summary": _summary, "train": _train, "reproduce": _reproduce,
+            "bench": _bench}
 
 
 def main(argv=None):

@@ -23,7 +23,8 @@ def info() -> dict:
 
     def backends(op):
         name = f"resfast::{op}"
-        return "+".join(k for k in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
+        return "+".join(k for k in ("CPU", "CUDA")
+                        if torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
 
     return {
         "resfast_cuda_archs": archs.replace(";", " ").split() if archs else [],

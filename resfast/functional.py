@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
+from .dtypes import stats_dtype
 
 ops = torch.ops.resfast
 
@@ -57,7 +58,8 @@ class Pending(NamedTuple):
 # ---- autocast and checks ------------------------------------------------------
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    if device_type == "meta":  # shape-only runs (resfast.models.summary); autocast has no meta backend
+    # shape-only runs (resfast.models.summary); autocast has no meta backend
+    if device_type == "meta":
         return None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
@@ -115,27 +117,24 @@ def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs)
                 bn.num_batches_tracked.add_(1)
             if momentum is None:
                 momentum = 1.0 / float(bn.num_batches_tracked)
-        ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean.detach(), var.detach(), count,
-                                     momentum)
+        ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean.detach(), var.detach(),
+                                     count, momentum)
     return ops.bn_finalize(mean, var, bn.weight, bn.bias, bn.eps)
 
 
 def _running_scale_shift(bn: BatchNormArgs, dtype):
-    return ops.bn_finalize(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps)
+    return ops.bn_finalize(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias,
+                           bn.eps)
 
 
 def _uses_batch_stats(bn: BatchNormArgs) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _stats_dtype(x: Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 # ---- convs ------------------------------------------------------------------------
 
-def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *, stride: int = 1,
-                    padding: int = 0, relu: bool = True) -> Pending:
+def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
+                    stride: int = 1, padding: int = 0, relu: bool = True) -> Pending:
     """conv -> BN (-> ReLU), left pending in training mode; in eval mode BN is
     folded into the conv and the result is complete (scale/shift None, the ReLU
     in the conv's epilogue). Pass ``relu=False`` and give the ReLU to
@@ -145,24 +144,26 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
     src = pending_in.y if pending_in else x
     _check_input(src)
     if weight.dim() != 4 or weight.shape[1] != src.shape[1]:
-        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} input channels")
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} "
+                         "input channels")
     if weight.device != src.device:
         raise ValueError(f"conv weight is on {weight.device} but the input is on {src.device}")
     _check_bn(bn, weight.shape[0], src.device)
     dtype = _conv_dtype(src, weight)
     src = _cast(src, dtype)
-    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift, pending_in.relu) if pending_in else (None, None, False)
+    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift,
+                                   pending_in.relu) if pending_in else (None, None, False)
     if _uses_batch_stats(bn):
-        y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift, in_relu,
-                                     stride, padding, True, False)
+        y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
+                                     in_shift, in_relu, stride, padding, True, False)
         scale, shift = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
         return Pending(y, scale, shift, relu)
     # eval: fold BN into the conv, one pass with the ReLU in the epilogue.
-    scale, shift = _running_scale_shift(bn, _stats_dtype(src))
+    scale, shift = _running_scale_shift(bn, stats_dtype(src))
     folded_w = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
     folded_b = shift if bias is None else shift + bias.to(scale.dtype) * scale
-    y, _, _ = ops.conv2d_bn(src, folded_w, folded_b.to(dtype), in_scale, in_shift, in_relu, stride, padding,
-                            False, relu)
+    y, _, _ = ops.conv2d_bn(src, folded_w, folded_b.to(dtype), in_scale, in_shift, in_relu, stride,
+                            padding, False, relu)
     return Pending(y, None, None, False)
 
 
@@ -173,13 +174,20 @@ def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] =
     if residual is not None:
         _check_input(residual, "residual")
         if residual.shape != p.y.shape:
-            raise ValueError(f"residual shape {tuple(residual.shape)} differs from the branch output {tuple(p.y.shape)}")
+            raise ValueError(f"residual shape {tuple(residual.shape)} differs from the branch "
+                             f"output {tuple(p.y.shape)}")
         if residual.device != p.y.device:
-            raise ValueError(f"residual is on {residual.device} but the branch output is on {p.y.device}")
+            raise ValueError(f"residual is on {residual.device} but the branch output is on "
+                             f"{p.y.device}")
         residual = _cast(residual, p.y.dtype)
     if p.scale is None and residual is None and not relu:
         return p.y
     return ops.bn_act(p.y, p.scale, p.shift, residual, relu)
+
+
+def materialize(h) -> Tensor:
+    """``h`` as a Tensor: a :class:`Pending` is finished, a Tensor returned as it is."""
+    return finish(h) if isinstance(h, Pending) else h
 
 
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
@@ -189,10 +197,11 @@ def _like_input(out: Tensor, x: Tensor) -> Tensor:
     return out.contiguous()
 
 
-def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *, stride: int = 1,
-                 padding: int = 0, relu: bool = True) -> Tensor:
+def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
+                 stride: int = 1, padding: int = 0, relu: bool = True) -> Tensor:
     """``relu(bn(conv2d(x)))`` (``relu=False``: ``bn(conv2d(x))``)."""
-    return _like_input(finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding, relu=relu)), x)
+    return _like_input(finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding,
+                                              relu=relu)), x)
 
 
 def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
@@ -203,7 +212,7 @@ def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
         mean, var = ops.bn_stats(x)
         scale, shift = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
     else:
-        scale, shift = _running_scale_shift(bn, _stats_dtype(x))
+        scale, shift = _running_scale_shift(bn, stats_dtype(x))
     return Pending(x, scale, shift, relu)
 
 
@@ -226,10 +235,11 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
     _check_input(x)
     dtype = _conv_dtype(x, weight)
     if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
-        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {x.shape[1]} input channels")
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {x.shape[1]} "
+                         "input channels")
     # x stays in its own precision: the prologue normalizes it before rounding.
-    y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale, pending.shift, True,
-                            stride, padding, False, False)
+    y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale,
+                            pending.shift, True, stride, padding, False, False)
     return _like_input(y, x)
 
 
@@ -242,11 +252,13 @@ def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
     src = pending_in.y if pending_in else x
     _check_input(src)
     if weight.dim() != 4 or weight.shape[1] != src.shape[1]:
-        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} input channels")
+        raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} "
+                         "input channels")
     dtype = _conv_dtype(src, weight)
-    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift, pending_in.relu) if pending_in else (None, None, False)
-    y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
-                            in_relu, stride, padding, False, relu)
+    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift,
+                                   pending_in.relu) if pending_in else (None, None, False)
+    y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale,
+                            in_shift, in_relu, stride, padding, False, relu)
     return _like_input(y, src)
 
 
@@ -257,14 +269,15 @@ def shortcut_a(x: Tensor, out_channels: int, stride: int) -> Tensor:
     y = x[:, :, ::stride, ::stride] if stride > 1 else x
     extra = out_channels - x.shape[1]
     if extra < 0:
-        raise ValueError(f"option A shortcut cannot reduce channels ({x.shape[1]} -> {out_channels})")
+        raise ValueError(f"option A shortcut cannot reduce channels ({x.shape[1]} -> "
+                         f"{out_channels})")
     if extra:
         y = torch.nn.functional.pad(y, (0, 0, 0, 0, extra // 2, extra - extra // 2))
     return y
 
 
-def basic_block(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs, *, stride: int = 1,
-                shortcut: Optional[Tensor] = None) -> Tensor:
+def basic_block(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs, *,
+                stride: int = 1, shortcut: Optional[Tensor] = None) -> Tensor:
     """torchvision's BasicBlock: ``relu(bn2(conv3x3(relu(bn1(conv3x3(x))))) + shortcut)``.
     The first BN + ReLU is applied in the second conv's prologue and the second
     BN in the add + ReLU. ``shortcut`` defaults to x (identity)."""
@@ -273,7 +286,8 @@ def basic_block(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: Batc
     return _like_input(finish(out, x if shortcut is None else shortcut, relu=True), x)
 
 
-def bottleneck(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs, w3: Tensor,
+def bottleneck(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs,
+               w3: Tensor,
                bn3: BatchNormArgs, *, stride: int = 1, shortcut: Optional[Tensor] = None) -> Tensor:
     """torchvision's Bottleneck (stride in the 3x3, "v1.5"): 1x1 -> 3x3 -> 1x1, each
     BN + ReLU applied in the next conv's prologue, the last BN in the add + ReLU."""

@@ -5,8 +5,8 @@ so ``state_dict`` keys and values stay as they were:
 
 * ``nn.Sequential`` runs of ``Conv2d -> BatchNorm2d -> ReLU`` (also
   ``Conv2d -> BatchNorm2d``, ``Conv2d -> ReLU`` and ``BatchNorm2d -> ReLU``)
-  become a :class:`FusedSequential`, which walks a fusion plan over the same
-  children (torchvision's VGG ``features`` is one such Sequential);
+  become a :class:`resfast.nn.FusedSequential`, which walks a fusion plan over
+  the same children (torchvision's VGG ``features`` is one such Sequential);
 * torchvision's ``BasicBlock`` / ``Bottleneck``, and lookalikes with the same
   children, become :class:`resfast.nn.BasicBlock` / :class:`resfast.nn.Bottleneck`
   sharing those children (a lookalike is first checked to compute the same
@@ -21,168 +21,26 @@ A fused module no longer calls its children's ``forward``: hooks registered on
 those children afterwards do not fire.
 """
 import copy
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import functional as F
 from . import nn as rnn
-from .functional import BatchNormArgs, Pending
+from .functional import BatchNormArgs
+from .nn.sequential import (
+    FusedSequential,
+    conv_problem,
+    describe_plan,
+    fusion_plan,
+    has_hooks,
+    is_plain_bn,
+    is_plain_relu,
+)
 
+# FusedSequential and fusion_plan live in the nn layer (resfast.nn); re-exported for fuse()'s users
 __all__ = ["fuse", "fused_modules", "FusedSequential", "fusion_plan"]
-
-
-# ---- what can be fused --------------------------------------------------------------
-
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-def _conv_problem(m: nn.Module, name: str = "conv") -> Optional[str]:
-    """Why ``m`` cannot run as a fused conv (None: it can)."""
-    if not isinstance(m, nn.Conv2d) or type(m).forward is not nn.Conv2d.forward:
-        return f"{name} is a {type(m).__name__}, not a plain nn.Conv2d"
-    if _has_hooks(m):
-        return f"{name} has hooks"
-    try:
-        rnn.check_fusable_conv(m, name)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def _is_conv(m: nn.Module) -> bool:
-    return _conv_problem(m) is None
-
-
-def _is_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
-    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward and not _has_hooks(m)
-            and (channels is None or m.num_features == channels))
-
-
-def _is_relu(m: nn.Module) -> bool:
-    return type(m) is nn.ReLU and not _has_hooks(m)
-
-
-# ---- the plan of a Sequential -------------------------------------------------------
-
-class Step(NamedTuple):
-    """One step of a fusion plan: ``kind`` over the children at ``index``.
-
-    kinds: ``conv_bn_relu``, ``conv_bn`` (output left pending: its BN-apply and
-    ReLU run in the next conv's prologue or in one elementwise pass),
-    ``conv_relu`` (bias + ReLU in the conv's epilogue), ``conv`` (a conv that
-    applies the pending input in its prologue), ``bn_relu``, ``bn``, and
-    ``module`` (the child runs as it is)."""
-
-    kind: str
-    index: Tuple[int, ...]
-
-
-FUSED_KINDS = ("conv_bn_relu", "conv_bn", "conv_relu", "conv", "bn_relu", "bn")
-
-
-def fusion_plan(modules) -> List[Step]:
-    """The fusion plan over a list of modules (a Sequential's children, in order)."""
-    mods = list(modules)
-    n = len(mods)
-    plan: List[Step] = []
-    pending = False  # whether the previous step leaves a pending activation
-    i = 0
-    while i < n:
-        m = mods[i]
-        nxt = mods[i + 1] if i + 1 < n else None
-        if _is_conv(m):
-            if nxt is not None and _is_bn(nxt, m.out_channels):
-                if i + 2 < n and _is_relu(mods[i + 2]):
-                    plan.append(Step("conv_bn_relu", (i, i + 1, i + 2)))
-                    i += 3
-                else:
-                    plan.append(Step("conv_bn", (i, i + 1)))
-                    i += 2
-                pending = True
-                continue
-            if nxt is not None and _is_relu(nxt):
-                plan.append(Step("conv_relu", (i, i + 1)))
-                i, pending = i + 2, False
-                continue
-            if pending:
-                plan.append(Step("conv", (i,)))
-                i, pending = i + 1, False
-                continue
-        elif _is_bn(m):
-            if nxt is not None and _is_relu(nxt):
-                plan.append(Step("bn_relu", (i, i + 1)))
-                i, pending = i + 2, True
-                continue
-            if nxt is not None and _is_conv(nxt) and nxt.in_channels == m.num_features:
-                plan.append(Step("bn", (i,)))
-                i, pending = i + 1, True
-                continue
-        plan.append(Step("module", (i,)))
-        i, pending = i + 1, False
-    return plan
-
-
-def describe_plan(plan: List[Step]) -> str:
-    counts = {}
-    for s in plan:
-        if s.kind != "module":
-            counts[s.kind] = counts.get(s.kind, 0) + 1
-    return ", ".join(f"{k} x{v}" for k, v in counts.items())
-
-
-def _materialize(h):
-    return F.finish(h) if isinstance(h, Pending) else h
-
-
-def run_plan(modules, plan: List[Step], x):
-    """Run a fusion plan; returns a Tensor or a :class:`Pending` (the caller
-    finishes it, or hands it to a conv that applies it in its prologue)."""
-    h = x
-    for step in plan:
-        kind, idx = step
-        if kind.startswith("conv"):
-            conv = modules[idx[0]]
-            args = dict(stride=conv.stride[0], padding=conv.padding[0])
-            if kind.startswith("conv_bn"):
-                h = F.conv_bn_pending(h, conv.weight, conv.bias, BatchNormArgs.of(modules[idx[1]]),
-                                      relu=kind == "conv_bn_relu", **args)
-            else:
-                h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **args)
-        elif kind.startswith("bn"):
-            h = F.batch_norm_pending(_materialize(h), BatchNormArgs.of(modules[idx[0]]), relu=kind == "bn_relu")
-        else:
-            h = modules[idx[0]](_materialize(h))
-    return h
-
-
-class FusedSequential(nn.Sequential):
-    """An ``nn.Sequential`` whose forward runs a fusion plan over its children
-    (:func:`fusion_plan`): the same children, indices and ``state_dict``.
-
-    The plan is rebuilt on every call (a few isinstance checks), so the
-    Sequential may still be edited. Internally activations stay channels_last;
-    the output comes back in the input's memory format."""
-
-    def forward(self, x):
-        plan = fusion_plan(self)
-        if not isinstance(x, Tensor) or x.dim() != 4 or not any(s.kind != "module" for s in plan):
-            return super().forward(x)
-        mods = list(self)
-        h = x
-        if plan[0].kind.startswith("conv") and not x.is_contiguous(memory_format=torch.channels_last):
-            h = x.contiguous(memory_format=torch.channels_last)
-        out = _materialize(run_plan(mods, plan, h))
-        if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()
-                and not x.is_contiguous(memory_format=torch.channels_last)):
-            out = out.contiguous()
-        return out
-
-    def plan(self) -> List[Step]:
-        return fusion_plan(self)
 
 
 # ---- residual blocks ----------------------------------------------------------------
@@ -205,7 +63,8 @@ class BottleneckShortcut(_ShortcutNamed, rnn.Bottleneck):
     """:class:`resfast.nn.Bottleneck` whose shortcut child is named ``shortcut``."""
 
 
-_BASIC = {"required": ("conv1", "bn1", "conv2", "bn2"), "convs": (("conv1", 3, None), ("conv2", 3, 1))}
+_BASIC = {"required": ("conv1", "bn1", "conv2", "bn2"),
+          "convs": (("conv1", 3, None), ("conv2", 3, 1))}
 _BOTTLENECK = {"required": ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"),
                "convs": (("conv1", 1, 1), ("conv2", 3, None), ("conv3", 1, 1))}
 # instance attributes a torchvision block has besides its modules
@@ -232,27 +91,30 @@ def _block_layout(m: nn.Module) -> Optional[str]:
 
 def _block_problem(m: nn.Module, kind: str) -> Optional[str]:
     layout = _BASIC if kind == "BasicBlock" else _BOTTLENECK
-    if _has_hooks(m):
+    if has_hooks(m):
         return "has hooks"
     prev = None
-    for (name, k, s), bn_name in zip(layout["convs"], [c[0].replace("conv", "bn") for c in layout["convs"]]):
+    for (name, k, s), bn_name in zip(layout["convs"],
+                                     [c[0].replace("conv", "bn") for c in layout["convs"]]):
         conv, bn = m._modules[name], m._modules[bn_name]
-        problem = _conv_problem(conv, name)
+        problem = conv_problem(conv, name)
         if problem:
             return problem
         if conv.kernel_size[0] != k or conv.padding[0] != k // 2:
-            return f"{name} is {conv.kernel_size} with padding {conv.padding}, expected {k}x{k} with padding {k // 2}"
+            return (f"{name} is {conv.kernel_size} with padding {conv.padding}, expected {k}x{k} "
+                    f"with padding {k // 2}")
         if conv.bias is not None:
             return f"{name} has a bias"
         if s is not None and conv.stride[0] != s:
-            return f"{name} has stride {conv.stride[0]} (the stride belongs in the {'first' if k == 3 else '3x3'} conv)"
-        if not _is_bn(bn, conv.out_channels):
+            return (f"{name} has stride {conv.stride[0]} (the stride belongs in the "
+                    f"{'first' if k == 3 else '3x3'} conv)")
+        if not is_plain_bn(bn, conv.out_channels):
             return f"{bn_name} is not a plain nn.BatchNorm2d over {conv.out_channels} channels"
         if prev is not None and conv.in_channels != prev:
             return f"{name} takes {conv.in_channels} channels, the previous conv gives {prev}"
         prev = conv.out_channels
     relu = m._modules.get("relu")
-    if relu is not None and not _is_relu(relu):
+    if relu is not None and not is_plain_relu(relu):
         return f"relu is a {type(relu).__name__}"
     extra = {k for k, v in vars(m).items() if not k.startswith("_")
              and not (k in ("downsample", "shortcut") and v is None)} - _BLOCK_ATTRS
@@ -283,7 +145,8 @@ def _randomize_bn(module: nn.Module, gen: torch.Generator) -> None:
             if isinstance(bn, nn.BatchNorm2d):
                 def rand(t, lo, hi):
                     if t is not None:
-                        t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float32) * (hi - lo) + lo)
+                        t.copy_(torch.rand(t.shape, generator=gen, dtype=torch.float32) * (hi - lo)
+                                + lo)
                 rand(bn.weight, 0.5, 1.5)
                 rand(bn.bias, -0.5, 0.5)
                 rand(bn.running_mean, -0.5, 0.5)
@@ -301,7 +164,8 @@ def _same_function(m: nn.Module, kind: str) -> bool:
     p = ref._modules["conv1"].weight
     if p.device.type == "meta":
         return False  # nothing to compute with: not verified, so not fused
-    x = torch.randn((2, ref._modules["conv1"].in_channels, 8, 8), generator=gen).to(device=p.device, dtype=p.dtype)
+    x = torch.randn((2, ref._modules["conv1"].in_channels, 8, 8),
+                    generator=gen).to(device=p.device, dtype=p.dtype)
     try:
         with torch.no_grad():
             want, got = ref(x), fused(x)
@@ -320,10 +184,10 @@ def _stem_problem(m: nn.Module) -> Optional[str]:
     conv, bn, relu = (m._modules.get(k) for k in ("conv1", "bn1", "relu"))
     if conv is None or bn is None or relu is None:
         return "no conv1/bn1/relu stem"
-    problem = _conv_problem(conv, "conv1")
+    problem = conv_problem(conv, "conv1")
     if problem:
         return problem
-    if not _is_bn(bn, conv.out_channels) or not _is_relu(relu):
+    if not is_plain_bn(bn, conv.out_channels) or not is_plain_relu(relu):
         return "bn1/relu are not a plain BatchNorm2d / ReLU"
     return None
 
@@ -393,12 +257,12 @@ class _Walk:
                 m.__class__ = _fused_resnet_class()
             else:
                 self.kept.append((name, f"ResNet stem: {problem}"))
-        elif type(m) is nn.Sequential and not _has_hooks(m):
+        elif type(m) is nn.Sequential and not has_hooks(m):
             plan = fusion_plan(m)
             if any(s.kind != "module" for s in plan):
                 m.__class__ = FusedSequential
             elif any(isinstance(c, nn.Conv2d) for c in m.children()):
-                problems = {_conv_problem(c, f"conv {i}") for i, c in m._modules.items()
+                problems = {conv_problem(c, f"conv {i}") for i, c in m._modules.items()
                             if isinstance(c, nn.Conv2d)} - {None}
                 self.kept.append((name, "Sequential: " + ("; ".join(sorted(problems)) or
                                                           "no Conv2d -> BatchNorm2d / ReLU run")))

@@ -24,11 +24,13 @@ def build_parser(prog: str = "resfast reproduce") -> argparse.ArgumentParser:
     # allow_abbrev=False: otherwise '--model X' would be taken as '--models X'
     p = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reproduce a paper experiment. 'degradation': plain-20/56 vs ResNet-20/56 training and test "
-                    "error curves in one figure, and a table of the final errors.\n\nAny other option is a "
-                    "'resfast train' option and applies to every network (see resfast train --help), e.g. "
-                    "--data, --epochs, --schedule, --lr, --batch-size, --backend, --amp, --device.",
-        epilog="example:\n  resfast reproduce degradation --epochs 12 --schedule cosine --out runs/degradation")
+        description="Reproduce a paper experiment. 'degradation': plain-20/56 vs ResNet-20/56 "
+                    "training and test error curves in one figure, and a table of the final "
+                    "errors.\n\nAny other option is a 'resfast train' option and applies to every "
+                    "network (see resfast train --help), e.g. --data, --epochs, --schedule, --lr, "
+                    "--batch-size, --backend, --amp, --device.",
+        epilog="example:\n  resfast reproduce degradation --epochs 12 --schedule cosine --out "
+               "runs/degradation")
     p.add_argument("experiment", choices=sorted(EXPERIMENTS))
     p.add_argument("--models", default=None,
                    help="comma-separated networks to compare instead of the experiment's "
@@ -64,8 +66,10 @@ def plot_comparison(runs: Dict[str, List[Dict]], path: str, title: str = "") -> 
             h = runs[name]
             c = colors[i % len(colors)]
             ep = [r["epoch"] for r in h]
-            ax.plot(ep, [r["train_top1_err"] for r in h], "--", color=c, lw=1, label=f"{_label(name)} train")
-            ax.plot(ep, [r["test_top1_err"] for r in h], "-", color=c, lw=2, label=f"{_label(name)} test")
+            ax.plot(ep, [r["train_top1_err"] for r in h], "--", color=c, lw=1,
+                    label=f"{_label(name)} train")
+            ax.plot(ep, [r["test_top1_err"] for r in h], "-", color=c, lw=2,
+                    label=f"{_label(name)} test")
         ax.set_xlabel("epoch")
         integer_epochs(ax)
         ax.set_ylabel("top-1 error (%)")
@@ -79,15 +83,15 @@ def plot_comparison(runs: Dict[str, List[Dict]], path: str, title: str = "") -> 
 
 def results_table(results: Dict[str, Dict]) -> str:
     """Markdown table of the final (and best) errors of each run."""
-    lines = ["| network | layers | final train error (%) | final test error (%) | best test error (%) | epochs | "
-             "time (s) |",
+    lines = ["| network | layers | final train error (%) | final test error (%) | best test error "
+             "(%) | epochs | time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in results.items():
         f = r["final"]
         layers = _layers(name)
-        lines.append(f"| {_label(name)} | {layers if layers is not None else ''} | {f['train_top1_err']:.2f} | "
-                     f"{f['test_top1_err']:.2f} | {r['best_test_top1_err']:.2f} | {f['epoch']} | "
-                     f"{f['time_s']:.0f} |")
+        lines.append(f"| {_label(name)} | {layers if layers is not None else ''} | "
+                     f"{f['train_top1_err']:.2f} | {f['test_top1_err']:.2f} | "
+                     f"{r['best_test_top1_err']:.2f} | {f['epoch']} | {f['time_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -95,7 +99,8 @@ def reproduce_main(argv: Optional[List[str]] = None, prog: str = "resfast reprod
     """Entry point of ``resfast reproduce``: returns the exit status."""
     from resfast.data import DataError
     from resfast.train.checkpoint import CheckpointError, atomic_write_text
-    from resfast.train.trainer import UsageError, build_parser as train_parser, train
+    from resfast.train.trainer import UsageError, train
+    from resfast.train.trainer import build_parser as train_parser
 
     argv = list(argv) if argv is not None else sys.argv[1:]
     parser = build_parser(prog)
@@ -120,15 +125,18 @@ def reproduce_main(argv: Optional[List[str]] = None, prog: str = "resfast reprod
                     ckpt = load_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
                     if ckpt["epoch"] >= targs.epochs:
                         hist = ckpt["history"]
+                        best = min(r["test_top1_err"] for r in hist)
                         results[name] = {"history": hist, "final": hist[-1],
-                                         "best_test_top1_err": min(r["test_top1_err"] for r in hist)}
-                        print(f"{_label(name)}: finished run found in {run_dir}, reused", flush=True)
+                                         "best_test_top1_err": best}
+                        print(f"{_label(name)}: finished run found in {run_dir}, reused",
+                              flush=True)
                         continue
             elif os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
                 targs.overwrite = True
             r = train(targs)
             if not r["finished"]:
-                print(f"{prog}: {_label(name)} stopped early (--stop-after); rerun with --resume", file=sys.stderr)
+                print(f"{prog}: {_label(name)} stopped early (--stop-after); rerun with --resume",
+                      file=sys.stderr)
                 return 1
             results[name] = r
     except (UsageError, CheckpointError, DataError) as e:
@@ -139,13 +147,15 @@ def reproduce_main(argv: Optional[List[str]] = None, prog: str = "resfast reprod
     data_name = "embedded digits" if targs.data in ("embedded", "digits") else os.path.basename(
         os.path.normpath(targs.data))
     plot_comparison({n: r["history"] for n, r in results.items()}, fig_path,
-                    f"{args.experiment}: plain vs residual on {data_name} (thin dashed: train, bold: test)")
+                    f"{args.experiment}: plain vs residual on {data_name} (thin dashed: train, "
+                    "bold: test)")
     table = results_table(results)
     cmd = " ".join([prog] + argv)
-    md = (f"## {args.experiment}\n\nCommand: `{cmd}`\n\n![{args.experiment}]({args.experiment}.png)\n\n"
-          f"{table}\n")
+    md = (f"## {args.experiment}\n\nCommand: "
+          f"`{cmd}`\n\n![{args.experiment}]({args.experiment}.png)\n\n{table}\n")
     atomic_write_text(md, os.path.join(out, f"{args.experiment}.md"))
-    atomic_write_text(json.dumps({_label(n): {"final": r["final"], "best_test_top1_err": r["best_test_top1_err"]}
+    atomic_write_text(json.dumps({_label(n): {"final": r["final"],
+                                              "best_test_top1_err": r["best_test_top1_err"]}
                                   for n, r in results.items()}, indent=2) + "\n",
                       os.path.join(out, f"{args.experiment}.json"))
     print(table)

@@ -66,18 +66,16 @@ CORE=$(( L_SETUP + L_WARM + L_BENCH_OPS + L_BENCH_R50 + L_BENCH_VGG + RESERVE ))
 
 # ---- the GPU correctness subset: chosen to need few Triton compiles --------------------
 # One shard per line, run in parallel: "name|paths|-k expression" (all with -m gpu).
-# Paths name today's files and where the planned test move puts them (tests/kernels,
-# tests/ops, tests/nn, tests/models); those that do not exist are dropped.
-CPP="tests/test_bn_ops_cuda.py tests/kernels/test_bn_ops_cuda.py"
-TRITON="tests/test_kernels_conv2d_bn.py tests/kernels/test_conv2d_bn.py"
-OPS="tests/ops/test_conv_bn_relu.py tests/ops/test_bn_add_relu.py"
-OPS+=" tests/nn/test_conv_bn_relu.py tests/nn/test_bn_add_relu.py"
+# Paths follow the package (tests/kernels, tests/ops, tests/nn, tests/models).
+CPP="tests/kernels/test_bn_ops_cuda.py"
+TRITON="tests/kernels/test_conv2d_bn.py"
+OPS="tests/nn/test_conv_bn_relu.py tests/nn/test_bn_add_relu.py"
 SUBSET=(
   "cuda-cpp-act|$CPP|test_bn_act"                       # the CUDA C++ kernels: no Triton
   "cuda-cpp-stats|$CPP|not test_bn_act"
   "triton|$TRITON|not float16 and not float64"         # the Triton kernels against float64
   "ops|$OPS|bfloat16 or float32"                        # fused ops against torch.nn / cuDNN
-  "blocks|tests/ops/test_blocks.py tests/nn/test_blocks.py|bfloat16 or float32"
+  "blocks|tests/nn/test_blocks.py|bfloat16 or float32"
   "model|tests/models/test_torchvision_equivalence.py|resnet50 and train"
 )
 # The rest of the GPU tests (step d), by folder.

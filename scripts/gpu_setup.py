@@ -1,6 +1,6 @@
 """Setup helpers of scripts/gpu_run.sh, on a machine that has only what it has.
 
-    python scripts/gpu_setup.py wheels SITE WHEEL...   # unpack the wheels whose packages are missing
+    python scripts/gpu_setup.py wheels SITE WHEEL...   # unpack wheels of missing packages
     python scripts/gpu_setup.py env                    # versions, for env.txt
 
 A wheel is a zip of its packages: unpacking it into SITE (on PYTHONPATH) installs
@@ -14,8 +14,8 @@ import platform
 import sys
 import zipfile
 
-REPORTED = ("torch", "triton", "torchvision", "numpy", "pytest", "pytest_benchmark", "cudnn", "tqdm",
-            "mlxtend", "matplotlib", "setuptools")
+REPORTED = ("torch", "triton", "torchvision", "numpy", "pytest", "pytest_benchmark", "cudnn",
+            "tqdm", "mlxtend", "matplotlib", "setuptools")
 
 
 def unpack_missing(site, wheels):

@@ -17,15 +17,18 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true", default=os.environ.get("RESFAST_RUN_SLOW") == "1",
-                     help="also run the tests marked slow (the full model matrices; tens of minutes on a CPU)")
+    parser.addoption("--run-slow", action="store_true",
+                     default=os.environ.get("RESFAST_RUN_SLOW") == "1",
+                     help="also run the tests marked slow (the full model matrices; tens of "
+                          "minutes on a CPU)")
 
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     # the default run must fit CI (2 cores); the slow ones repeat what the
     # default run checks on more networks and precisions
-    skip_slow = pytest.mark.skip(reason="slow on a CPU: run with --run-slow (or RESFAST_RUN_SLOW=1)")
+    skip_slow = pytest.mark.skip(reason="slow on a CPU: run with --run-slow "
+                                        "(or RESFAST_RUN_SLOW=1)")
     run_slow = config.getoption("--run-slow")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:

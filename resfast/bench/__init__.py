@@ -13,6 +13,6 @@ from .cases import DTYPES, LAYOUTS, MODELS, PROVIDERS, SIZES, Case, all_cases, s
 from .cli import bench_main, build_parser
 from .measure import Row, Runner, Settings, default_settings, measure_ceilings, time_steps
 
-__all__ = ["bench_main", "build_parser", "Case", "all_cases", "select_cases", "Runner", "Row", "Settings",
-           "default_settings", "measure_ceilings", "time_steps", "DTYPES", "LAYOUTS", "MODELS", "PROVIDERS",
-           "SIZES"]
+__all__ = ["bench_main", "build_parser", "Case", "all_cases", "select_cases", "Runner", "Row",
+           "Settings", "default_settings", "measure_ceilings", "time_steps", "DTYPES", "LAYOUTS",
+           "MODELS", "PROVIDERS", "SIZES"]

@@ -1,220 +1,47 @@
 """The torch.nn side of every comparison.
 
-Each class computes what a resfast module computes, written as torchvision
-writes it (``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> in-place ReLU, ``out +=
-identity``), over *copies of the resfast module's own children*: the same
-weights, the same BN settings, no resfast op anywhere. ``eager_twin(module)``
-picks the class; ``torch.compile`` of the twin is the third provider. For the training
-conv + BN + ReLU ops, :class:`CudnnFEConvBNReLU` is the cuDNN frontend peer
-(provider ``cudnn_fe``, optional: ``pip install nvidia-cudnn-frontend``).
-
-For the ImageNet networks torchvision has, the benchmark uses
-``torchvision.models.<name>`` itself when torchvision is installed (same
-state_dict, loaded from the resfast model), and :class:`ResNetRef` /
-:class:`VGGRef` otherwise; each result row names the baseline it used.
+The eager baseline of a resfast module or network is its plain torch.nn twin,
+:func:`resfast.twin.torch_twin` (the one reference training and the tests use
+too): torchvision's forward over copies of the module's own children, the same
+weights and BN settings, no resfast op. ``torch.compile`` of that twin is the
+third provider. For the ImageNet networks torchvision has, the benchmark uses
+``torchvision.models.<name>`` itself when torchvision is installed
+(:func:`torchvision_twin`: same state_dict, loaded from the resfast model);
+each result row names the baseline it used. For the training conv + BN + ReLU
+ops, :class:`CudnnFEConvBNReLU` is the cuDNN frontend peer (provider
+``cudnn_fe``, optional: ``pip install nvidia-cudnn-frontend``).
 """
 import copy
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from .. import nn as rnn
 
-__all__ = ["ConvBNReLU", "BNAddReLU", "BNReLUConv", "BasicBlockRef", "BottleneckRef", "PlainBlockRef", "CudnnFEConvBNReLU",
-           "ResNetRef", "VGGRef", "eager_twin", "torchvision_twin", "cudnn_fe_twin", "cudnn_fe_skip_reason",
+__all__ = ["CudnnFEConvBNReLU", "torchvision_twin", "cudnn_fe_twin", "cudnn_fe_skip_reason",
            "check_against_eager"]
 
 
-def shortcut_a(x: Tensor, out_channels: int, stride: int) -> Tensor:
-    """Option A shortcut in plain torch: strided identity, zero-padded channels."""
-    y = x[:, :, ::stride, ::stride] if stride > 1 else x
-    extra = out_channels - x.shape[1]
-    return nn.functional.pad(y, (0, 0, 0, 0, extra // 2, extra - extra // 2)) if extra else y
-
-
-class ConvBNReLU(nn.Module):
-    """``relu(bn(conv(x)))`` (``relu=False``: ``bn(conv(x))``)."""
-
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True):
-        super().__init__()
-        self.conv, self.bn = conv, bn
-        self.use_relu = relu
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.bn(self.conv(x))
-        return torch.relu_(y) if self.use_relu else y
-
-
-class BNAddReLU(nn.Module):
-    """``relu(bn(y) + residual)``."""
-
-    def __init__(self, bn: nn.BatchNorm2d):
-        super().__init__()
-        self.bn = bn
-
-    def forward(self, y: Tensor, residual: Tensor) -> Tensor:
-        out = self.bn(y)
-        out += residual
-        return torch.relu_(out)
-
-
-class BNReLUConv(nn.Module):
-    """Pre-activation ``conv(relu(bn(x)))``."""
-
-    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d):
-        super().__init__()
-        self.bn, self.conv = bn, conv
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(torch.relu_(self.bn(x)))
-
-
-class BasicBlockRef(nn.Module):
-    """torchvision's ``BasicBlock.forward`` over a resfast block's children."""
-
-    def __init__(self, block: rnn.BasicBlock):
-        super().__init__()
-        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
-        self.downsample = block.downsample
-        self.option_a: Optional[Tuple[int, int]] = block.option_a
-
-    def _identity(self, x: Tensor) -> Tensor:
-        if self.downsample is not None:
-            return self.downsample(x)
-        if self.option_a is not None:
-            return shortcut_a(x, *self.option_a)
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu_(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self._identity(x)
-        return torch.relu_(out)
-
-
-class BottleneckRef(BasicBlockRef):
-    """torchvision's ``Bottleneck.forward`` (stride in the 3x3) over a resfast block's children."""
-
-    def __init__(self, block: rnn.Bottleneck):
-        nn.Module.__init__(self)
-        self.conv1, self.bn1, self.conv2, self.bn2 = block.conv1, block.bn1, block.conv2, block.bn2
-        self.conv3, self.bn3 = block.conv3, block.bn3
-        self.downsample = block.downsample
-        self.option_a = block.option_a
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = torch.relu_(self.bn1(self.conv1(x)))
-        out = torch.relu_(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        out += self._identity(x)
-        return torch.relu_(out)
-
-
-class PlainBlockRef(nn.Module):
-    """A plain (shortcut-free) block: conv -> BN -> ReLU for each conv."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.layers = nn.ModuleList()
-        i = 1
-        while hasattr(block, f"conv{i}"):
-            self.layers.append(ConvBNReLU(getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
-            i += 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
-
-def _block_twin(block: nn.Module) -> nn.Module:
-    if isinstance(block, rnn.Bottleneck):
-        return BottleneckRef(block)
-    if isinstance(block, rnn.BasicBlock):
-        return BasicBlockRef(block)
-    if hasattr(block, "conv1") and hasattr(block, "bn1"):
-        return PlainBlockRef(block)
-    raise TypeError(f"no torch.nn twin for block {type(block).__name__}")
-
-
-class ResNetRef(nn.Module):
-    """A resfast ``ResNet`` (ImageNet or CIFAR stem, any shortcut option, plain
-    nets too) as torchvision's ``ResNet.forward`` over its children."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.conv1, self.bn1, self.maxpool = net.conv1, net.bn1, net.maxpool
-        self.stages = nn.ModuleList(nn.Sequential(*(_block_twin(b) for b in stage)) for stage in net.stages())
-        self.avgpool, self.fc = net.avgpool, net.fc
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = torch.relu_(self.bn1(self.conv1(x)))
-        if self.maxpool is not None:
-            x = self.maxpool(x)
-        for stage in self.stages:
-            x = stage(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.fc(x)
-
-
-class VGGRef(nn.Module):
-    """A resfast ``VGG`` as torchvision's ``VGG.forward``: ``nn.Sequential``'s own
-    forward over the same feature layers."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.features = nn.Sequential(*net.features)
-        self.avgpool, self.classifier = net.avgpool, net.classifier
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.features(x)
-        x = torch.flatten(self.avgpool(x), 1)
-        return self.classifier(x)
-
-
-def eager_twin(module: nn.Module) -> nn.Module:
-    """A pure torch.nn module computing what ``module`` (a resfast module or
-    network) computes, over deep copies of its children."""
-    from ..models import VGG, ResNet
-
-    m = copy.deepcopy(module)
-    if isinstance(m, rnn.Conv2dBNReLU):
-        return ConvBNReLU(m.conv, m.bn, m.relu)
-    if isinstance(m, rnn.BatchNormAddReLU):
-        ref = next(iter(m.state_dict().values()), None)
-        like = dict(device=ref.device, dtype=m.weight.dtype if m.weight is not None else m.running_mean.dtype) \
-            if ref is not None else {}
-        bn = nn.BatchNorm2d(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats, **like)
-        bn.load_state_dict(m.state_dict())
-        return BNAddReLU(bn.train(m.training))
-    if isinstance(m, rnn.BNReLUConv2d):
-        return BNReLUConv(m.bn, m.conv)
-    if isinstance(m, (rnn.BasicBlock, rnn.Bottleneck)):
-        return _block_twin(m)
-    if isinstance(m, ResNet):
-        return ResNetRef(m)
-    if isinstance(m, VGG):
-        if getattr(m, "dense", False):
-            raise TypeError("no torch.nn twin for dense-evaluation VGG")
-        return VGGRef(m)
-    raise TypeError(f"no torch.nn twin for {type(module).__name__}")
-
-
 def torchvision_twin(name: str, module: nn.Module) -> Optional[nn.Module]:
-    """``torchvision.models.<name>`` with ``module``'s weights (its state_dict is
+    """The torchvision network registered as the twin of resfast's ``name``
+    (``resfast.models.registry``), with ``module``'s weights (its state_dict is
     torchvision's, key for key), or None when torchvision is not installed or
     has no such network."""
+    from ..models.registry import model_info
+
+    tv_name = model_info(name).torchvision
+    if tv_name is None:
+        return None
     try:
         import torchvision
     except ImportError:
         return None
-    builder = getattr(torchvision.models, name, None)
-    if builder is None:
-        return None
+    builder = getattr(torchvision.models, tv_name)
     ref = module.state_dict()
     first = next(iter(ref.values()))
-    num_classes = module.fc.out_features if hasattr(module, "fc") else module.classifier[-1].out_features
+    num_classes = (module.fc.out_features if hasattr(module, "fc")
+                   else module.classifier[-1].out_features)
     with torch.device("meta"):
         tv = builder(weights=None, num_classes=num_classes)
     tv = tv.to_empty(device=first.device)
@@ -222,7 +49,8 @@ def torchvision_twin(name: str, module: nn.Module) -> Optional[nn.Module]:
     return tv.train(module.training)
 
 
-# ---- the cuDNN frontend peer (provider "cudnn_fe") ------------------------------------------------
+# ---- the cuDNN frontend peer (provider "cudnn_fe")
+# ------------------------------------------------
 
 CUDNN_FE_INSTALL = "cudnn frontend not installed (pip install nvidia-cudnn-frontend)"
 CUDNN_FE_DTYPES = (torch.bfloat16, torch.float16)
@@ -236,11 +64,13 @@ def cudnn_fe_skip_reason(device, dtype: torch.dtype, layout: str) -> Optional[st
     try:
         import cudnn  # noqa: F401
     except Exception as e:  # ImportError, or the bundled library failing to load
-        return f"{CUDNN_FE_INSTALL}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+        return (f"{CUDNN_FE_INSTALL}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"[:300])
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
         return "cudnn_fe needs a CUDA GPU"
     if dtype not in CUDNN_FE_DTYPES:
-        return f"cudnn_fe runs bf16/fp16 only (cuDNN FE fused conv+genstats), not {str(dtype).replace('torch.', '')}"
+        return ("cudnn_fe runs bf16/fp16 only (cuDNN FE fused conv+genstats), not "
+                f"{str(dtype).replace('torch.', '')}")
     if layout != "channels_last":
         return "cudnn_fe needs channels_last (NHWC) tensors"
     return None
@@ -270,14 +100,16 @@ class _CudnnFEGraphs:
         ho = (x.shape[2] + 2 * padding - w.shape[2]) // stride + 1
         wo = (x.shape[3] + 2 * padding - w.shape[3]) // stride + 1
         self.y_shape = (n, k, ho, wo)
-        y_like = torch.empty(self.y_shape, device=dev, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+        y_like = torch.empty(self.y_shape, device=dev,
+                             dtype=x.dtype).contiguous(memory_format=torch.channels_last)
         self.y_stride = y_like.stride()
 
-        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32, handle=self.handle)
+        g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32,
+                          handle=self.handle)
         self.X = g.tensor(name="X", dim=list(x.shape), stride=list(x.stride()), data_type=io)
         self.W = g.tensor(name="W", dim=list(w.shape), stride=list(w.stride()), data_type=io)
-        self.Y = g.conv_fprop(image=self.X, weight=self.W, padding=[padding, padding], stride=[stride, stride],
-                              dilation=[1, 1], name="conv")
+        self.Y = g.conv_fprop(image=self.X, weight=self.W, padding=[padding, padding],
+                              stride=[stride, stride], dilation=[1, 1], name="conv")
         self.Y.set_output(True).set_data_type(io)
         self.SUM, self.SQ = g.genstats(input=self.Y, name="genstats")
         self.SUM.set_output(True).set_data_type(fp32)
@@ -289,13 +121,17 @@ class _CudnnFEGraphs:
         last = None
         for sdt in (torch.float32, x.dtype):
             try:
-                g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32, compute_data_type=fp32,
-                                  handle=self.handle)
-                self.YI = g.tensor(name="Y", dim=list(self.y_shape), stride=list(self.y_stride), data_type=io)
+                g = cudnn.pygraph(io_data_type=io, intermediate_data_type=fp32,
+                                  compute_data_type=fp32, handle=self.handle)
+                self.YI = g.tensor(name="Y", dim=list(self.y_shape), stride=list(self.y_stride),
+                                   data_type=io)
                 cshape, cstride = [1, k, 1, 1], [k, 1, k, k]
-                self.S = g.tensor(name="scale", dim=cshape, stride=cstride, data_type=_cudnn_dtype(cudnn, sdt))
-                self.B = g.tensor(name="shift", dim=cshape, stride=cstride, data_type=_cudnn_dtype(cudnn, sdt))
-                t = g.bias(input=g.scale(input=self.YI, scale=self.S, name="bn_scale"), bias=self.B, name="bn_shift")
+                self.S = g.tensor(name="scale", dim=cshape, stride=cstride,
+                                  data_type=_cudnn_dtype(cudnn, sdt))
+                self.B = g.tensor(name="shift", dim=cshape, stride=cstride,
+                                  data_type=_cudnn_dtype(cudnn, sdt))
+                t = g.bias(input=g.scale(input=self.YI, scale=self.S, name="bn_scale"), bias=self.B,
+                           name="bn_shift")
                 self.OUT = g.relu(input=t, name="relu") if relu else t
                 self.OUT.set_output(True).set_data_type(io)
                 g.build([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
@@ -314,7 +150,8 @@ class _CudnnFEGraphs:
     def conv_stats(self, x: Tensor, w: Tensor):
         self._stream()
         k = self.y_shape[1]
-        y = torch.empty(self.y_shape, device=x.device, dtype=x.dtype).contiguous(memory_format=torch.channels_last)
+        y = torch.empty(self.y_shape, device=x.device,
+                        dtype=x.dtype).contiguous(memory_format=torch.channels_last)
         s = torch.empty((1, k, 1, 1), device=x.device, dtype=torch.float32)
         sq = torch.empty_like(s)
         self.g1.execute({self.X: x, self.W: w, self.Y: y, self.SUM: s, self.SQ: sq}, self.workspace,
@@ -325,9 +162,11 @@ class _CudnnFEGraphs:
         self._stream()
         out = torch.empty_like(y)
         k = self.y_shape[1]
-        sc = scale.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=torch.channels_last)
-        sh = shift.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=torch.channels_last)
-        self.g2.execute({self.YI: y, self.S: sc, self.B: sh, self.OUT: out}, self.workspace, handle=self.handle)
+        cl = torch.channels_last
+        sc = scale.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=cl)
+        sh = shift.to(self.param_dtype).view(1, k, 1, 1).contiguous(memory_format=cl)
+        self.g2.execute({self.YI: y, self.S: sc, self.B: sh, self.OUT: out}, self.workspace,
+                        handle=self.handle)
         return out
 
 
@@ -361,8 +200,8 @@ class _FEConvBNReLUFn(torch.autograd.Function):
             dz, y, gamma, None, None, mean, invstd, True, mod.bn.eps, [True, True, True])
         conv = mod.conv
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, w, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], conv.groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+            dy, x, w, None, list(conv.stride), list(conv.padding), list(conv.dilation), False,
+            [0, 0], conv.groups, [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         return dx, dw, dgamma, dbeta, None
 
 
@@ -378,11 +217,15 @@ class CudnnFEConvBNReLU(nn.Module):
     ``backend="torch"`` replaces the two graphs by torch ops (the CPU tests of
     the finalize and backward); the benchmark always uses ``"cudnn"``."""
 
-    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True, backend: str = "cudnn"):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True,
+                 backend: str = "cudnn"):
         super().__init__()
-        if conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.bias is not None or not bn.affine:
-            raise ValueError("cudnn_fe covers an ungrouped, undilated, bias-free conv and an affine BN")
-        if len(set(conv.padding)) != 1 or len(set(conv.stride)) != 1 or not isinstance(conv.padding[0], int):
+        if (conv.groups != 1 or tuple(conv.dilation) != (1, 1) or conv.bias is not None
+            or not bn.affine):
+            raise ValueError("cudnn_fe covers an ungrouped, undilated, bias-free conv and an "
+                             "affine BN")
+        if (len(set(conv.padding)) != 1 or len(set(conv.stride)) != 1
+            or not isinstance(conv.padding[0], int)):
             raise ValueError("cudnn_fe covers square stride and padding")
         self.conv, self.bn, self.use_relu, self.backend = conv, bn, relu, backend
         self._graphs = {}
@@ -404,9 +247,11 @@ class CudnnFEConvBNReLU(nn.Module):
         return new
 
     def _graph(self, x: Tensor, w: Tensor) -> _CudnnFEGraphs:
-        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), x.dtype, x.device)
+        key = (tuple(x.shape), tuple(x.stride()), tuple(w.shape), tuple(w.stride()), x.dtype,
+               x.device)
         if key not in self._graphs:
-            self._graphs[key] = _CudnnFEGraphs(x, w, self.conv.stride[0], self.conv.padding[0], self.use_relu)
+            self._graphs[key] = _CudnnFEGraphs(x, w, self.conv.stride[0], self.conv.padding[0],
+                                               self.use_relu)
         return self._graphs[key]
 
     def _conv_stats(self, x: Tensor, w: Tensor):
@@ -449,15 +294,17 @@ class CudnnFEConvBNReLU(nn.Module):
 
 
 def cudnn_fe_twin(eager: nn.Module, backend: str = "cudnn") -> CudnnFEConvBNReLU:
-    """The cuDNN FE peer over deep copies of an eager :class:`ConvBNReLU`'s children."""
-    if not isinstance(eager, ConvBNReLU):
+    """The cuDNN FE peer over deep copies of the children of a conv + BN (+ ReLU)
+    (a :class:`resfast.nn.Conv2dBNReLU`, or its twin)."""
+    if not isinstance(eager, rnn.Conv2dBNReLU):
         raise TypeError(f"no cudnn_fe peer for {type(eager).__name__}")
     m = copy.deepcopy(eager)
-    return CudnnFEConvBNReLU(m.conv, m.bn, m.use_relu, backend).train(eager.training)
+    return CudnnFEConvBNReLU(m.conv, m.bn, m.relu, backend).train(eager.training)
 
 
 def check_against_eager(peer: nn.Module, eager: nn.Module, x: Tensor, backward: bool = True,
-                        dtype: torch.dtype = torch.float32, tol: Optional[float] = None) -> Optional[str]:
+                        dtype: torch.dtype = torch.float32,
+                        tol: Optional[float] = None) -> Optional[str]:
     """Run ``peer`` and ``eager`` (each a deep copy: the timed modules keep
     their state) on the same input under the same autocast, and compare the
     output and, with ``backward``, the input and weight gradients of the same
@@ -471,7 +318,8 @@ def check_against_eager(peer: nn.Module, eager: nn.Module, x: Tensor, backward: 
     grad = None
     for m in (eager, peer):
         xi = x.detach().clone().requires_grad_(backward)
-        ctx = torch.autocast(dev, dtype=dtype) if dtype in CUDNN_FE_DTYPES else torch.autocast(dev, enabled=False)
+        ctx = (torch.autocast(dev, dtype=dtype) if dtype in CUDNN_FE_DTYPES
+               else torch.autocast(dev, enabled=False))
         with ctx:
             out = m(xi)
         got = {"output": out.detach().double()}

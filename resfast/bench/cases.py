@@ -11,8 +11,9 @@ Sizes:
 
 Providers:
   resfast     the resfast module / network
-  eager       the same computation in torch.nn (``baselines``; torchvision's
-              own network where it exists), cuDNN on a GPU
+  eager       the same computation in torch.nn (the module's twin,
+              ``resfast.twin.torch_twin``; torchvision's own network where it
+              exists), cuDNN on a GPU
   compile     ``torch.compile`` of that torch.nn module (default mode); the
               optimizer step of a network stays eager in every provider
   conv_alone  (eval conv + BN + ReLU only) the bare ``nn.Conv2d``: what a
@@ -47,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import nn as rnn
+from ..twin import torch_twin
 from . import baselines
 
 SIZES = ("cpu-tiny", "full")
@@ -66,14 +68,17 @@ class Case:
 
     name: str                       # "conv3x3_bn_relu-56x56x64", "resnet50"
     group: str                      # ops | blocks | models
-    kind: str                       # conv_bn_relu | bn_add_relu | bn_relu_conv | basic_block | bottleneck | model
+    kind: str  # conv_bn_relu | bn_add_relu | bn_relu_conv | basic_block | bottleneck | model
     mode: str                       # train | eval
     batch: int
     in_shape: Tuple[int, int, int]  # (C, H, W) of the input
-    spec: Tuple[Tuple[str, object], ...] = ()  # kind-specific settings (cout, k, stride, relu, model ...)
-    bound: str = "compute"          # which ceiling "% of ceiling" refers to: compute (matmul) | memory (copy)
+    # kind-specific settings (cout, k, stride, relu, model ...)
+    spec: Tuple[Tuple[str, object], ...] = ()
+    # which ceiling "% of ceiling" refers to: compute (matmul) | memory (copy)
+    bound: str = "compute"
     skip: Optional[str] = None      # why this case does not run at this size
-    configs: Optional[Tuple[Tuple[str, str], ...]] = None  # the (dtype, layout) pairs it runs in; None: all
+    # the (dtype, layout) pairs it runs in; None: all
+    configs: Optional[Tuple[Tuple[str, str], ...]] = None
 
     @property
     def id(self) -> str:
@@ -89,7 +94,8 @@ class Case:
         """Why this case does not run in (dtype, layout), or None."""
         if self.configs is None or (dtype, layout) in self.configs:
             return None
-        return f"at this size {self.name} runs only in " + ", ".join(f"{d}/{l}" for d, l in self.configs)
+        return (f"at this size {self.name} runs only in "
+                + ", ".join(f"{d}/{layout}" for d, layout in self.configs))
 
     def providers(self) -> Tuple[str, ...]:
         extra = ()
@@ -132,7 +138,8 @@ def _op_cases(size: str) -> List[Case]:
         ]
         bn = [(16, 8)]
         pre = [(8, 8)]
-    cases += [Case(f"bn_add_relu-{hw}x{hw}x{c}", "ops", "bn_add_relu", "train", n, (c, hw, hw), bound="memory")
+    cases += [Case(f"bn_add_relu-{hw}x{hw}x{c}", "ops", "bn_add_relu", "train", n, (c, hw, hw),
+                   bound="memory")
               for c, hw in bn]
     cases += [Case(f"bn_relu_conv3x3-{hw}x{hw}x{c}", "ops", "bn_relu_conv", "train", n, (c, hw, hw),
                    (("cout", c), ("k", 3), ("stride", 1))) for c, hw in pre]
@@ -143,10 +150,10 @@ def _block_cases(size: str) -> List[Case]:
     n, hw, basic_c, bott_c = (128, 56, 64, 256) if size == "full" else (4, 8, 8, 16)
     cases = []
     for mode in MODES:
-        cases.append(Case(f"basic_block-{hw}x{hw}x{basic_c}", "blocks", "basic_block", mode, n, (basic_c, hw, hw),
-                          (("planes", basic_c),)))
-        cases.append(Case(f"bottleneck-{hw}x{hw}x{bott_c}", "blocks", "bottleneck", mode, n, (bott_c, hw, hw),
-                          (("planes", bott_c // 4),)))
+        cases.append(Case(f"basic_block-{hw}x{hw}x{basic_c}", "blocks", "basic_block", mode, n,
+                          (basic_c, hw, hw), (("planes", basic_c),)))
+        cases.append(Case(f"bottleneck-{hw}x{hw}x{bott_c}", "blocks", "bottleneck", mode, n,
+                          (bott_c, hw, hw), (("planes", bott_c // 4),)))
     return cases
 
 
@@ -162,10 +169,11 @@ def _model_cases(size: str) -> List[Case]:
             # thin twins of the same architectures (widths / 8, a 64-wide VGG classifier;
             # resnet56 / 2 at 16x16): the same code paths at a CPU's pace
             batch, hw, configs = 2, (16 if cifar else 32), CPU_TINY_MODEL_CONFIGS
-            spec = [("model", name), ("num_classes", 10), ("width_div", 2 if cifar else 8), ("hidden", 64)]
+            spec = [("model", name), ("num_classes", 10), ("width_div", 2 if cifar else 8),
+                    ("hidden", 64)]
         for mode in MODES:
-            cases.append(Case(name, "models", "model", mode, batch, (3, hw, hw), tuple(spec), skip=skip,
-                              configs=configs))
+            cases.append(Case(name, "models", "model", mode, batch, (3, hw, hw), tuple(spec),
+                              skip=skip, configs=configs))
     return cases
 
 
@@ -181,7 +189,8 @@ def matches(case: Case, pattern: str) -> bool:
     return any(fnmatch(s, pattern) for s in (case.name, case.id, case.kind, case.group))
 
 
-def select_cases(size: str, sets: Optional[Sequence[str]] = None, names: Optional[Sequence[str]] = None,
+def select_cases(size: str, sets: Optional[Sequence[str]] = None,
+                 names: Optional[Sequence[str]] = None,
                  modes: Optional[Sequence[str]] = None, batch: Optional[int] = None) -> List[Case]:
     """The cases of ``size`` in any of ``sets`` (groups) or matching any of
     ``names`` (globs); everything when neither is given. ``modes`` filters."""
@@ -193,9 +202,11 @@ def select_cases(size: str, sets: Optional[Sequence[str]] = None, names: Optiona
             raise ValueError(f"unknown mode {m!r}; modes are {', '.join(MODES)}")
     cases = all_cases(size)
     if sets or names:
-        cases = [c for c in cases if c.group in (sets or ()) or any(matches(c, p) for p in names or ())]
+        cases = [c for c in cases if c.group in (sets or ())
+                 or any(matches(c, p) for p in names or ())]
     if names and not cases:
-        raise ValueError(f"no benchmark matches {', '.join(names)}; `resfast bench --list` shows them")
+        raise ValueError(f"no benchmark matches {', '.join(names)}; `resfast bench --list` shows "
+                         "them")
     if modes:
         cases = [c for c in cases if c.mode in modes]
     if batch is not None:
@@ -242,8 +253,9 @@ def _model(case: Case) -> nn.Module:
         return net
     if isinstance(net, M.ResNet):
         stages = net.stages()
-        return M.ResNet(type(stages[0][0]), [len(s) for s in stages], num_classes=case.get("num_classes"),
-                        shortcut=net.shortcut, widths=[max(1, s[0].conv1.out_channels // div) for s in stages],
+        return M.ResNet(type(stages[0][0]), [len(s) for s in stages],
+                        num_classes=case.get("num_classes"), shortcut=net.shortcut,
+                        widths=[max(1, s[0].conv1.out_channels // div) for s in stages],
                         stem="imagenet" if net.maxpool is not None else "cifar")
     if isinstance(net, M.VGG):
         cfg, bn, last = [], False, 3
@@ -257,16 +269,19 @@ def _model(case: Case) -> nn.Module:
                 cfg.append("LRN")
             elif isinstance(m, nn.BatchNorm2d):
                 bn = True
-        thin = M.VGG(M.vgg.make_layers(cfg, bn), num_classes=case.get("num_classes"), init_weights=False)
+        thin = M.VGG(M.vgg.make_layers(cfg, bn), num_classes=case.get("num_classes"),
+                     init_weights=False)
         h, k = case.get("hidden", 4096), thin.avgpool.output_size
         k = k if isinstance(k, int) else k[0]
-        thin.classifier = nn.Sequential(nn.Linear(last * k * k, h), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, h),
-                                        nn.ReLU(True), nn.Dropout(0.5), nn.Linear(h, case.get("num_classes")))
+        thin.classifier = nn.Sequential(nn.Linear(last * k * k, h), nn.ReLU(True), nn.Dropout(0.5),
+                                        nn.Linear(h, h), nn.ReLU(True), nn.Dropout(0.5),
+                                        nn.Linear(h, case.get("num_classes")))
         return thin
     raise ValueError(f"no thin twin for {type(net).__name__}")
 
 
-def _materialize(module: nn.Module, device) -> nn.Module:
+def _allocate_on(module: nn.Module, device) -> nn.Module:
+    """A meta-built module given storage on ``device`` and the benchmark's weights."""
     return _init_(module.to_empty(device=device)) if device != torch.device("meta") else module
 
 
@@ -290,7 +305,7 @@ def build_resfast(case: Case, device) -> nn.Module:
             m = _model(case)
         else:
             raise ValueError(f"unknown benchmark kind {case.kind!r}")
-    return _materialize(m, device).train(case.mode == "train")
+    return _allocate_on(m, device).train(case.mode == "train")
 
 
 @dataclass
@@ -301,7 +316,8 @@ class Modules:
     eager: nn.Module
     baseline: str                      # what "eager" is
     conv_alone: Optional[nn.Module] = None
-    cudnn_fe: Optional[nn.Module] = None  # the cuDNN frontend peer (builds its graphs on first call)
+    # the cuDNN frontend peer (builds its graphs on first call)
+    cudnn_fe: Optional[nn.Module] = None
 
 
 def build_modules(case: Case, device) -> Modules:
@@ -311,8 +327,8 @@ def build_modules(case: Case, device) -> Modules:
     if eager is not None:
         baseline = f"torchvision.models.{case.get('model')}"
     else:
-        eager = baselines.eager_twin(ours)
-        baseline = f"torch.nn (resfast.bench.baselines.{type(eager).__name__})"
+        eager = torch_twin(ours)
+        baseline = f"torch.nn (resfast.twin of {type(ours).__name__})"
     conv_alone = copy.deepcopy(ours.conv) if "conv_alone" in case.providers() else None
     eager = eager.train(case.mode == "train")
     fe = baselines.cudnn_fe_twin(eager) if "cudnn_fe" in case.providers() else None
@@ -356,7 +372,8 @@ def make_workload(case: Case, module: nn.Module, device, dtype: torch.dtype, lay
 
     if case.kind == "model":
         x = torch.randn(shape, device=device, generator=gen).contiguous(memory_format=fmt)
-        target = torch.randint(0, case.get("num_classes"), (case.batch,), device=device, generator=gen)
+        target = torch.randint(0, case.get("num_classes"), (case.batch,), device=device,
+                               generator=gen)
         if not train:
             def step():
                 with torch.no_grad(), autocast:
@@ -373,7 +390,8 @@ def make_workload(case: Case, module: nn.Module, device, dtype: torch.dtype, lay
             opt.zero_grad(set_to_none=True)
         return Workload(step, module, case.batch, [opt])
 
-    inputs = [torch.randn(shape, device=device, generator=gen, dtype=dtype).contiguous(memory_format=fmt)
+    inputs = [torch.randn(shape, device=device, generator=gen,
+                          dtype=dtype).contiguous(memory_format=fmt)
               for _ in range(2 if case.kind == "bn_add_relu" else 1)]
     if not train:
         def step():
@@ -394,7 +412,8 @@ def make_workload(case: Case, module: nn.Module, device, dtype: torch.dtype, lay
         with autocast:
             out = module(*inputs)
         if grad[0] is None:
-            grad[0] = torch.randn(out.shape, device=device, generator=gen, dtype=out.dtype).contiguous(
+            grad[0] = torch.randn(out.shape, device=device, generator=gen,
+                                  dtype=out.dtype).contiguous(
                 memory_format=fmt if out.dim() == 4 else torch.contiguous_format)
         out.backward(grad[0])
     return Workload(step, module, case.batch)
@@ -451,4 +470,5 @@ def bytes_model(case: Case, dtype: torch.dtype) -> Tuple[Optional[int], Optional
     y = n * case.get("cout") * ho * wo * size
     if case.mode == "eval":
         return x + y, "lower bound: read x, write out"
-    return 3 * x + 2 * y, "lower bound: forward reads x, writes out; backward reads dout and x, writes dx"
+    return (3 * x + 2 * y,
+            "lower bound: forward reads x, writes out; backward reads dout and x, writes dx")

@@ -41,46 +41,56 @@ def _split(values: Optional[Sequence[str]]) -> List[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resfast bench", description="Throughput of resfast against torch.nn eager "
+    p = argparse.ArgumentParser(prog="resfast bench",
+                                description="Throughput of resfast against torch.nn eager "
                                 "and torch.compile, measured in one run.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sel = p.add_argument_group("what to run")
-    sel.add_argument("--sets", nargs="+", metavar="SET", help="ops, blocks, models (comma or space separated)")
-    sel.add_argument("--names", nargs="+", metavar="GLOB", help="benchmarks by name glob: resnet50, 'conv3x3*', "
+    sel.add_argument("--sets", nargs="+", metavar="SET",
+                     help="ops, blocks, models (comma or space separated)")
+    sel.add_argument("--names", nargs="+", metavar="GLOB",
+                     help="benchmarks by name glob: resnet50, 'conv3x3*', "
                      "'bn_add_relu-*/train', bottleneck ...")
     sel.add_argument("--modes", nargs="+", metavar="MODE", help="train, eval (default both)")
     sel.add_argument("--priority", nargs="+", metavar="GLOB", default=[],
-                     help="run the cases matching these globs first, in this order (useful with --time-budget)")
+                     help="run the cases matching these globs first, in this order (useful with "
+                          "--time-budget)")
     sel.add_argument("--headline", action="store_true",
                      help="only the headline cases (resfast.bench.headline), in their order; "
                      "--sets and --names narrow them further")
-    sel.add_argument("--providers", nargs="+", metavar="P", help=f"subset of {', '.join(C.PROVIDERS)}")
+    sel.add_argument("--providers", nargs="+", metavar="P",
+                     help=f"subset of {', '.join(C.PROVIDERS)}")
     sel.add_argument("--list", action="store_true", help="list the selected cases and exit")
     cfg = p.add_argument_group("configuration")
-    cfg.add_argument("--dtype", nargs="+", metavar="DT", help="fp32, bf16 (autocast) or all; default bf16 on a "
+    cfg.add_argument("--dtype", nargs="+", metavar="DT",
+                     help="fp32, bf16 (autocast) or all; default bf16 on a "
                      "GPU, fp32 on the CPU")
-    cfg.add_argument("--layout", nargs="+", metavar="L", help="nchw, channels_last or all; default channels_last")
-    cfg.add_argument("--batch", type=int, help="batch size for every case (default: the size's own)")
+    cfg.add_argument("--layout", nargs="+", metavar="L",
+                     help="nchw, channels_last or all; default channels_last")
+    cfg.add_argument("--batch", type=int,
+                     help="batch size for every case (default: the size's own)")
     cfg.add_argument("--size", choices=("auto",) + C.SIZES, default="auto",
-                     help="shapes: full (ResNet-50 layers at batch 128, networks at 256, 224x224) on a GPU, "
-                     "cpu-tiny otherwise (auto)")
+                     help="shapes: full (ResNet-50 layers at batch 128, networks at 256, 224x224) "
+                          "on a GPU, cpu-tiny otherwise (auto)")
     cfg.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     tim = p.add_argument_group("timing")
     tim.add_argument("--steps", type=int, help="steps per timed round (full: 10, cpu-tiny: 1)")
-    tim.add_argument("--warmup", type=int, help="warm-up steps, the first (compiling) one included (full: 3)")
+    tim.add_argument("--warmup", type=int,
+                     help="warm-up steps, the first (compiling) one included (full: 3)")
     tim.add_argument("--rounds", type=int, help="timed rounds; ms is their median (full: 3)")
     tim.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                      help="the torch.compile provider: auto = on a GPU only")
     tim.add_argument("--no-compile", dest="compile", action="store_const", const="off",
                      help="skip torch.compile (recorded as skipped, with the reason)")
     tim.add_argument("--no-cudnn-benchmark", action="store_true",
-                     help="leave torch.backends.cudnn.benchmark off (default: on while measuring, so the eager "
-                     "baseline gets cuDNN's fastest algorithms)")
+                     help="leave torch.backends.cudnn.benchmark off (default: on while measuring, "
+                          "so the eager baseline gets cuDNN's fastest algorithms)")
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help="stop starting new measurements after S seconds (the rest are "
                      "recorded as skipped)")
     out = p.add_argument_group("output")
-    out.add_argument("--out", metavar="DIR", help="write <stem>.json, <stem>.png and <stem>.md here")
+    out.add_argument("--out", metavar="DIR",
+                     help="write <stem>.json, <stem>.png and <stem>.md here")
     out.add_argument("--name", metavar="STEM", help="file stem (default YYYY-MM-DD-<device-slug>, "
                      "-2, -3 ... appended rather than overwrite)")
     out.add_argument("--append", action="store_true",
@@ -88,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "reused): several runs, e.g. one process per network, into one file")
     out.add_argument("--no-plot", action="store_true", help="no PNG")
     out.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    out.add_argument("--report", metavar="JSON", help="measure nothing: print the table of a results file and "
+    out.add_argument("--report", metavar="JSON",
+                     help="measure nothing: print the table of a results file and "
                      "(re)write its .md and .png next to it")
     return p
 
@@ -99,7 +110,8 @@ def _choices(values, allowed, what, default):
         return list(allowed)
     for v in vals:
         if v not in allowed:
-            raise SystemExit(f"resfast bench: unknown {what} {v!r}; choose from {', '.join(allowed)} or all")
+            raise SystemExit(f"resfast bench: unknown {what} {v!r}; choose from "
+                             f"{', '.join(allowed)} or all")
     return vals
 
 
@@ -141,8 +153,8 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     if args.report:
         return _rerender(args.report, args.no_plot)
     try:
-        settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup, args.rounds,
-                                    _split(args.providers) or None)
+        settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup,
+                                    args.rounds, _split(args.providers) or None)
         settings.cudnn_benchmark = not args.no_cudnn_benchmark
         for prov in settings.providers:
             if prov not in C.PROVIDERS:
@@ -163,12 +175,14 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
 
     if args.list:
         for c in cases:
-            line = f"{c.id:<42} {c.group:<6} batch {c.batch:<4} input {'x'.join(map(str, c.in_shape)):<12} " \
-                   f"providers {','.join(c.providers())}"
+            shape = "x".join(map(str, c.in_shape))
+            line = (f"{c.id:<42} {c.group:<6} batch {c.batch:<4} input {shape:<12} "
+                    f"providers {','.join(c.providers())}")
             print(line + (f"  [skipped: {c.skip}]" if c.skip else ""))
         return 0
 
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = ((lambda msg: None) if args.quiet
+           else (lambda msg: print(msg, file=sys.stderr, flush=True)))
     paths = {}
     if args.out:
         os.makedirs(args.out, exist_ok=True)
@@ -176,8 +190,9 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
                              else _out_stem(args.out, args.name, settings.device))
         paths = {ext: os.path.join(args.out, f"{stem}.{ext}") for ext in ("json", "png", "md")}
     t_start = time.perf_counter()
-    log(f"resfast bench: {len(cases)} cases x {len(dtypes) * len(layouts)} configs on {settings.device} "
-        f"(size {settings.size}, {settings.warmup} warm-up, {settings.rounds} x {settings.steps} steps"
+    log(f"resfast bench: {len(cases)} cases x {len(dtypes) * len(layouts)} configs on "
+        f"{settings.device} (size {settings.size}, {settings.warmup} warm-up, {settings.rounds} x "
+        f"{settings.steps} steps"
         + (f", {settings.threads} CPU thread" if settings.threads else "") + ")")
     previous = None
     if args.append and paths and os.path.exists(paths["json"]):
@@ -223,7 +238,9 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log, pr
                 for prov in (p for p in ORDER if p in case.providers()):
                     if time_budget is not None and time.perf_counter() - t_start > time_budget:
                         row = runner.blank_row(case, dtype, layout, prov)
-                        row.status, row.reason = "skipped", f"time budget (--time-budget {time_budget:g} s) spent"
+                        row.status, row.reason = ("skipped",
+                                                  f"time budget (--time-budget {time_budget:g} s) "
+                                                  "spent")
                     else:
                         row = runner.measure(case, dtype, layout, prov)
                     rows.append(row)
@@ -232,7 +249,8 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log, pr
                             f"{row.ms:.3f} ms/step ({row.images_per_s:.1f} images/s, "
                             f"first call {row.first_call_s:.1f} s) {row.kernel_path}")
                     elif row.status == "error":
-                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.status}: {row.reason}")
+                        log(f"[{done}/{total}] {case.id} {dtype} {layout} {prov}: {row.status}: "
+                            f"{row.reason}")
                     for r in rows:  # ratios against what of this configuration is measured yet
                         runner.complete(r, case, measure_refs=False)
                     shown = sorted(rows, key=lambda r: DISPLAY.index(r.provider))
@@ -248,8 +266,8 @@ def _measure(argv, settings, cases, dtypes, layouts, paths, time_budget, log, pr
 def _print_and_write(doc, paths, plot=True) -> None:
     ceilings = doc["ceilings"]
     env = doc["environment"]
-    print(f"resfast bench  {doc['timestamp']}  {env.get('gpu') or env['device']}  torch {env['torch']}  "
-          f"triton {env['triton']}  CUDA {env['cuda_runtime']}")
+    print(f"resfast bench  {doc['timestamp']}  {env.get('gpu') or env['device']}  torch "
+          f"{env['torch']}  triton {env['triton']}  CUDA {env['cuda_runtime']}")
     for run in doc.get("runs") or [{"command": doc["command"]}]:
         print(f"command: {run['command']}")
     print(report.format_ceilings(ceilings))
@@ -264,7 +282,8 @@ def _print_and_write(doc, paths, plot=True) -> None:
                 what.append(f"{r['name']}/{r['mode']} {r['provider']}")
         print("skipped:")
         for reason, what in reasons.items():
-            print(f"  {len(what)} x: {reason}  ({', '.join(what[:4])}{' ...' if len(what) > 4 else ''})")
+            print(f"  {len(what)} x: {reason}  "
+                  f"({', '.join(what[:4])}{' ...' if len(what) > 4 else ''})")
     if not doc.get("complete", True):
         print("(the run did not finish: these are the results it wrote before it stopped)")
     if paths:
@@ -301,7 +320,8 @@ def _rerender(path: str, no_plot: bool) -> int:
         print(f"resfast bench: {path} is not a resfast bench results file", file=sys.stderr)
         return 2
     stem = path[:-5] if path.endswith(".json") else path
-    _print_and_write(doc, {"json": path, "png": stem + ".png", "md": stem + ".md"}, plot=not no_plot)
+    _print_and_write(doc, {"json": path, "png": stem + ".png", "md": stem + ".md"},
+                     plot=not no_plot)
     return 0
 
 

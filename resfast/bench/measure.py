@@ -38,8 +38,10 @@ class Settings:
     compile: bool
     compile_reason: Optional[str] = None  # why compile does not run
     providers: Tuple[str, ...] = C.PROVIDERS
-    threads: Optional[int] = None  # CPU intra-op threads while measuring (None: leave torch's setting)
-    cudnn_benchmark: bool = True   # let cuDNN pick its fastest algorithms (the eager baseline at its best)
+    # CPU intra-op threads while measuring (None: leave torch's setting)
+    threads: Optional[int] = None
+    # let cuDNN pick its fastest algorithms (the eager baseline at its best)
+    cudnn_benchmark: bool = True
 
 
 def default_settings(device=None, size=None, compile=None, steps=None, warmup=None, rounds=None,
@@ -59,8 +61,9 @@ def default_settings(device=None, size=None, compile=None, steps=None, warmup=No
     if compile in (None, "auto"):
         compile = gpu
         if not gpu:
-            reason = ("torch.compile skipped on the CPU by default: inductor's C++ build takes a minute or more "
-                      "even for a tiny op (force it with --compile on / --bench-compile=on)")
+            reason = ("torch.compile skipped on the CPU by default: inductor's C++ build takes a "
+                      "minute or more even for a tiny op (force it with --compile on / "
+                      "--bench-compile=on)")
     elif compile in ("off", False):
         compile, reason = False, "torch.compile disabled (--no-compile / --compile off)"
     elif compile in ("on", True):
@@ -112,7 +115,8 @@ class Timing:
     ms: float               # median over rounds, per step
     ms_min: float
     ms_rounds: List[float]
-    first_call_s: float     # the first call alone (compilation, and for resfast the kernel-path recording, included)
+    # the first call alone (compilation, and for resfast the kernel-path recording, included)
+    first_call_s: float
 
 
 def time_steps(step, device: torch.device, warmup: int, steps: int, rounds: int, after_warmup=None,
@@ -196,15 +200,18 @@ def measure_ceilings(device, dtypes=("fp32", "bf16")) -> Dict[str, object]:
         dtype = C.DTYPES[name]
         n = (8192 if dtype == torch.bfloat16 else 4096) if gpu else 256
         with _tf32(gpu and dtype == torch.float32):
-            matmul[name] = 2 * n ** 3 / _matmul_time(device, n, dtype, iters=10 if gpu else 3) / 1e12
+            matmul[name] = 2 * n ** 3 / _matmul_time(device, n, dtype,
+                                                     iters=10 if gpu else 3) / 1e12
     if gpu:
         torch.cuda.empty_cache()
     return {
         "copy_gbs": copy_gbs,
         "copy_bytes": nbytes,
         "matmul_tflops": matmul,
-        "note": ("copy: dst.copy_(src) of copy_bytes, GB/s counting read + write; matmul: square torch.mm, "
-                 + ("fp32 with TF32 allowed (as cuDNN runs fp32 convs by default)" if gpu else "on the CPU")),
+        "note": ("copy: dst.copy_(src) of copy_bytes, GB/s counting read + write; matmul: square "
+                 "torch.mm, "
+                 + ("fp32 with TF32 allowed (as cuDNN runs fp32 convs by default)" if gpu
+                    else "on the CPU")),
     }
 
 
@@ -220,8 +227,8 @@ def _tf32(enabled: bool):
 
 # ---- kernel paths --------------------------------------------------------------------------
 
-_ATEN_CONVS = {"convolution", "convolution_backward", "_convolution", "cudnn_convolution", "mkldnn_convolution",
-               "conv2d"}
+_ATEN_CONVS = {"convolution", "convolution_backward", "_convolution", "cudnn_convolution",
+               "mkldnn_convolution", "conv2d"}
 
 
 class _OpRecorder(TorchDispatchMode):
@@ -301,7 +308,8 @@ def record_kernels(step) -> Dict[str, object]:
     return out
 
 
-def kernel_path_summary(provider: str, kernels: Optional[Dict[str, object]], device: torch.device) -> str:
+def kernel_path_summary(provider: str, kernels: Optional[Dict[str, object]],
+                        device: torch.device) -> str:
     """A short label for the table: "conv:triton bn:cuda", "aten/cudnn", "inductor"."""
     gpu = device.type == "cuda"
     if provider == "compile":
@@ -361,13 +369,17 @@ class Row:
     bound: str = "compute"
     ceiling: Optional[str] = None       # which ceiling pct_of_ceiling refers to
     pct_of_ceiling: Optional[float] = None
-    peak_mem_mb: Optional[float] = None      # CUDA: peak allocated during the timed steps above what was
-    #                                          allocated before them (activations, workspaces, gradients)
-    resident_mem_mb: Optional[float] = None  # CUDA: allocated before the timed steps, by the whole process
+    # CUDA: peak allocated during the timed steps above what was
+    peak_mem_mb: Optional[float] = None
+    #                                          allocated before them (activations, workspaces,
+    # gradients)
+    # CUDA: allocated before the timed steps, by the whole process
+    resident_mem_mb: Optional[float] = None
     kernel_path: str = ""
     kernels: Dict[str, object] = field(default_factory=dict)
     baseline: Optional[str] = None      # what "eager" is for this case
-    spec: Dict[str, object] = field(default_factory=dict)  # the case's settings (channels, stride, model ...)
+    # the case's settings (channels, stride, model ...)
+    spec: Dict[str, object] = field(default_factory=dict)
 
     def as_dict(self) -> Dict[str, object]:
         return asdict(self)
@@ -457,7 +469,8 @@ class Runner:
         x = torch.randn((case.batch, *case.in_shape), device=self.s.device, generator=gen,
                         dtype=C.DTYPES[dtype]).contiguous(memory_format=C.memory_format(layout))
         ref = copy.deepcopy(eager).to(memory_format=C.memory_format(layout))
-        bad = baselines.check_against_eager(module, ref, x, backward=case.mode == "train", dtype=C.DTYPES[dtype])
+        bad = baselines.check_against_eager(module, ref, x, backward=case.mode == "train",
+                                            dtype=C.DTYPES[dtype])
         if bad:
             raise RuntimeError(f"{bad} (checked before timing)")
 
@@ -474,7 +487,8 @@ class Runner:
     # -- measuring
     def blank_row(self, case, dtype, layout, provider) -> Row:
         return Row(case.name, case.group, case.kind, case.mode, provider, dtype, layout, case.batch,
-                   [case.batch, *case.in_shape], str(self.s.device), bound=case.bound, spec=dict(case.spec))
+                   [case.batch, *case.in_shape], str(self.s.device), bound=case.bound,
+                   spec=dict(case.spec))
 
     def measure(self, case: C.Case, dtype: str, layout: str, provider: str) -> Row:
         """Time one combination (cached); ratios are filled by :meth:`complete`."""
@@ -501,10 +515,11 @@ class Runner:
                     torch.cuda.reset_peak_memory_stats(device)
 
             kernels: Dict[str, object] = {}
-            first = (lambda: kernels.update(record_kernels(wl.step))) if provider == "resfast" else None
+            first = ((lambda: kernels.update(record_kernels(wl.step))) if provider == "resfast"
+                     else None)
             with cudnn_benchmark(self.s.cudnn_benchmark):
-                timing = time_steps(wl.step, device, self.s.warmup, self.s.steps, self.s.rounds, after_warmup,
-                                    first)
+                timing = time_steps(wl.step, device, self.s.warmup, self.s.steps, self.s.rounds,
+                                    after_warmup, first)
             if gpu:
                 row.peak_mem_mb = (torch.cuda.max_memory_allocated(device) - resident) / 2**20
                 row.resident_mem_mb = resident / 2**20
@@ -514,8 +529,11 @@ class Runner:
             row.first_call_s = timing.first_call_s
             row.steps, row.rounds = max(1, self.s.steps), max(1, self.s.rounds)
             self._derive(row, case, dtype)
-        except Exception as e:  # recorded, and the run goes on (OOM at full size, a compile failure ...)
-            row.status, row.reason = "error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500]
+        # recorded, and the run goes on (OOM at full size, a compile failure ...)
+        except Exception as e:
+            row.status, row.reason = ("error",
+                                      f"{type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''}"[:500])
             self._workloads.pop((case.id, case.batch, dtype, layout, provider), None)
             if device.type == "cuda":
                 gc.collect()

@@ -41,7 +41,8 @@ def default_stem(device, now: Optional[_dt.datetime] = None) -> str:
 def _git_commit() -> Optional[str]:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -80,12 +81,15 @@ def environment(device) -> Dict[str, object]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env.update(gpu=torch.cuda.get_device_name(device), gpu_capability=f"{props.major}.{props.minor}",
-                   gpu_memory_gb=round(props.total_memory / 2**30, 1), gpu_sms=props.multi_processor_count)
+        env.update(gpu=torch.cuda.get_device_name(device),
+                   gpu_capability=f"{props.major}.{props.minor}",
+                   gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                   gpu_sms=props.multi_processor_count)
     try:
         facts = resfast.info()
-        env["resfast_info"] = {k: facts[k] for k in ("resfast_cuda_archs", "cuda_kernels_built", "kernels",
-                                                     "triton_kernels_available", "triton_interpreter") if k in facts}
+        keys = ("resfast_cuda_archs", "cuda_kernels_built", "kernels", "triton_kernels_available",
+                "triton_interpreter")
+        env["resfast_info"] = {k: facts[k] for k in keys if k in facts}
     except Exception as e:  # info must not cost the results
         env["resfast_info"] = f"unavailable: {type(e).__name__}: {e}"
     return env
@@ -93,8 +97,8 @@ def environment(device) -> Dict[str, object]:
 
 # ---- the table ---------------------------------------------------------------------------
 
-COLUMNS = ("benchmark", "provider", "images/s", "ms/step", "vs eager", "vs compile", "TFLOP/s", "GB/s",
-           "% ceiling", "peak MB", "1st call s", "kernel path")
+COLUMNS = ("benchmark", "provider", "images/s", "ms/step", "vs eager", "vs compile", "TFLOP/s",
+           "GB/s", "% ceiling", "peak MB", "1st call s", "kernel path")
 
 
 def _num(v, fmt="{:.1f}") -> str:
@@ -128,7 +132,8 @@ def format_table(rows: Sequence[Dict[str, object]]) -> str:
     right = {2, 3, 4, 5, 6, 7, 8, 9, 10}
     lines = []
     for n, c in enumerate(cells):
-        lines.append("  ".join(v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(c, widths)))
+        lines.append("  ".join(v.rjust(w) if i in right else v.ljust(w) for i,
+                               (v, w) in enumerate(zip(c, widths)))
                      .rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -152,7 +157,8 @@ def format_markdown_by_command(doc: Dict[str, object], rows: Sequence[Dict[str, 
 
 def format_ceilings(ceil: Dict[str, object]) -> str:
     mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceil["matmul_tflops"].items())
-    return f"ceilings (measured in this run): copy {ceil['copy_gbs']:.3g} GB/s (read + write); matmul {mm}"
+    return (f"ceilings (measured in this run): copy {ceil['copy_gbs']:.3g} GB/s (read + write); "
+            f"matmul {mm}")
 
 
 # ---- files -------------------------------------------------------------------------------
@@ -198,34 +204,40 @@ def plot(doc: Dict[str, object], path: str) -> Optional[str]:
         ys = list(range(len(ours)))
         h = 0.38
         for off, key, label, color in ((-h / 2, "ratio_vs_eager", "vs torch eager", "tab:blue"),
-                                       (h / 2, "ratio_vs_compile", "vs torch.compile", "tab:orange")):
+                                       (h / 2, "ratio_vs_compile", "vs torch.compile",
+                                        "tab:orange")):
             vals = [r.get(key) for r in ours]
             if not any(vals):
                 continue
             # bars grow from 1x (log scale): right of the line is faster, left slower
-            ax.barh([y + off for y, v in zip(ys, vals) if v], [v - 1.0 for v in vals if v], left=1.0, height=h,
-                    label=label, color=color)
+            ax.barh([y + off for y, v in zip(ys, vals) if v], [v - 1.0 for v in vals if v],
+                    left=1.0, height=h, label=label, color=color)
             for y, v in zip(ys, vals):
                 if v:
-                    ax.text(v, y + off, f" {v:.2f}x", va="center", ha="left" if v >= 1 else "right", fontsize=6)
+                    ax.text(v, y + off, f" {v:.2f}x", va="center", ha="left" if v >= 1 else "right",
+                            fontsize=6)
         ax.set_xscale("log", base=2)
         from matplotlib.ticker import FuncFormatter
 
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.axvline(1.0, color="black", lw=0.8)
-        lo = min([r.get(k) for r in ours for k in ("ratio_vs_eager", "ratio_vs_compile") if r.get(k)] or [1.0])
-        hi = max([r.get(k) for r in ours for k in ("ratio_vs_eager", "ratio_vs_compile") if r.get(k)] or [1.0])
+        lo = min([r.get(k) for r in ours for k in ("ratio_vs_eager", "ratio_vs_compile")
+                  if r.get(k)] or [1.0])
+        hi = max([r.get(k) for r in ours for k in ("ratio_vs_eager", "ratio_vs_compile")
+                  if r.get(k)] or [1.0])
         ax.set_xlim(min(lo, 1.0) / 1.6, max(hi, 1.0) * 1.6)
         ax.set_yticks(ys)
         ax.set_yticklabels(labels, fontsize=7)
         ax.set_ylim(len(ys) - 0.5, -0.5)
         ax.set_xlabel("resfast speed-up, log scale (> 1x: faster than the baseline)")
         ax.legend(fontsize=7, loc="lower right")
-        providers = [p for p in ("resfast", "eager", "compile", "conv_alone", "cudnn_fe") if any(r["provider"] == p for r in rows)]
+        providers = [p for p in ("resfast", "eager", "compile", "conv_alone", "cudnn_fe")
+                     if any(r["provider"] == p for r in rows)]
         by = {(r["name"], r["mode"], r["dtype"], r["layout"], r["provider"]): r for r in rows}
         hp = 0.8 / max(1, len(providers))
         for i, p in enumerate(providers):
-            vals = [(by.get((r["name"], r["mode"], r["dtype"], r["layout"], p)) or {}).get("pct_of_ceiling") or 0.0
+            vals = [(by.get((r["name"], r["mode"], r["dtype"], r["layout"], p))
+                     or {}).get("pct_of_ceiling") or 0.0
                     for r in ours]
             ax2.barh([y - 0.4 + hp * (i + 0.5) for y in ys], vals, height=hp, label=p)
         ax2.set_yticks(ys)
@@ -259,7 +271,8 @@ def new_document(argv: Sequence[str], settings, ceilings, device) -> Dict[str, o
         "environment": environment(device),
         "settings": {"size": settings.size, "warmup": settings.warmup, "steps": settings.steps,
                      "rounds": settings.rounds, "compile": settings.compile,
-                     "compile_reason": settings.compile_reason, "providers": list(settings.providers),
+                     "compile_reason": settings.compile_reason,
+                     "providers": list(settings.providers),
                      "cpu_threads": settings.threads, "cudnn_benchmark": settings.cudnn_benchmark,
                      "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
                      "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32},

@@ -13,12 +13,21 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-from .cifar import load_cifar, find_root as find_cifar_root
+from .cifar import find_root as find_cifar_root
+from .cifar import load_cifar
 from .datasets import ArrayDataset, ImageFolderDataset, SeededDataset, split_indices
 from .embedded import load_digits
 from .errors import DataError
-from .transforms import (CifarTestTransform, CifarTrainTransform, ImageNetTestTransform, ImageNetTrainTransform,
-                         IMAGENET_MEAN, IMAGENET_STD, parse_scale, sample_rng)
+from .transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    CifarTestTransform,
+    CifarTrainTransform,
+    ImageNetTestTransform,
+    ImageNetTrainTransform,
+    parse_scale,
+    sample_rng,
+)
 
 EMBEDDED = ("embedded", "digits")
 
@@ -45,7 +54,8 @@ def detect_format(data: str) -> str:
     if os.path.isdir(os.path.join(data, "train")):
         return "imagefolder"
     raise DataError(f"cannot tell the format of {data!r}: expected a CIFAR python batch folder "
-                    f"(data_batch_1..5, test_batch) or an image tree with train/ and val/ sub-folders")
+                    "(data_batch_1..5, test_batch) or an image tree with train/ and val/ "
+                    "sub-folders")
 
 
 def _test_dir(root: str) -> str:
@@ -56,8 +66,9 @@ def _test_dir(root: str) -> str:
 
 
 def build_datasets(data: str = "embedded", *, fmt: str = "auto", seed: int = 0,
-                   train_scale=(256, 480), test_scale: int = 256, crop: int = 224, lighting: float = 0.1,
-                   train_subset: Optional[int] = None, test_subset: Optional[int] = None,
+                   train_scale=(256, 480), test_scale: int = 256, crop: int = 224,
+                   lighting: float = 0.1, train_subset: Optional[int] = None,
+                   test_subset: Optional[int] = None,
                    augment: bool = True) -> Tuple[SeededDataset, SeededDataset, DataInfo]:
     """The training and test datasets for ``data`` and their description."""
     data = data or "embedded"
@@ -75,9 +86,11 @@ def build_datasets(data: str = "embedded", *, fmt: str = "auto", seed: int = 0,
         mean, std = train.channel_stats()
         # digits are not mirror-symmetric (a flipped 2 is no digit): crops only for them
         flip = kind != "embedded"
-        train.transform = CifarTrainTransform(mean, std, flip=flip) if augment else CifarTestTransform(mean, std)
+        train.transform = (CifarTrainTransform(mean, std, flip=flip) if augment
+                           else CifarTestTransform(mean, std))
         test.transform = CifarTestTransform(mean, std)
-        info = DataInfo(name, kind_name, len(classes), xtr.shape[-1], classes, tuple(mean), tuple(std))
+        info = DataInfo(name, kind_name, len(classes), xtr.shape[-1], classes, tuple(mean),
+                        tuple(std))
         return train, test, info
     if kind == "imagefolder":
         train_root = os.path.join(data, "train")
@@ -89,23 +102,25 @@ def build_datasets(data: str = "embedded", *, fmt: str = "auto", seed: int = 0,
         train.transform = (ImageNetTrainTransform(train_scale, crop, lighting) if augment
                            else ImageNetTestTransform(test_scale, crop))
         test.transform = ImageNetTestTransform(test_scale, crop)
-        info = DataInfo(os.path.basename(os.path.normpath(data)), "imagefolder", len(train.classes), crop,
-                        train.classes, IMAGENET_MEAN, IMAGENET_STD, test_root)
+        info = DataInfo(os.path.basename(os.path.normpath(data)), "imagefolder", len(train.classes),
+                        crop, train.classes, IMAGENET_MEAN, IMAGENET_STD, test_root)
         return train, test, info
     raise ValueError(f"unknown data format {fmt!r} (auto, embedded, cifar, imagefolder)")
 
 
-def dense_test_dataset(info: DataInfo, scale: int, seed: int = 0, subset: Optional[int] = None) -> ImageFolderDataset:
+def dense_test_dataset(info: DataInfo, scale: int, seed: int = 0,
+                       subset: Optional[int] = None) -> ImageFolderDataset:
     """The ImageFolder test set as whole images rescaled to shorter side ``scale``
     (for VGG's dense evaluation)."""
     if info.kind != "imagefolder":
-        raise ValueError("dense and multi-scale evaluation need ImageNet-style data (an image folder)")
-    ds = ImageFolderDataset(info.root, ImageNetTestTransform(scale, None, info.mean, info.std), seed,
-                            classes=info.classes)
+        raise ValueError("dense and multi-scale evaluation need ImageNet-style data (an image "
+                         "folder)")
+    ds = ImageFolderDataset(info.root, ImageNetTestTransform(scale, None, info.mean, info.std),
+                            seed, classes=info.classes)
     return ds.subset(subset)
 
 
-__all__ = ["build_datasets", "dense_test_dataset", "detect_format", "DataInfo", "DataError", "ArrayDataset",
-           "ImageFolderDataset", "SeededDataset", "load_cifar", "load_digits", "split_indices",
-           "CifarTrainTransform", "CifarTestTransform", "ImageNetTrainTransform", "ImageNetTestTransform",
-           "parse_scale", "sample_rng"]
+__all__ = ["build_datasets", "dense_test_dataset", "detect_format", "DataInfo", "DataError",
+           "ArrayDataset", "ImageFolderDataset", "SeededDataset", "load_cifar", "load_digits",
+           "split_indices", "CifarTrainTransform", "CifarTestTransform", "ImageNetTrainTransform",
+           "ImageNetTestTransform", "parse_scale", "sample_rng"]

@@ -27,10 +27,13 @@ CIFAR100_META = "meta"
 def find_root(path: str) -> Optional[Tuple[str, str]]:
     """(folder, 'cifar10'|'cifar100') if ``path`` is, or directly contains, a CIFAR
     python batch folder; else None."""
-    for cand in (path, os.path.join(path, "cifar-10-batches-py"), os.path.join(path, "cifar-100-python")):
-        if os.path.isfile(os.path.join(cand, "data_batch_1")) or os.path.isfile(os.path.join(cand, CIFAR10_META)):
+    for cand in (path, os.path.join(path, "cifar-10-batches-py"),
+                 os.path.join(path, "cifar-100-python")):
+        if (os.path.isfile(os.path.join(cand, "data_batch_1"))
+            or os.path.isfile(os.path.join(cand, CIFAR10_META))):
             return cand, "cifar10"
-        if os.path.isfile(os.path.join(cand, "train")) and os.path.isfile(os.path.join(cand, CIFAR100_META)):
+        if (os.path.isfile(os.path.join(cand, "train"))
+            and os.path.isfile(os.path.join(cand, CIFAR100_META))):
             return cand, "cifar100"
     return None
 
@@ -42,7 +45,8 @@ def _unpickle(path: str) -> dict:
         with open(path, "rb") as f:
             d = pickle.load(f, encoding="bytes")
     except Exception as e:  # noqa: BLE001  (any unpickling failure means a corrupt file)
-        raise DataError(f"CIFAR file {path!r} is corrupt or not a CIFAR pickle: {type(e).__name__}: {e}") from e
+        raise DataError(f"CIFAR file {path!r} is corrupt or not a CIFAR pickle: "
+                        f"{type(e).__name__}: {e}") from e
     if not isinstance(d, dict):
         raise DataError(f"CIFAR file {path!r} does not hold a dict (got {type(d).__name__})")
     return d
@@ -60,11 +64,13 @@ def read_batch(path: str, label_key: str) -> Tuple[np.ndarray, np.ndarray]:
     d = _unpickle(path)
     data, labels = _key(d, "data"), _key(d, label_key)
     if data is None or labels is None:
-        raise DataError(f"CIFAR file {path!r} lacks b'data' or b'{label_key}' (keys: {sorted(map(str, d))})")
+        raise DataError(f"CIFAR file {path!r} lacks b'data' or b'{label_key}' (keys: "
+                        f"{sorted(map(str, d))})")
     data = np.asarray(data)
     labels = np.asarray(labels, dtype=np.int64)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise DataError(f"CIFAR file {path!r}: b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+        raise DataError(f"CIFAR file {path!r}: b'data' must be uint8 (N, 3072), got {data.dtype} "
+                        f"{data.shape}")
     if labels.shape != (data.shape[0],):
         raise DataError(f"CIFAR file {path!r}: {data.shape[0]} images but {labels.shape[0]} labels")
     return data.reshape(-1, 3, 32, 32), labels
@@ -74,8 +80,8 @@ def load_cifar(path: str):
     """((train_images, train_labels), (test_images, test_labels), classes)."""
     found = find_root(path)
     if found is None:
-        raise DataError(f"{path!r} is not a CIFAR python batch folder (expected data_batch_1..5, test_batch "
-                        f"and batches.meta, or train, test and meta)")
+        raise DataError(f"{path!r} is not a CIFAR python batch folder (expected data_batch_1..5, "
+                        f"test_batch and batches.meta, or train, test and meta)")
     root, kind = found
     if kind == "cifar10":
         train_files, test_files, meta_file, label_key, names_key = \

@@ -36,13 +36,15 @@ class SeededDataset(Dataset):
 class ArrayDataset(SeededDataset):
     """In-memory uint8 images (N, C, H, W) with int64 labels."""
 
-    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], transform=None, seed: int = 0,
-                 name: str = "array"):
+    def __init__(self, images: Tensor, labels: Tensor, classes: Sequence[str], transform=None,
+                 seed: int = 0, name: str = "array"):
         super().__init__(transform, seed)
         if images.dim() != 4 or images.dtype != torch.uint8:
-            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
+                             f"{tuple(images.shape)}")
         if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got "
+                             f"{tuple(labels.shape)}")
         self.images, self.labels = images.contiguous(), labels.long()
         self.classes = list(classes)
         self.name = name
@@ -71,7 +73,8 @@ class ArrayDataset(SeededDataset):
         """The first n examples (the data sets here are already in random order)."""
         if n is None or n >= len(self):
             return self
-        return ArrayDataset(self.images[:n], self.labels[:n], self.classes, self.transform, self.seed, self.name)
+        return ArrayDataset(self.images[:n], self.labels[:n], self.classes, self.transform,
+                            self.seed, self.name)
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -82,28 +85,33 @@ class ImageFolderDataset(SeededDataset):
     sub-folder names (torchvision's convention). Images are decoded with PIL
     and converted to RGB; an unreadable image raises :class:`DataError` naming it."""
 
-    def __init__(self, root, transform=None, seed: int = 0, classes: Optional[Sequence[str]] = None):
+    def __init__(self, root, transform=None, seed: int = 0,
+                 classes: Optional[Sequence[str]] = None):
         super().__init__(transform, seed)
         import os
 
         self.root = os.fspath(root)
         if not os.path.isdir(self.root):
             raise DataError(f"image folder {self.root!r} does not exist or is not a directory")
-        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir()
+                       and not e.name.startswith("."))
         self.classes = list(classes) if classes is not None else found
         if not self.classes:
-            raise DataError(f"image folder {self.root!r} has no class sub-folders (expected root/<class>/<image>)")
+            raise DataError(f"image folder {self.root!r} has no class sub-folders (expected "
+                            "root/<class>/<image>)")
         index = {c: i for i, c in enumerate(self.classes)}
         self.samples: List[Tuple[str, int]] = []
         for c in found:
             if c not in index:
-                raise DataError(f"class folder {os.path.join(self.root, c)!r} is not among the training classes")
+                raise DataError(f"class folder {os.path.join(self.root, c)!r} is not among the "
+                                "training classes")
             for dirpath, _, files in sorted(os.walk(os.path.join(self.root, c), followlinks=True)):
                 for f in sorted(files):
                     if f.lower().endswith(IMG_EXTENSIONS):
                         self.samples.append((os.path.join(dirpath, f), index[c]))
         if not self.samples:
-            raise DataError(f"image folder {self.root!r} contains no images ({', '.join(IMG_EXTENSIONS)})")
+            raise DataError(f"image folder {self.root!r} contains no images "
+                            f"({', '.join(IMG_EXTENSIONS)})")
         self.name = os.path.basename(os.path.normpath(self.root))
 
     def __len__(self) -> int:
@@ -136,7 +144,8 @@ class ImageFolderDataset(SeededDataset):
         return new
 
 
-def split_indices(labels: np.ndarray, test_per_class: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+def split_indices(labels: np.ndarray, test_per_class: int,
+                  seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """A stratified, deterministic train/test split: ``test_per_class`` examples of
     every class go to the test set; both parts are returned in shuffled order."""
     rng = np.random.RandomState(seed)

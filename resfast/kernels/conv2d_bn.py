@@ -21,6 +21,13 @@ Elementwise math (prologue, g, epilogue, statistics) runs in the accumulator dty
 float32 (float64 for float64 input). ``tl.dot`` gets operands in the input dtype
 (bf16/fp16 on tensor cores, float32 as IEEE fp32, float64 as float64), except under the
 Triton interpreter, which computes bfloat16 wrongly: there half types stay float32.
+Tiles, warps, pipeline depths and dot precision: :mod:`resfast.kernels.configs`.
+
+float64 is test-only here: the op keeps float64 on ATen (tensor cores have no float64
+path worth a kernel, and ATen keeps gradcheck exact), so it never launches these kernels
+in float64. The variant stays because the kernel tests (tests/kernels/test_conv2d_bn.py)
+compare its index logic with float64 references at rounding level, 1e-12, where a wrong
+mask or offset cannot hide in float32 noise, and the sm_90 compile test covers it.
 """
 import torch
 import triton
@@ -28,12 +35,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
+from ..dtypes import stats_dtype
 from . import interpreting
+from .configs import dot_config, gemm_tiles, launch_options, wgrad_rows_per_split, wgrad_tiles
 
 _CL = torch.channels_last
+# float64: tests only (see above)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
-             torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 # ---- device helpers --------------------------------------------------------------------
@@ -91,7 +99,8 @@ def _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, rows, row_ok, c
 
 
 @triton.jit
-def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M: tl.constexpr):
+def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
+                      BLOCK_M: tl.constexpr):
     """Per-channel mean and sum of squared deviations of this tile's rows (two passes in registers,
     so no E[y^2] - E[y]^2 cancellation)."""
     count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(acc.dtype)
@@ -142,10 +151,12 @@ def _conv2d_bn_forward_kernel(
     if OUT_RELU:
         acc = tl.maximum(acc, 0.0)
     y = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y, mask=row_ok[:, None] & co_ok[None, :])
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y,
+             mask=row_ok[:, None] & co_ok[None, :])
     if STATS:
         # statistics of y as stored, so that BN normalizes exactly the values it reads back
-        _store_tile_stats(y.to(ACC_DTYPE), row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr, BLOCK_M)
+        _store_tile_stats(y.to(ACC_DTYPE), row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
+                          BLOCK_M)
 
 
 @triton.jit
@@ -179,22 +190,22 @@ def _conv2d_bn_dgrad_kernel(
         ow = twc // STRIDE
         hit = (row_ok & (th >= 0) & (tw >= 0) & (thc % STRIDE == 0) & (twc % STRIDE == 0)
                & (oh < OH) & (ow < OW))
-        g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, (n * OH + oh) * OW + ow, hit,
-                           co, Co, count, HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE,
+        g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, (n * OH + oh) * OW + ow,
+                           hit, co, Co, count, HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE,
                            BLOCK_M, BLOCK_K)
         w = tl.load(w_ptr + (tap * Co + co)[:, None] * Ci + ci[None, :],
                     mask=(co < Co)[:, None] & ci_ok[None, :], other=0.0)
         acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
-    tl.store(ga_ptr + rows.to(tl.int64)[:, None] * Ci + ci[None, :], acc.to(ga_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & ci_ok[None, :])
+    tl.store(ga_ptr + rows.to(tl.int64)[:, None] * Ci + ci[None, :],
+             acc.to(ga_ptr.dtype.element_ty), mask=row_ok[:, None] & ci_ok[None, :])
 
 
 @triton.jit
 def _conv2d_bn_wgrad_kernel(
-    x_ptr, scale_ptr, shift_ptr, gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, gw_part_ptr, gb_part_ptr,
-    H, W, Ci, OH, OW, Co, M, rows_per_split,
+    x_ptr, scale_ptr, shift_ptr, gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, gw_part_ptr,
+    gb_part_ptr, H, W, Ci, OH, OW, Co, M, rows_per_split,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
@@ -244,208 +255,122 @@ def _conv2d_bn_wgrad_kernel(
 
 # ---- host side -------------------------------------------------------------------------
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _dot_config(dtype: torch.dtype) -> dict:
-    """Constexprs fixing the dot operand dtype, accumulator and fp32 precision."""
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    # the interpreter computes half types wrongly: give tl.dot float32 operands there
-    operand = acc if interpreting() else _TL_DTYPE[dtype]
-    # float32 runs as IEEE fp32 (no tf32) so results match float32 references
-    precision = "ieee" if dtype == torch.float32 else None
-    return dict(DOT_DTYPE=operand, ACC_DTYPE=acc, DOT_PRECISION=precision)
-
-
-def _tile_cap(dtype: torch.dtype) -> int:
-    return 128 if dtype.itemsize <= 2 else 64
-
-
-def _gemm_blocks(n_cols: int, n_red: int, dtype: torch.dtype) -> dict:
-    """Tile sizes for a GEMM with n_cols output columns and n_red channels reduced per tap.
-
-    Under the interpreter every tl op costs Python overhead whatever its size: the
-    smallest GPU-legal channel blocks (16) and 32-row tiles keep the tests' tiny shapes
-    at a few programs while still spanning several row tiles. On the GPU: 128-row
-    tiles, channel blocks as wide as the channels (16..128); halved for float32/64, whose
-    IEEE dots run on FMA units and spill registers at 128x64 (sm90, ptxas).
-    """
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
-    cap = _tile_cap(dtype)
-    return dict(BLOCK_M=cap, BLOCK_N=min(cap, max(16, triton.next_power_of_2(n_cols))),
-                BLOCK_K=min(cap // 2, max(16, triton.next_power_of_2(n_red))))
-
-
-def _launch_opts(tile_elems: int, dtype: torch.dtype) -> dict:
-    """num_warps / num_stages for an output tile of tile_elems accumulators."""
-    if interpreting():
-        return {}
-    big = tile_elems >= 128 * 128
-    # fp32 operand tiles are twice the bytes: fewer pipeline stages fit in shared memory
-    return dict(num_warps=8 if big else 4, num_stages=3 if dtype.itemsize <= 2 else 2)
-
-
 def _out_size(size: int, k: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - k) // stride + 1
 
 
-def _check_vector(name: str, t, n: int, x: Tensor, dtype=None):
-    if t is None:
-        return
-    if not isinstance(t, Tensor) or t.dim() != 1 or t.shape[0] != n:
-        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape) if isinstance(t, Tensor) else t!r}")
-    if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-    if dtype is not None and t.dtype != dtype:
-        raise ValueError(f"{name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
-    if not t.dtype.is_floating_point:
-        raise ValueError(f"{name} must be floating point, got {t.dtype}")
-
-
-def _check_conv(x, weight, bias, in_scale, in_shift, stride, padding):
-    if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, Ci, H, W), got "
-                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+def _check_preconditions(x: Tensor, weight: Tensor, **others) -> None:
+    """What the kernels themselves need; the arguments are validated once, by the
+    op (``resfast.ops.conv2d_bn.check_conv_inputs``): a dtype they compile for,
+    one dtype for x and weight (the GEMM's), every tensor on x's device, and that
+    device a GPU (or the CPU under the Triton interpreter)."""
     if x.dtype not in _DTYPES:
         raise ValueError(f"x must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if not isinstance(weight, Tensor) or weight.dim() != 4:
-        raise ValueError(f"weight must be a 4-D tensor (Co, Ci, K, K), got "
-                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
-    if weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must have a square kernel, got {tuple(weight.shape[2:])}")
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"weight has {weight.shape[1]} input channels (weight.shape[1]) but x has {x.shape[1]}")
     if weight.dtype != x.dtype:
         raise ValueError(f"weight dtype {weight.dtype} differs from x dtype {x.dtype}")
-    if weight.device != x.device:
-        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
     if x.device.type != "cuda" and not interpreting():
-        raise ValueError(f"x must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), got {x.device}")
-    if (in_scale is None) != (in_shift is None):
-        raise ValueError("in_scale and in_shift must be given together")
-    sdt = _stats_dtype(x.dtype)
-    _check_vector("bias", bias, weight.shape[0], x)
-    _check_vector("in_scale", in_scale, x.shape[1], x, sdt)
-    _check_vector("in_shift", in_shift, x.shape[1], x, sdt)
-    if not isinstance(stride, int) or stride < 1:
-        raise ValueError(f"stride must be a positive int, got {stride!r}")
-    if not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"padding must be a non-negative int, got {padding!r}")
-    k = weight.shape[2]
-    if min(x.shape[2], x.shape[3]) + 2 * padding < k:
-        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel ({k}x{k}) "
-                         f"with padding {padding}")
+        raise ValueError("x must be a CUDA tensor (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got {x.device}")
+    for name, t in dict(weight=weight, **others).items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int, block_m: int) -> tuple[Tensor, Tensor]:
+def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int,
+                      block_m: int) -> tuple[Tensor, Tensor]:
     """Chan's parallel merge of per-tile (mean, M2) into the mean and biased variance over m rows.
 
     All tiles are merged at once: mean = sum(n_i mean_i) / m and
     M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2); only deviations are squared, so a large
     |mean| does not cancel the variance away.
     """
-    starts = torch.arange(part_mean.shape[0], device=part_mean.device, dtype=part_mean.dtype) * block_m
+    starts = torch.arange(part_mean.shape[0], device=part_mean.device,
+                          dtype=part_mean.dtype) * block_m
     counts = (m - starts).clamp(max=block_m)[:, None]
     mean = (counts * part_mean).sum(0) / m
     m2 = part_m2.sum(0) + (counts * (part_mean - mean) ** 2).sum(0)
     return mean, m2 / m
 
 
-def conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None, in_scale: Tensor | None,
-                      in_shift: Tensor | None, in_relu: bool, stride: int, padding: int,
-                      stats: bool, out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, var): y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride, padding) + bias)
-    in channels_last, with the per-channel mean and biased variance of y when stats (else empty)."""
-    _check_conv(x, weight, bias, in_scale, in_shift, stride, padding)
-    if stats and out_relu:
-        raise ValueError("out_relu cannot be combined with stats (the statistics are of the pre-ReLU output)")
+def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
+                             in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
+                             stride: int, padding: int, stats: bool,
+                             out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, mean, var), y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride,
+    padding) + bias) in channels_last, with the per-channel mean and biased variance of y when
+    stats (else empty)."""
+    _check_preconditions(x, weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    sdt = _stats_dtype(x.dtype)
+    sdt = stats_dtype(x.dtype)
     y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=_CL)
     m = n * oh * ow
     if m == 0:
         nan = torch.full((co,), float("nan"), dtype=sdt, device=x.device)
-        return (y, nan, nan.clone()) if stats else (y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt))
+        return (y, nan, nan.clone()) if stats else (y, y.new_empty((0,), dtype=sdt),
+                                                    y.new_empty((0,), dtype=sdt))
 
     x = x.contiguous(memory_format=_CL)
     w_gemm = weight.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()  # [(kh, kw, ci), co]
-    blocks = _gemm_blocks(co, ci, x.dtype)
-    tiles_m = triton.cdiv(m, blocks["BLOCK_M"])
+    tiles = gemm_tiles(co, ci, x.dtype)
+    tiles_m = triton.cdiv(m, tiles.block_m)
     if stats:
         part_mean = torch.empty((tiles_m, co), dtype=sdt, device=x.device)
         part_m2 = torch.empty_like(part_mean)
     else:
         part_mean = part_m2 = y  # never read or written
-    grid = (tiles_m, triton.cdiv(co, blocks["BLOCK_N"]))
+    grid = (tiles_m, triton.cdiv(co, tiles.block_n))
     wrap_triton(_conv2d_bn_forward_kernel)[grid](
         x, w_gemm, y if bias is None else bias, y if in_scale is None else in_scale,
         y if in_shift is None else in_shift, y, part_mean, part_m2,
         h, w, ci, oh, ow, co, m,
         KSIZE=k, STRIDE=stride, PAD=padding,
         HAS_BIAS=bias is not None, HAS_AFFINE=in_scale is not None, IN_RELU=in_relu,
-        OUT_RELU=out_relu, STATS=stats, **_dot_config(x.dtype), **blocks,
-        **_launch_opts(blocks["BLOCK_M"] * blocks["BLOCK_N"], x.dtype))
+        OUT_RELU=out_relu, STATS=stats, **dot_config(x.dtype).constexprs(), **tiles.constexprs(),
+        **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     if not stats:
         return y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt)
-    mean, var = _merge_tile_stats(part_mean, part_m2, m, blocks["BLOCK_M"])
+    mean, var = _merge_tile_stats(part_mean, part_m2, m, tiles.block_m)
     return y, mean, var
 
 
-def _check_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, out_relu, output_mask, out_shape):
-    if len(output_mask) != 3:
-        raise ValueError(f"output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got {output_mask!r}")
-    for name, t in (("grad_y", grad_y), ("y", y)):
-        if t is None:
-            continue
-        if not isinstance(t, Tensor) or tuple(t.shape) != out_shape:
-            raise ValueError(f"{name} must have shape {out_shape}, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
+                              grad_var: Tensor | None, x: Tensor, weight: Tensor, y: Tensor | None,
+                              mean: Tensor | None, in_scale: Tensor | None, in_shift: Tensor | None,
+                              in_relu: bool, stride: int, padding: int, out_relu: bool,
+                              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the
+    prologue output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
+    _check_preconditions(x, weight, in_scale=in_scale, in_shift=in_shift, grad_y=grad_y, y=y,
+                         grad_mean=grad_mean, grad_var=grad_var, mean=mean)
     if y is None and (out_relu or grad_var is not None):
         raise ValueError("y is needed with out_relu or grad_var")
     if mean is None and grad_var is not None:
         raise ValueError("mean is needed with grad_var")
-    sdt = _stats_dtype(x.dtype)
-    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var), ("mean", mean if grad_var is not None else None)):
-        _check_vector(name, t, weight.shape[0], x, sdt)
-
-
-def conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None, grad_var: Tensor | None,
-                       x: Tensor, weight: Tensor, y: Tensor | None, mean: Tensor | None,
-                       in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
-                       stride: int, padding: int, out_relu: bool,
-                       output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    """(grad_a, grad_weight, grad_bias) of conv2d_bn_forward, grad_a being w.r.t. the prologue
-    output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
-    _check_conv(x, weight, None, in_scale, in_shift, stride, padding)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
-    _check_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, out_relu, output_mask, (n, co, oh, ow))
     want_a, want_w, want_b = (bool(b) for b in output_mask)
     empty = x.new_empty((0,))
     m = n * oh * ow
     if m == 0:
-        return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL) if want_a else empty,
-                torch.zeros_like(weight) if want_w else empty,
+        return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL) if want_a
+                else empty, torch.zeros_like(weight) if want_w else empty,
                 weight.new_zeros((co,)) if want_b else empty)
 
     x = x.contiguous(memory_format=_CL)
     grads = dict(
         gy_ptr=x if grad_y is None else grad_y.contiguous(memory_format=_CL),
         y_ptr=x if y is None else y.contiguous(memory_format=_CL),
-        gmean_ptr=x if grad_mean is None else grad_mean, gvar_ptr=x if grad_var is None else grad_var,
-        mean_ptr=x if grad_var is None else mean,
+        gmean_ptr=x if grad_mean is None else grad_mean,
+        gvar_ptr=x if grad_var is None else grad_var, mean_ptr=x if grad_var is None else mean,
         HAS_GY=grad_y is not None, HAS_GMEAN=grad_mean is not None, HAS_GVAR=grad_var is not None,
         OUT_RELU=out_relu)
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **_dot_config(x.dtype))
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **dot_config(x.dtype).constexprs())
     grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else empty
-    grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, want_b)
+    grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w,
+                             want_b)
                       if want_w or want_b else (None, None))
     return grad_a, grad_w if want_w else empty, grad_b if want_b else empty
 
@@ -455,58 +380,39 @@ def _dgrad(x, weight, oh, ow, grads, conv) -> Tensor:
     co, k = weight.shape[0], weight.shape[2]
     grad_a = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
     w_gemm = weight.permute(2, 3, 0, 1).reshape(k * k * co, ci).contiguous()  # [(kh, kw, co), ci]
-    blocks = _gemm_blocks(ci, co, x.dtype)
+    tiles = gemm_tiles(ci, co, x.dtype)
     m_in = n * h * w
-    grid = (triton.cdiv(m_in, blocks["BLOCK_M"]), triton.cdiv(ci, blocks["BLOCK_N"]))
+    grid = (triton.cdiv(m_in, tiles.block_m), triton.cdiv(ci, tiles.block_n))
     wrap_triton(_conv2d_bn_dgrad_kernel)[grid](
-        w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in, count=n * oh * ow,
-        **grads, **conv, **blocks, **_launch_opts(blocks["BLOCK_M"] * blocks["BLOCK_N"], x.dtype))
+        w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in,
+        count=n * oh * ow,
+        **grads, **conv, **tiles.constexprs(),
+        **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     return grad_a
-
-
-def _wgrad_blocks(co: int, ci: int, dtype: torch.dtype) -> dict:
-    """Tiles of (Co, Ci) per tap, and the output pixels reduced per step."""
-    if interpreting():
-        return dict(BLOCK_M=32, BLOCK_CO=16, BLOCK_CI=16)
-    cap = _tile_cap(dtype)
-    return dict(BLOCK_M=cap // 2, BLOCK_CO=min(cap, max(16, triton.next_power_of_2(co))),
-                BLOCK_CI=min(cap, max(16, triton.next_power_of_2(ci))))
-
-
-def _wgrad_config(co: int, ci: int, m: int, taps: int, x: Tensor) -> dict:
-    """The tiles, and the split of the m output pixels that fills the GPU.
-
-    Under the interpreter: two splits, so the split merge is exercised.
-    """
-    cfg = _wgrad_blocks(co, ci, x.dtype)
-    tiles = triton.cdiv(co, cfg["BLOCK_CO"]) * taps * triton.cdiv(ci, cfg["BLOCK_CI"])
-    if interpreting():
-        target_programs = 2 * tiles
-    else:
-        target_programs = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
-    row_blocks = triton.cdiv(m, cfg["BLOCK_M"])
-    splits = max(1, min(row_blocks, triton.cdiv(target_programs, tiles)))
-    cfg["rows_per_split"] = triton.cdiv(row_blocks, splits) * cfg["BLOCK_M"]
-    return cfg
 
 
 def _wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, want_b):
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     m = n * oh * ow
-    cfg = _wgrad_config(co, ci, m, k * k, x)
-    splits = triton.cdiv(m, cfg["rows_per_split"])
-    acc_dtype = _stats_dtype(x.dtype)
-    gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype, device=x.device)
+    tiles = wgrad_tiles(co, ci, x.dtype)
+    rows_per_split = wgrad_rows_per_split(tiles, co, ci, m, k * k, x.device)
+    splits = triton.cdiv(m, rows_per_split)
+    acc_dtype = stats_dtype(x.dtype)
+    gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype,
+                          device=x.device)
     gb_part = torch.empty((splits, co) if want_b else (0,), dtype=acc_dtype, device=x.device)
     # without grad_weight only the first (tap, Ci block) column of programs is needed, for the bias
-    k_tiles = k * k * triton.cdiv(ci, cfg["BLOCK_CI"]) if want_w else 1
-    grid = (triton.cdiv(co, cfg["BLOCK_CO"]), k_tiles, splits)
+    k_tiles = k * k * triton.cdiv(ci, tiles.block_ci) if want_w else 1
+    grid = (triton.cdiv(co, tiles.block_co), k_tiles, splits)
     wrap_triton(_conv2d_bn_wgrad_kernel)[grid](
-        x_ptr=x, scale_ptr=x if in_scale is None else in_scale, shift_ptr=x if in_shift is None else in_shift,
+        x_ptr=x, scale_ptr=x if in_scale is None else in_scale,
+        shift_ptr=x if in_shift is None else in_shift,
         gw_part_ptr=gw_part, gb_part_ptr=gb_part, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M=m,
         HAS_AFFINE=in_scale is not None, IN_RELU=in_relu, WANT_W=want_w, WANT_B=want_b,
-        **grads, **conv, **cfg, **_launch_opts(cfg["BLOCK_CO"] * cfg["BLOCK_CI"], x.dtype))
-    grad_w = gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous() if want_w else None
+        rows_per_split=rows_per_split, **grads, **conv, **tiles.constexprs(),
+        **launch_options(tiles.block_co * tiles.block_ci, x.dtype).kwargs())
+    grad_w = (gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous()
+              if want_w else None)
     grad_b = gb_part.sum(0).to(weight.dtype) if want_b else None
     return grad_w, grad_b

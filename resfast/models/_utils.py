@@ -6,7 +6,8 @@ SHORTCUTS = ("A", "B", "C")
 
 def check_num_classes(num_classes) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, int):
-        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} ({num_classes!r})")
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__} "
+                        f"({num_classes!r})")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     return num_classes

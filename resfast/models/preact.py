@@ -21,11 +21,12 @@ from torch import Tensor, nn
 from .. import functional as F
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_num_classes, check_shortcut, init_conv_bn
-from .resnet import StemAndStages, materialize
+from .registry import register_model
+from .resnet import StemAndStages
 
-__all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18", "preact_resnet34",
-           "preact_resnet50", "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164",
-           "preact_resnet1001"]
+__all__ = ["PreActBasicBlock", "PreActBottleneck", "PreActResNet", "preact_resnet18",
+           "preact_resnet34", "preact_resnet50", "preact_resnet101", "preact_resnet152",
+           "preact_resnet110", "preact_resnet164", "preact_resnet1001"]
 
 
 class _PreActUnit(nn.Module):
@@ -39,7 +40,8 @@ class _PreActUnit(nn.Module):
                        shortcut: Optional[str]) -> None:
         self.downsample = downsample
         self.stride = stride
-        self.option_a = (out, stride) if shortcut == "A" and (stride != 1 or inplanes != out) else None
+        self.option_a = ((out, stride) if shortcut == "A" and (stride != 1 or inplanes != out)
+                         else None)
         if self.option_a and downsample is not None:
             raise ValueError("shortcut='A' takes no downsample module")
 
@@ -48,16 +50,18 @@ class _PreActUnit(nn.Module):
         if self.bn1 is not None:
             if isinstance(x, Pending):
                 x = F.finish(x)
-            a: Union[Tensor, Pending] = F.batch_norm_pending(x, BatchNormArgs.of(self.bn1), relu=True)
+            a: Union[Tensor, Pending] = F.batch_norm_pending(x, BatchNormArgs.of(self.bn1),
+                                                             relu=True)
             raw = x
         else:
             # the first unit: x is already activated by the stem (maybe still pending)
             a = x
             raw = None
             if self.downsample is None:
-                a = raw = materialize(x)
+                a = raw = F.materialize(x)
         if self.downsample is not None:
-            conv = self.downsample[0] if isinstance(self.downsample, nn.Sequential) else self.downsample
+            conv = (self.downsample[0] if isinstance(self.downsample, nn.Sequential)
+                    else self.downsample)
             sc = F.conv2d(a, conv.weight, conv.bias, stride=conv.stride[0], padding=conv.padding[0])
         elif self.option_a is not None:
             sc = F.shortcut_a(raw, *self.option_a)
@@ -75,7 +79,8 @@ class PreActBasicBlock(_PreActUnit):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None,
                  preactivate: bool = True, shortcut: Optional[str] = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes) if preactivate else None
@@ -86,8 +91,8 @@ class PreActBasicBlock(_PreActUnit):
 
     def forward(self, x: Union[Tensor, Pending]) -> Tensor:
         a, sc = self._preactivate(x)
-        h = F.conv_bn_pending(a, self.conv1.weight, None, BatchNormArgs.of(self.bn2), stride=self.stride,
-                              padding=1, relu=True)
+        h = F.conv_bn_pending(a, self.conv1.weight, None, BatchNormArgs.of(self.bn2),
+                              stride=self.stride, padding=1, relu=True)
         return self._add(F.conv2d(h, self.conv2.weight, padding=1), sc)
 
 
@@ -97,7 +102,8 @@ class PreActBottleneck(_PreActUnit):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None,
                  preactivate: bool = True, shortcut: Optional[str] = None):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(inplanes) if preactivate else None
@@ -111,8 +117,8 @@ class PreActBottleneck(_PreActUnit):
     def forward(self, x: Union[Tensor, Pending]) -> Tensor:
         a, sc = self._preactivate(x)
         h = F.conv_bn_pending(a, self.conv1.weight, None, BatchNormArgs.of(self.bn2), relu=True)
-        h = F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn3), stride=self.stride,
-                              padding=1, relu=True)
+        h = F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn3),
+                              stride=self.stride, padding=1, relu=True)
         return self._add(F.conv2d(h, self.conv3.weight), sc)
 
 
@@ -129,13 +135,15 @@ class PreActResNet(StemAndStages):
         self.shortcut = shortcut
         self._build_stem(layers, widths, stem)
         for i, (width, n) in enumerate(zip(widths, layers)):
-            setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, 1 if i == 0 else 2, first=i == 0))
+            setattr(self, f"layer{i + 1}",
+                    self._make_layer(block, width, n, 1 if i == 0 else 2, first=i == 0))
         self.bn_final = nn.BatchNorm2d(self.inplanes)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(self.inplanes, num_classes)
         init_conv_bn(self)
 
-    def _make_layer(self, block, planes: int, blocks: int, stride: int, first: bool) -> nn.Sequential:
+    def _make_layer(self, block, planes: int, blocks: int, stride: int,
+                    first: bool) -> nn.Sequential:
         layers: List[nn.Module] = []
         out = planes * block.expansion
         for i in range(blocks):
@@ -144,7 +152,8 @@ class PreActResNet(StemAndStages):
             downsample = None
             if self.shortcut == "C" or (self.shortcut == "B" and changes):
                 downsample = nn.Sequential(nn.Conv2d(self.inplanes, out, 1, s, bias=False))
-            layers.append(block(self.inplanes, planes, s, downsample, preactivate=not (first and i == 0),
+            layers.append(block(self.inplanes, planes, s, downsample,
+                                preactivate=not (first and i == 0),
                                 shortcut="A" if self.shortcut == "A" else None))
             self.inplanes = out
         return nn.Sequential(*layers)
@@ -174,40 +183,48 @@ def _imagenet(depth: int, num_classes: int, shortcut: str) -> PreActResNet:
 
 
 def _cifar(block, n: int, num_classes: int, shortcut: str) -> PreActResNet:
-    return PreActResNet(block, [n] * 3, num_classes=num_classes, shortcut=shortcut, widths=(16, 32, 64),
-                        stem="cifar")
+    return PreActResNet(block, [n] * 3, num_classes=num_classes, shortcut=shortcut,
+                        widths=(16, 32, 64), stem="cifar")
 
 
+@register_model()
 def preact_resnet18(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(18, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet34(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(34, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet50(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(50, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet101(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(101, num_classes, shortcut)
 
 
+@register_model()
 def preact_resnet152(num_classes: int = 1000, shortcut: str = "B") -> PreActResNet:
     return _imagenet(152, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet110(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-110: 3 x 18 basic units, 16-32-64 channels."""
     return _cifar(PreActBasicBlock, 18, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet164(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-164: 3 x 18 bottleneck units, 64-128-256 output channels."""
     return _cifar(PreActBottleneck, 18, num_classes, shortcut)
 
 
+@register_model(dataset="cifar")
 def preact_resnet1001(num_classes: int = 10, shortcut: str = "B") -> PreActResNet:
     """CIFAR pre-activation ResNet-1001: 3 x 111 bottleneck units."""
     return _cifar(PreActBottleneck, 111, num_classes, shortcut)

@@ -22,9 +22,10 @@ from .. import functional as F
 from .. import nn as rnn
 from ..functional import BatchNormArgs, Pending
 from ._utils import check_bool, check_num_classes, check_shortcut, init_conv_bn
+from .registry import register_model
 
-__all__ = ["ResNet", "PlainBasicBlock", "PlainBottleneck", "resnet18", "resnet34", "resnet50", "resnet101",
-           "resnet152", "plain18", "plain34", "plain50", "plain101", "plain152"]
+__all__ = ["ResNet", "PlainBasicBlock", "PlainBottleneck", "resnet18", "resnet34", "resnet50",
+           "resnet101", "resnet152", "plain18", "plain34", "plain50", "plain101", "plain152"]
 
 
 def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -33,10 +34,6 @@ def _conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-
-def materialize(h: Union[Tensor, Pending]) -> Tensor:
-    return F.finish(h) if isinstance(h, Pending) else h
 
 
 class PlainBasicBlock(nn.Module):
@@ -55,9 +52,10 @@ class PlainBasicBlock(nn.Module):
 
     def forward_pending(self, x: Union[Tensor, Pending]) -> Pending:
         """The block's output left pending (its last BN + ReLU not yet applied)."""
-        h = F.conv_bn_pending(x, self.conv1.weight, None, BatchNormArgs.of(self.bn1), stride=self.stride,
-                              padding=1, relu=True)
-        return F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn2), padding=1, relu=True)
+        h = F.conv_bn_pending(x, self.conv1.weight, None, BatchNormArgs.of(self.bn1),
+                              stride=self.stride, padding=1, relu=True)
+        return F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn2), padding=1,
+                                 relu=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.finish(self.forward_pending(x))
@@ -81,8 +79,8 @@ class PlainBottleneck(nn.Module):
 
     def forward_pending(self, x: Union[Tensor, Pending]) -> Pending:
         h = F.conv_bn_pending(x, self.conv1.weight, None, BatchNormArgs.of(self.bn1), relu=True)
-        h = F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn2), stride=self.stride,
-                              padding=1, relu=True)
+        h = F.conv_bn_pending(h, self.conv2.weight, None, BatchNormArgs.of(self.bn2),
+                              stride=self.stride, padding=1, relu=True)
         return F.conv_bn_pending(h, self.conv3.weight, None, BatchNormArgs.of(self.bn3), relu=True)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -101,14 +99,18 @@ class StemAndStages(nn.Module):
         (torchvision's names and order, so checkpoints load)."""
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"stem must be 'imagenet' or 'cifar', got {stem!r}")
-        if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in layers):
-            raise ValueError(f"layers must be {len(widths)} positive ints (blocks per stage), got {list(layers)!r}")
+        if len(layers) != len(widths) or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                             for n in layers):
+            raise ValueError(f"layers must be {len(widths)} positive ints (blocks per stage), got "
+                             f"{list(layers)!r}")
         self.inplanes = widths[0]
         k, s = (7, 2) if stem == "imagenet" else (3, 1)
-        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=k, stride=s, padding=k // 2, bias=False)
+        self.conv1 = nn.Conv2d(3, self.inplanes, kernel_size=k, stride=s, padding=k // 2,
+                               bias=False)
         self.bn1 = nn.BatchNorm2d(self.inplanes)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet" else None
+        self.maxpool = (nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if stem == "imagenet"
+                        else None)
         self.num_stages = len(widths)
 
     def stages(self) -> List[nn.Sequential]:
@@ -118,10 +120,12 @@ class StemAndStages(nn.Module):
         """conv1 with bn1 + ReLU pending (applied by the first block's conv), or
         applied before the max-pool."""
         conv = self.conv1
-        h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None, BatchNormArgs.of(self.bn1),
-                                                      stride=conv.stride[0], padding=conv.padding[0], relu=True)
+        h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None,
+                                                      BatchNormArgs.of(self.bn1),
+                                                      stride=conv.stride[0],
+                                                      padding=conv.padding[0], relu=True)
         if self.maxpool is not None:
-            h = self.maxpool(materialize(h))
+            h = self.maxpool(F.materialize(h))
         return h
 
 
@@ -134,8 +138,8 @@ class ResNet(StemAndStages):
     """
 
     def __init__(self, block: BlockType, layers: Sequence[int], num_classes: int = 1000,
-                 zero_init_residual: bool = False, shortcut: str = "B", widths: Sequence[int] = (64, 128, 256, 512),
-                 stem: str = "imagenet"):
+                 zero_init_residual: bool = False, shortcut: str = "B",
+                 widths: Sequence[int] = (64, 128, 256, 512), stem: str = "imagenet"):
         super().__init__()
         check_num_classes(num_classes)
         check_shortcut(shortcut)
@@ -144,7 +148,8 @@ class ResNet(StemAndStages):
         self.shortcut = shortcut
         self._build_stem(layers, widths, stem)
         for i, (width, n) in enumerate(zip(widths, layers)):
-            setattr(self, f"layer{i + 1}", self._make_layer(block, width, n, stride=1 if i == 0 else 2))
+            setattr(self, f"layer{i + 1}",
+                    self._make_layer(block, width, n, stride=1 if i == 0 else 2))
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(widths[-1] * block.expansion, num_classes)
 
@@ -183,8 +188,8 @@ class ResNet(StemAndStages):
                 if self.plain:
                     h = block.forward_pending(h)
                 else:
-                    h = block(materialize(h))
-        return materialize(h)
+                    h = block(F.materialize(h))
+        return F.materialize(h)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.forward_features(x)
@@ -198,7 +203,8 @@ _LAYERS = {18: (rnn.BasicBlock, [2, 2, 2, 2]), 34: (rnn.BasicBlock, [3, 4, 6, 3]
            152: (rnn.Bottleneck, [3, 8, 36, 3])}
 
 
-def _resnet(depth: int, num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+def _resnet(depth: int, num_classes: int = 1000, zero_init_residual: bool = False,
+            shortcut: str = "B") -> ResNet:
     block, layers = _LAYERS[depth]
     return ResNet(block, layers, num_classes=num_classes, zero_init_residual=zero_init_residual,
                   shortcut=shortcut)
@@ -206,51 +212,67 @@ def _resnet(depth: int, num_classes: int = 1000, zero_init_residual: bool = Fals
 
 def _plain(depth: int, num_classes: int = 1000) -> ResNet:
     block, layers = _LAYERS[depth]
-    return ResNet(PlainBasicBlock if block is rnn.BasicBlock else PlainBottleneck, layers, num_classes=num_classes)
+    return ResNet(PlainBasicBlock if block is rnn.BasicBlock else PlainBottleneck, layers,
+                  num_classes=num_classes)
 
 
-def resnet18(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+@register_model(torchvision="resnet18")
+def resnet18(num_classes: int = 1000, zero_init_residual: bool = False,
+             shortcut: str = "B") -> ResNet:
     """ResNet-18: basic blocks 2-2-2-2."""
     return _resnet(18, num_classes, zero_init_residual, shortcut)
 
 
-def resnet34(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+@register_model(torchvision="resnet34")
+def resnet34(num_classes: int = 1000, zero_init_residual: bool = False,
+             shortcut: str = "B") -> ResNet:
     """ResNet-34: basic blocks 3-4-6-3."""
     return _resnet(34, num_classes, zero_init_residual, shortcut)
 
 
-def resnet50(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+@register_model(torchvision="resnet50")
+def resnet50(num_classes: int = 1000, zero_init_residual: bool = False,
+             shortcut: str = "B") -> ResNet:
     """ResNet-50: bottleneck blocks 3-4-6-3."""
     return _resnet(50, num_classes, zero_init_residual, shortcut)
 
 
-def resnet101(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+@register_model(torchvision="resnet101")
+def resnet101(num_classes: int = 1000, zero_init_residual: bool = False,
+              shortcut: str = "B") -> ResNet:
     """ResNet-101: bottleneck blocks 3-4-23-3."""
     return _resnet(101, num_classes, zero_init_residual, shortcut)
 
 
-def resnet152(num_classes: int = 1000, zero_init_residual: bool = False, shortcut: str = "B") -> ResNet:
+@register_model(torchvision="resnet152")
+def resnet152(num_classes: int = 1000, zero_init_residual: bool = False,
+              shortcut: str = "B") -> ResNet:
     """ResNet-152: bottleneck blocks 3-8-36-3."""
     return _resnet(152, num_classes, zero_init_residual, shortcut)
 
 
+@register_model()
 def plain18(num_classes: int = 1000) -> ResNet:
     """Plain-18: ResNet-18 without shortcuts."""
     return _plain(18, num_classes)
 
 
+@register_model()
 def plain34(num_classes: int = 1000) -> ResNet:
     """Plain-34: ResNet-34 without shortcuts."""
     return _plain(34, num_classes)
 
 
+@register_model()
 def plain50(num_classes: int = 1000) -> ResNet:
     return _plain(50, num_classes)
 
 
+@register_model()
 def plain101(num_classes: int = 1000) -> ResNet:
     return _plain(101, num_classes)
 
 
+@register_model()
 def plain152(num_classes: int = 1000) -> ResNet:
     return _plain(152, num_classes)

@@ -51,7 +51,8 @@ class _Recorder(TorchDispatchMode):
     """Sees resfast's ops below autograd; attributes them to modules by the
     identity of the weight tensor they get."""
 
-    def __init__(self, owners: Dict[int, Tuple[str, nn.Module]], on_row: Callable[[str, nn.Module, str, tuple, int], None]):
+    def __init__(self, owners: Dict[int, Tuple[str, nn.Module]],
+                 on_row: Callable[[str, nn.Module, str, tuple, int], None]):
         super().__init__()
         self.owners = owners
         self.on_row = on_row
@@ -143,14 +144,17 @@ def _count(n: float) -> str:
 def format_summary(s: Summary) -> str:
     width = max([len(r.name) for r in s.rows] + [5])
     kind_w = max([len(r.kind) for r in s.rows] + [4])
-    lines = [f"{s.name}: input {tuple(s.input_size)} (shapes per image, without the batch dimension)",
-             f"{'Layer':<{width}}  {'Type':<{kind_w}}  {'Output shape':<20}  {'Params':>12}  {'Mult-adds':>15}",
+    lines = [f"{s.name}: input {tuple(s.input_size)} (shapes per image, without the batch "
+             "dimension)",
+             f"{'Layer':<{width}}  {'Type':<{kind_w}}  {'Output shape':<20}  {'Params':>12}  "
+             f"{'Mult-adds':>15}",
              "-" * (width + kind_w + 55)]
     for r in s.rows:
         shape = " x ".join(map(str, r.output_shape))
         macs = f"{r.macs:,}" if r.macs else "-"
         params = f"{r.params:,}" if r.params else "-"
-        lines.append(f"{r.name:<{width}}  {r.kind:<{kind_w}}  {shape:<20}  {params:>12}  {macs:>15}")
+        lines.append(f"{r.name:<{width}}  {r.kind:<{kind_w}}  {shape:<20}  {params:>12}  "
+                     f"{macs:>15}")
     lines += ["-" * (width + kind_w + 55),
               f"Total params: {s.params:,} ({_count(s.params)})",
               f"Trainable params: {s.trainable_params:,}",
@@ -175,7 +179,8 @@ def summary(model: Union[str, nn.Module], input_size: Optional[Sequence[int]] = 
         default = default_input_size(model)
     elif isinstance(model, nn.Module):
         if model_kwargs:
-            raise TypeError(f"model_kwargs {sorted(model_kwargs)} only apply to a model given by name")
+            raise TypeError(f"model_kwargs {sorted(model_kwargs)} only apply to a model given by "
+                            "name")
         name = type(model).__name__
         net = copy.deepcopy(model).to("meta")
         default = (3, 224, 224)
@@ -198,7 +203,8 @@ def _parse_input_size(input_size, default) -> Tuple[int, int, int]:
         try:
             input_size = [int(v) for v in input_size.replace("x", ",").split(",") if v.strip()]
         except ValueError:
-            raise ValueError(f"input_size must look like 224 or 3,224,224, got {input_size!r}") from None
+            raise ValueError(f"input_size must look like 224 or 3,224,224, got "
+                             f"{input_size!r}") from None
         if len(input_size) == 1:
             input_size = input_size[0]
     if isinstance(input_size, int) and not isinstance(input_size, bool):
@@ -206,7 +212,8 @@ def _parse_input_size(input_size, default) -> Tuple[int, int, int]:
     input_size = tuple(input_size)
     if len(input_size) == 2:
         input_size = (3, *input_size)
-    if len(input_size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in input_size):
+    if len(input_size) != 3 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1
+                                   for v in input_size):
         raise ValueError(f"input_size must be (C, H, W) of positive ints, got {input_size!r}")
     return input_size
 
@@ -216,11 +223,14 @@ def summary_main(argv: Optional[Sequence[str]] = None) -> int:
     from . import list_models
 
     parser = argparse.ArgumentParser(prog="resfast summary",
-                                     description="Layers, output shapes, parameters and multiply-adds of a network.")
+                                     description="Layers, output shapes, parameters and "
+                                                 "multiply-adds of a network.")
     parser.add_argument("name", help="network name (see --list)", nargs="?")
-    parser.add_argument("--input-size", default=None, help="H (square), HxW or C,H,W; default 224 (32 for CIFAR nets)")
+    parser.add_argument("--input-size", default=None,
+                        help="H (square), HxW or C,H,W; default 224 (32 for CIFAR nets)")
     parser.add_argument("--num-classes", type=int, default=None)
-    parser.add_argument("--shortcut", choices=["A", "B", "C"], default=None, help="ResNet shortcut option")
+    parser.add_argument("--shortcut", choices=["A", "B", "C"], default=None,
+                        help="ResNet shortcut option")
     parser.add_argument("--list", action="store_true", help="list the network names and exit")
     args = parser.parse_args(argv)
     if args.list:

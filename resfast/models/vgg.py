@@ -2,7 +2,7 @@
 
 The layout is torchvision's (``features.N.*``, ``classifier.N.*``), so a
 torchvision VGG ``state_dict`` loads unchanged. ``features`` is a
-:class:`resfast.fusion.FusedSequential`: Conv2d [-> BatchNorm2d] -> ReLU runs go
+:class:`resfast.nn.FusedSequential`: Conv2d [-> BatchNorm2d] -> ReLU runs go
 through the fused conv (training-mode BN statistics in the conv's epilogue,
 BN-apply + ReLU in the next conv's prologue; eval mode folds BN into the conv;
 without BN the bias and ReLU ride in the conv's epilogue).
@@ -19,11 +19,12 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..fusion import FusedSequential
+from ..nn import FusedSequential
 from ._utils import check_bool, check_num_classes, init_conv_bn
+from .registry import register_model
 
-__all__ = ["VGG", "CONFIGS", "make_layers", "multi_scale_eval", "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13",
-           "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
+__all__ = ["VGG", "CONFIGS", "make_layers", "multi_scale_eval", "vgg11", "vgg11_bn", "vgg11_lrn",
+           "vgg13", "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"]
 
 # channel widths, "M" = 2x2 max-pool, "LRN" = local response normalisation,
 # (C, 1) = a 1x1 conv (configuration C).
@@ -32,9 +33,11 @@ CONFIGS = {
     "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
     "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
-    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M", 512, 512, (512, 1), "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M", 512, 512,
+          (512, 1), "M"],
     "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
-    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512,
+          512, 512, "M"],
 }
 
 
@@ -106,12 +109,14 @@ class VGG(nn.Module):
         k = self.avgpool.output_size
         k = k if isinstance(k, int) else k[0]
         if h.shape[2] < k or h.shape[3] < k:
-            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k} (an input of at least "
-                             f"{32 * k}x{32 * k}), got {tuple(h.shape[2:])} from an input of {tuple(x.shape[2:])}")
+            raise ValueError(f"dense evaluation needs a feature map of at least {k}x{k} (an input "
+                             f"of at least {32 * k}x{32 * k}), got {tuple(h.shape[2:])} from an "
+                             f"input of {tuple(x.shape[2:])}")
         c = fc1.in_features // (k * k)
         h = F.conv2d(h, fc1.weight.view(fc1.out_features, c, k, k), fc1.bias, relu=True)
         h = drop1(h)
-        h = F.conv2d(h, fc2.weight.view(fc2.out_features, fc2.in_features, 1, 1), fc2.bias, relu=True)
+        h = F.conv2d(h, fc2.weight.view(fc2.out_features, fc2.in_features, 1, 1), fc2.bias,
+                     relu=True)
         h = drop2(h)
         return F.conv2d(h, fc3.weight.view(fc3.out_features, fc3.in_features, 1, 1), fc3.bias)
 
@@ -125,8 +130,8 @@ def multi_scale_eval(model: nn.Module, images: Tensor, scales: Sequence[int] = (
     num_classes) probabilities. Runs without gradients; put the model in eval
     mode first."""
     if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got "
-                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"images must be a 4-D tensor (N, C, H, W), got {got}")
     scales = list(scales)
     if not scales or any(isinstance(q, bool) or not isinstance(q, int) or q < 1 for q in scales):
         raise ValueError(f"scales must be a non-empty list of positive ints, got {scales!r}")
@@ -152,52 +157,63 @@ def _vgg(cfg: str, batch_norm: bool, num_classes: int = 1000, **kwargs) -> VGG:
     return VGG(make_layers(CONFIGS[cfg], batch_norm), num_classes=num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg11")
 def vgg11(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration A (11 weight layers)."""
     return _vgg("A", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg11_bn")
 def vgg11_bn(num_classes: int = 1000, **kwargs) -> VGG:
     """VGG A with BatchNorm after every conv (torchvision's vgg11_bn)."""
     return _vgg("A", True, num_classes, **kwargs)
 
 
+@register_model()
 def vgg11_lrn(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration A-LRN: A with local response normalisation after the first layer."""
     return _vgg("A-LRN", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg13")
 def vgg13(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration B (13 weight layers)."""
     return _vgg("B", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg13_bn")
 def vgg13_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("B", True, num_classes, **kwargs)
 
 
+@register_model()
 def vgg16_c(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration C: 16 weight layers, with a 1x1 conv ending stages 3, 4 and 5."""
     return _vgg("C", batch_norm, num_classes, **kwargs)
 
 
+@register_model()
 def vgg16_c_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("C", True, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg16")
 def vgg16(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration D (16 weight layers, all 3x3)."""
     return _vgg("D", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg16_bn")
 def vgg16_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("D", True, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg19")
 def vgg19(num_classes: int = 1000, batch_norm: bool = False, **kwargs) -> VGG:
     """VGG configuration E (19 weight layers)."""
     return _vgg("E", batch_norm, num_classes, **kwargs)
 
 
+@register_model(torchvision="vgg19_bn")
 def vgg19_bn(num_classes: int = 1000, **kwargs) -> VGG:
     return _vgg("E", True, num_classes, **kwargs)

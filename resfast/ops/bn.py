@@ -6,11 +6,9 @@ only ever see opaque, registered pieces.
 import torch
 from torch.library import register_autograd, register_fake
 
+from ..dtypes import stats_dtype
+
 ops = torch.ops.resfast
-
-
-def stats_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _channel_vector(t: torch.Tensor) -> torch.Tensor:

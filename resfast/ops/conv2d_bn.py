@@ -4,21 +4,23 @@
                                                  previous layer), padding applied to a
     y = conv2d(a, weight, stride, padding) + bias
     y = relu(y)                                  only with out_relu (eval mode, BN folded)
+    mean, var = batch statistics of y per channel (only with stats)
 
 The GEMM runs in the weight's dtype (y has it too); x may be float32 with
 bfloat16/float16 weights (mixed precision), and the prologue then reads x at
-full precision. The gradient of a is returned in x's dtype.
-    mean, var = batch statistics of y per channel (only with stats)
+full precision. The gradient of a is returned in x's dtype. The arguments are
+checked here, once (:func:`check_conv_inputs`, in the op and its fake).
 
 y is always channels_last. On CUDA the op runs one of two paths, chosen per
 problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
 in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
 the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
-statistics by ``bn_stats`` (CUDA C++). On the CPU it runs ATen with the same
-numerics (operands in the weight's dtype, float32 accumulation). Setting
-``RESFAST_TRITON_ON_CPU=1`` together with ``TRITON_INTERPRET=1`` sends CPU
-tensors through the Triton kernels, which is how the tests check the GPU code
-on a machine without one.
+statistics by ``bn_stats`` (CUDA C++). float64 stays on ATen on every device.
+On the CPU it runs ATen with the same numerics (operands in the weight's dtype,
+float32 accumulation). Setting ``RESFAST_TRITON_ON_CPU=1`` together with
+``TRITON_INTERPRET=1`` sends CPU tensors through the GPU paths (the Triton
+kernels under the interpreter), which is how the tests check the GPU code on a
+machine without one.
 
 ``resfast::conv2d_bn_backward`` takes the gradients of y, mean and var and
 returns those of a (not x: the prologue's backward is ``resfast::bn_act_backward``),
@@ -31,8 +33,8 @@ import torch
 from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
+from ..dtypes import stats_dtype
 from . import conv_path
-from .bn import stats_dtype
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -42,42 +44,86 @@ def _triton_on_cpu() -> bool:
     return os.environ.get("RESFAST_TRITON_ON_CPU", "0") == "1"
 
 
+def _check_channel_vector(name: str, t: Optional[Tensor], n: int, x: Tensor,
+                          dtype: Optional[torch.dtype] = None) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise ValueError(f"{name} must be a tensor of shape ({n},), got {type(t).__name__}")
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    if t.dim() != 1 or t.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
+
+
 def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu):
+    """The arguments of ``resfast::conv2d_bn``, checked once, here, by the op and
+    its fake (the Triton kernels check only what they themselves need). A
+    ValueError names the argument. Per-channel vectors of the prologue are in the
+    statistics dtype of x (:func:`resfast.dtypes.stats_dtype`)."""
     if not isinstance(x, Tensor) or x.dim() != 4:
-        raise ValueError(f"x must be a 4-D tensor (N, C, H, W), got {tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
+        raise ValueError("x must be a 4-D tensor (N, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
     if not x.dtype.is_floating_point:
         raise ValueError(f"x must be floating point, got {x.dtype}")
-    if weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
-        raise ValueError(f"weight must be (C_out, C_in, K, K), got {tuple(weight.shape)}")
+    if not isinstance(weight, Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"weight must be (C_out, C_in, K, K), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight)}")
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]}")
-    if weight.dtype != x.dtype and not (x.dtype == torch.float32 and weight.dtype in (torch.bfloat16, torch.float16)):
-        raise ValueError(f"weight dtype {weight.dtype} does not go with x dtype {x.dtype} (they must match, "
-                         "or x may be float32 with bfloat16/float16 weights under mixed precision)")
-    for name, t, n in (("weight", weight, None), ("bias", bias, weight.shape[0]),
-                       ("in_scale", in_scale, x.shape[1]), ("in_shift", in_shift, x.shape[1])):
-        if t is None:
-            continue
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
-        if n is not None and (t.dim() != 1 or t.shape[0] != n):
-            raise ValueError(f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if weight.dtype != x.dtype and not (x.dtype == torch.float32
+                                        and weight.dtype in (torch.bfloat16, torch.float16)):
+        raise ValueError(f"weight dtype {weight.dtype} does not go with x dtype {x.dtype} (they "
+                         "must match, or x may be float32 with bfloat16/float16 weights under "
+                         "mixed precision)")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    _check_channel_vector("bias", bias, weight.shape[0], x)
+    _check_channel_vector("in_scale", in_scale, x.shape[1], x, stats_dtype(x))
+    _check_channel_vector("in_shift", in_shift, x.shape[1], x, stats_dtype(x))
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
     if stride not in (1, 2) or padding < 0:
-        raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, padding={padding}")
+        raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, "
+                         f"padding={padding}")
     if stats and out_relu:
-        raise ValueError("out_relu cannot be combined with stats (the statistics are of the pre-ReLU output)")
+        raise ValueError("out_relu cannot be combined with stats (the statistics are of the "
+                         "pre-ReLU output)")
     k = weight.shape[2]
     if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
-        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel ({k}x{k}) with padding {padding}")
+        raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel "
+                         f"({k}x{k}) with padding {padding}")
 
 
-def _out_shape(x, weight, stride, padding):
+def check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                               stride, padding, out_relu, output_mask):
+    """The arguments of ``resfast::conv2d_bn_backward``: those of the forward,
+    then the gradients of (y, mean, var) and the saved y and mean."""
+    check_conv_inputs(x, weight, None, in_scale, in_shift, stride, padding, False, out_relu)
+    if len(output_mask) != 3:
+        raise ValueError("output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got "
+                         f"{output_mask!r}")
+    out_shape = _out_shape(x, weight, stride, padding)
+    for name, t in (("grad_y", grad_y), ("y", y)):
+        if t is None:
+            continue
+        if tuple(t.shape) != out_shape:
+            raise ValueError(f"{name} must have shape {out_shape}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    # mean is read only with grad_var (the variance's gradient); without statistics it is empty
+    for name, t in (("grad_mean", grad_mean), ("grad_var", grad_var),
+                    ("mean", mean if grad_var is not None else None)):
+        _check_channel_vector(name, t, weight.shape[0], x, stats_dtype(x))
+
+
+def _out_shape(x, weight, stride, padding) -> tuple:
     k = weight.shape[2]
     oh = (x.shape[2] + 2 * padding - k) // stride + 1
     ow = (x.shape[3] + 2 * padding - k) // stride + 1
-    return x.shape[0], weight.shape[0], oh, ow
+    return (x.shape[0], weight.shape[0], oh, ow)
 
 
 def _prologue(x, in_scale, in_shift, in_relu, dtype):
@@ -94,7 +140,8 @@ def _prologue(x, in_scale, in_shift, in_relu, dtype):
     return a.to(dtype)
 
 
-def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                                stats, out_relu):
     """The ATen implementation (the CPU kernel of the op)."""
     dt = stats_dtype(weight)
     a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
@@ -112,8 +159,8 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
     return y.contiguous(memory_format=_CL), mean, var
 
 
-def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                                 in_relu, stride, padding, out_relu, output_mask):
+def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
+                                 in_shift, in_relu, stride, padding, out_relu, output_mask):
     dt = stats_dtype(weight)
     g = torch.zeros(y.shape, dtype=dt, device=y.device) if grad_y is None else grad_y.to(dt)
     if out_relu:
@@ -123,12 +170,14 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
         gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
         gv = torch.zeros_like(mean) if grad_var is None else grad_var
         g = g + (gm.to(dt).view(1, -1, 1, 1)
-                 + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1)) * gv.to(dt).view(1, -1, 1, 1)) / count
+                 + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1))
+                 * gv.to(dt).view(1, -1, 1, 1)) / count
     a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
-    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
+            else x.new_empty((0,)),
             torch.empty_like(weight).copy_(grad_w) if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
@@ -136,24 +185,28 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
 # ---- the ops ------------------------------------------------------------------
 
 def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
-    from ..kernels.conv2d_bn import conv2d_bn_forward
+    from ..kernels.conv2d_bn import triton_conv2d_bn_forward
 
     if x.dtype != weight.dtype:
         # Mixed precision (float32 x, 16-bit weights) only meets a network's input, once: apply the
         # prologue at x's precision here rather than carry a second dtype through the kernels.
-        x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
-    return conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+        x = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
+        in_scale, in_shift, in_relu = None, None, False
+    return triton_conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
+                                    stats, out_relu)
 
 
-def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-                     padding, out_relu, output_mask):
-    from ..kernels.conv2d_bn import conv2d_bn_backward
+def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                     stride, padding, out_relu, output_mask):
+    from ..kernels.conv2d_bn import triton_conv2d_bn_backward
 
     x_dtype = x.dtype
     if x.dtype != weight.dtype:  # see _triton_forward
-        x, in_scale, in_shift, in_relu = _prologue(x, in_scale, in_shift, in_relu, weight.dtype), None, None, False
-    grad_a, grad_w, grad_b = conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
-                                                in_shift, in_relu, stride, padding, out_relu, output_mask)
+        x = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
+        in_scale, in_shift, in_relu = None, None, False
+    grad_a, grad_w, grad_b = triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y,
+                                                       mean, in_scale, in_shift, in_relu, stride,
+                                                       padding, out_relu, output_mask)
     return grad_a.to(x_dtype), grad_w, grad_b
 
 
@@ -181,8 +234,8 @@ def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding
     return y, mean, var
 
 
-def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-                    padding, out_relu, output_mask):
+def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                    stride, padding, out_relu, output_mask):
     g = torch.zeros_like(y) if grad_y is None else grad_y.to(y.dtype)
     if out_relu:
         g = g * (y > 0)
@@ -192,9 +245,10 @@ def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, i
         g = g + ops.bn_stats_backward(gm, gv, y, mean)
     a = _apply_prologue(x, in_scale, in_shift, in_relu, weight.dtype)  # recomputed, never stored
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g.contiguous(memory_format=_CL), a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
-        [1, 1], False, [0, 0], 1, list(output_mask))
-    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+        g.contiguous(memory_format=_CL), a, weight, [weight.shape[0]], [stride, stride],
+        [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
+    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
+            else x.new_empty((0,)),
             grad_w.to(weight.dtype) if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
@@ -206,7 +260,8 @@ def _on_reference(x) -> bool:
 
 
 def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu):
-    return (x.device, tuple(x.shape), x.dtype, weight.dtype, tuple(weight.shape), x.is_contiguous(memory_format=_CL),
+    return (x.device, tuple(x.shape), x.dtype, weight.dtype, tuple(weight.shape),
+            x.is_contiguous(memory_format=_CL),
             bias is not None, in_scale is not None, in_relu, stride, padding, stats, out_relu)
 
 
@@ -218,17 +273,19 @@ def _forward_impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
     if _on_reference(x):
         return conv2d_bn_forward_reference
     args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
-    key = ("forward",) + _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu)
+    key = ("forward",) + _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats,
+                                  out_relu)
     return _FORWARD[conv_path.choose(key, _FORWARD, args, x.device)]
 
 
-def _backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-                   out_relu, output_mask):
+def _backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                   stride, padding, out_relu, output_mask):
     if _on_reference(x):
         return conv2d_bn_backward_reference
-    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-            out_relu, output_mask)
-    key = ("backward", grad_mean is not None or grad_var is not None, tuple(output_mask)) + _problem(
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+            padding, out_relu, output_mask)
+    key = ("backward", grad_mean is not None or grad_var is not None,
+           tuple(output_mask)) + _problem(
         x, weight, None, in_scale, in_relu, stride, padding, False, out_relu)
     return _BACKWARD[conv_path.choose(key, _BACKWARD, args, x.device)]
 
@@ -247,22 +304,28 @@ def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
     y = weight.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
     n = weight.shape[0] if stats else 0
-    return y, x.new_empty((n,), dtype=stats_dtype(weight)), x.new_empty((n,), dtype=stats_dtype(weight))
+    return (y, x.new_empty((n,), dtype=stats_dtype(weight)),
+            x.new_empty((n,), dtype=stats_dtype(weight)))
 
 
 @custom_op("resfast::conv2d_bn_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor], grad_var: Optional[Tensor],
-                       x: Tensor, weight: Tensor, y: Tensor, mean: Tensor, in_scale: Optional[Tensor],
-                       in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, out_relu: bool,
+def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
+                       grad_var: Optional[Tensor], x: Tensor, weight: Tensor, y: Tensor,
+                       mean: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                       in_relu: bool, stride: int, padding: int, out_relu: bool,
                        output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
-    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-            out_relu, output_mask)
+    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                               stride, padding, out_relu, output_mask)
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+            padding, out_relu, output_mask)
     return _backward_impl(*args)(*args)
 
 
 @register_fake("resfast::conv2d_bn_backward")
 def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
       out_relu, output_mask):
+    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                               stride, padding, out_relu, output_mask)
     return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
@@ -286,13 +349,14 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     if not stats:
         grad_mean = grad_var = None
     grad_a, grad_w, grad_b = ops.conv2d_bn_backward(
-        grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-        out_relu, [need_a, need_w, need_b and has_bias])
+        grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+        padding, out_relu, [need_a, need_w, need_b and has_bias])
     grad_x = grad_scale = grad_shift = None
     if need_a and has_prologue:
         grad_x, grad_scale, grad_shift, _ = ops.bn_act_backward(
             grad_a, x, in_scale, in_shift, None, in_relu,
-            [need_x, need_scale and in_scale is not None, need_shift and in_shift is not None, False])
+            [need_x, need_scale and in_scale is not None, need_shift and in_shift is not None,
+             False])
     elif need_a:
         grad_x = grad_a
     return (grad_x if need_x else None, grad_w if need_w else None,

@@ -70,7 +70,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001  (truncated zip, unpickling error ...)
-        raise CheckpointError(f"checkpoint {path!r} is corrupt or unreadable: {type(e).__name__}: {e}") from e
+        raise CheckpointError(f"checkpoint {path!r} is corrupt or unreadable: {type(e).__name__}: "
+                              f"{e}") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         raise CheckpointError(f"checkpoint {path!r} is not a resfast training checkpoint")
     return ckpt
@@ -79,7 +80,8 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
 def rng_state(device=None) -> Dict[str, Any]:
     """The global RNG states of torch (CPU, and the CUDA device this process
     trains on), numpy and Python."""
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)

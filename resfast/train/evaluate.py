@@ -33,7 +33,8 @@ def _to_device(x: Tensor, device, channels_last: bool) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device, *, autocast=contextlib.nullcontext, channels_last: bool = False
+def evaluate(model: nn.Module, loader, device, *, autocast=contextlib.nullcontext,
+             channels_last: bool = False
              ) -> Dict[str, float]:
     """Loss and top-1/top-5 error (%) over ``loader`` (summed over processes)."""
     was_training = model.training
@@ -46,13 +47,14 @@ def evaluate(model: nn.Module, loader, device, *, autocast=contextlib.nullcontex
                 logits = model(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             c1, c5 = topk_correct(logits, y)
-            sums += torch.stack([loss.double(), c1.double(), c5.double(), torch.tensor(y.shape[0], device=device,
-                                                                                        dtype=torch.float64)])
+            sums += torch.stack([loss.double(), c1.double(), c5.double(),
+                                 torch.tensor(y.shape[0], device=device, dtype=torch.float64)])
     finally:
         model.train(was_training)
     loss, c1, c5, n = _all_reduce(sums).tolist()
     n = max(n, 1.0)
-    return {"loss": loss / n, "top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n), "n": int(n)}
+    return {"loss": loss / n, "top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n),
+            "n": int(n)}
 
 
 def _fc_layers(model: nn.Module):
@@ -62,7 +64,8 @@ def _fc_layers(model: nn.Module):
         raise ValueError("dense evaluation needs a VGG (torchvision layout: features, classifier)")
     fcs = [m for m in classifier.modules() if isinstance(m, nn.Linear)]
     if len(fcs) != 3:
-        raise ValueError(f"dense evaluation expects 3 Linear layers in model.classifier, found {len(fcs)}")
+        raise ValueError("dense evaluation expects 3 Linear layers in model.classifier, found "
+                         f"{len(fcs)}")
     return features, fcs
 
 
@@ -80,7 +83,8 @@ def dense_scores(model: nn.Module, x: Tensor) -> Tensor:
     c = f.shape[1]
     k = int(round(math.sqrt(fc1.in_features / c)))
     if k * k * c != fc1.in_features:
-        raise ValueError(f"first FC layer takes {fc1.in_features} inputs, not a k x k x {c} feature map")
+        raise ValueError(f"first FC layer takes {fc1.in_features} inputs, not a k x k x {c} "
+                         "feature map")
     if f.shape[-1] < k or f.shape[-2] < k:
         f = F.adaptive_avg_pool2d(f, (max(k, f.shape[-2]), max(k, f.shape[-1])))
     h = F.relu(F.conv2d(f, fc1.weight.view(fc1.out_features, c, k, k), fc1.bias))
@@ -114,7 +118,8 @@ def evaluate_dense(model: nn.Module, datasets: Sequence, device, *, autocast=con
                     probs = probs + F.softmax(s.float(), dim=1)
             y = torch.as_tensor([y], device=device)
             c1, c5 = topk_correct(probs, y)
-            sums += torch.stack([c1.double(), c5.double(), torch.ones((), device=device, dtype=torch.float64)])
+            sums += torch.stack([c1.double(), c5.double(),
+                                 torch.ones((), device=device, dtype=torch.float64)])
     finally:
         model.train(was_training)
     c1, c5, n = _all_reduce(sums).tolist()

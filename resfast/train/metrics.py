@@ -9,7 +9,8 @@ import torch
 
 from .checkpoint import atomic_write_text
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_top1_err", "train_top5_err", "test_loss", "test_top1_err",
+COLUMNS = ["epoch", "lr", "train_loss", "train_top1_err", "train_top5_err", "test_loss",
+           "test_top1_err",
            "test_top5_err", "images_per_s", "epoch_time_s", "eval_time_s", "time_s"]
 
 
@@ -23,7 +24,8 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> List[
 
 def write_metrics(history: Sequence[Dict], out_dir: str) -> None:
     """Rewrite metrics.jsonl and metrics.csv (atomically) from the history."""
-    atomic_write_text("".join(json.dumps(r) + "\n" for r in history), os.path.join(out_dir, "metrics.jsonl"))
+    atomic_write_text("".join(json.dumps(r) + "\n" for r in history),
+                      os.path.join(out_dir, "metrics.jsonl"))
     buf = io.StringIO()
     cols = COLUMNS + sorted({k for r in history for k in r} - set(COLUMNS))
     w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")

@@ -36,11 +36,13 @@ class LRFactor:
         return self.gamma ** sum(it >= m for m in self.milestones)
 
 
-def build_scheduler(optimizer, kind: str, *, epochs: int, steps_per_epoch: int, warmup_epochs: float = 0.0,
+def build_scheduler(optimizer, kind: str, *, epochs: int, steps_per_epoch: int,
+                    warmup_epochs: float = 0.0,
                     milestones: Sequence[float] = (), patience: int = 5, min_lr: float = 0.0):
     """(scheduler, per_iteration)."""
     if kind == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1, patience=patience,
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.1,
+                                                          patience=patience,
                                                           threshold=1e-4, min_lr=min_lr), False
     if kind in ("step", "cosine"):
         if kind == "step" and not milestones:

@@ -14,7 +14,8 @@ Hooking it in:
 
 * torch backend: :func:`convert_sync_bn` gives every ``nn.BatchNorm2d`` a
   ``stats_reducer`` attribute and swaps its class to :class:`SyncBatchNorm2d`
-  (same parameters, buffers and state_dict keys), whose forward uses it.
+  (same parameters, buffers and state_dict keys), whose forward uses it
+  (:func:`resfast.twin.batch_norm`, as the twin of ``BatchNormAddReLU`` does).
   ``torch.nn.SyncBatchNorm`` is not usable here: it refuses CPU tensors.
 * resfast backend: the fused layers read their BatchNorm arguments through
   ``resfast.functional.BatchNormArgs.of(bn)``; with a ``stats_reducer`` field
@@ -29,6 +30,8 @@ from typing import Tuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from ..twin import batch_norm, has_fused_layers
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -72,7 +75,8 @@ def global_batch_stats(mean: Tensor, var: Tensor, count: int, group=None, *,
     if world == 1:
         return mean, var, int(count)
     if mean.shape != var.shape or mean.dim() != 1:
-        raise ValueError(f"mean and var must be 1-D of equal shape, got {tuple(mean.shape)} and {tuple(var.shape)}")
+        raise ValueError(f"mean and var must be 1-D of equal shape, got {tuple(mean.shape)} and "
+                         f"{tuple(var.shape)}")
     c = mean.shape[0]
     n = float(count)
     m = mean.to(torch.float64)
@@ -89,40 +93,6 @@ def global_batch_stats(mean: Tensor, var: Tensor, count: int, group=None, *,
 def make_stats_reducer(group=None, *, equal_counts: bool = False):
     """A picklable ``(mean, var, count) -> (mean, var, count)`` for ``group``."""
     return functools.partial(global_batch_stats, group=group, equal_counts=equal_counts)
-
-
-def batch_norm(bn: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    """``bn(x)`` in plain torch, synchronised through ``bn.stats_reducer`` (if set) in training mode."""
-    reducer = getattr(bn, "stats_reducer", None)
-    if reducer is None or not bn.training:
-        return nn.BatchNorm2d.forward(bn, x)
-    if x.dim() != 4:
-        raise ValueError(f"expected a 4-D input, got shape {tuple(x.shape)}")
-    stats_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(stats_dtype)
-    var, mean = torch.var_mean(xs, dim=(0, 2, 3), correction=0)
-    count = x.numel() // x.shape[1]
-    mean, var, total = reducer(mean, var, count)
-    if bn.track_running_stats and bn.running_mean is not None:
-        if total <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got {total}")
-        with torch.no_grad():
-            momentum = bn.momentum
-            if bn.num_batches_tracked is not None:
-                bn.num_batches_tracked.add_(1)
-                if momentum is None:
-                    momentum = 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - momentum).add_(mean.detach().to(bn.running_mean.dtype), alpha=momentum)
-            unbiased = var.detach() * (total / (total - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(stats_dtype)
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(stats_dtype)
-    y = xs * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    return y.to(x.dtype)
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -143,8 +113,6 @@ def convert_sync_bn(model: nn.Module, group=None, *, equal_counts: bool = False)
     :class:`SyncBatchNorm2d`, whose forward uses it; in a model of fused resfast
     layers the fused ops read it through ``BatchNormArgs.of`` (the modules keep
     their class: the fusion plans recognise plain ``nn.BatchNorm2d`` only)."""
-    from .backend import has_fused_layers
-
     fused = has_fused_layers(model)
     reducer = make_stats_reducer(group, equal_counts=equal_counts)
     for m in model.modules():

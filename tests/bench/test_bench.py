@@ -13,12 +13,12 @@ import sys
 import pytest
 import torch
 
-from resfast.bench import cases as C
-from resfast.bench import bench_main
 from resfast.bench import baselines as B
-from resfast.bench.baselines import eager_twin
+from resfast.bench import bench_main
+from resfast.bench import cases as C
 from resfast.bench.measure import Runner, default_settings
-from tests.helpers import triton_interpreter_problem
+from resfast.twin import torch_twin
+from tests.support.helpers import no_resfast_ops, triton_interpreter_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
@@ -43,20 +43,20 @@ def _env():
 
 
 def _run(args, timeout=240):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 # ---- resfast bench ------------------------------------------------------------------------
 
 def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
     rc = bench_main(["--device", "cpu", "--size", "cpu-tiny", "--names", "conv3x3_bn_relu-8x8x8",
-                     "bn_add_relu-*", "resnet56/train", "--dtype", "all", "--layout", "all", "--out",
-                     str(tmp_path), "--name", "run", "--quiet"])
+                     "bn_add_relu-*", "resnet56/train", "--dtype", "all", "--layout", "all",
+                     "--out", str(tmp_path), "--name", "run", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
-    for col in ("benchmark", "provider", "images/s", "ms/step", "vs eager", "vs compile", "TFLOP/s", "GB/s",
-                "% ceiling", "peak MB", "kernel path"):
+    for col in ("benchmark", "provider", "images/s", "ms/step", "vs eager", "vs compile", "TFLOP/s",
+                "GB/s", "% ceiling", "peak MB", "kernel path"):
         assert col in out
     assert "torch.compile skipped on the CPU by default" in out  # the reason is shown
 
@@ -65,11 +65,13 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
     assert doc["command"].startswith("resfast bench --device cpu")
     assert len(doc["date"]) == 10 and doc["timestamp"].startswith(doc["date"])
     env = doc["environment"]
-    for key in ("torch", "triton", "cuda_runtime", "gpu", "device", "python", "resfast", "resfast_info"):
+    for key in ("torch", "triton", "cuda_runtime", "gpu", "device", "python", "resfast",
+                "resfast_info"):
         assert key in env
     assert env["device"] == "cpu" and env["device_slug"] == "cpu"
     ceil = doc["ceilings"]
-    assert ceil["copy_gbs"] > 0 and ceil["matmul_tflops"]["fp32"] > 0 and ceil["matmul_tflops"]["bf16"] > 0
+    assert (ceil["copy_gbs"] > 0 and ceil["matmul_tflops"]["fp32"] > 0
+            and ceil["matmul_tflops"]["bf16"] > 0)
 
     rows = doc["results"]
     ok = [r for r in rows if r["status"] == "ok"]
@@ -77,9 +79,10 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
     # every configuration of the ops ran through resfast and eager; compile skipped with the reason
     for dtype in ("fp32", "bf16"):
         for layout in ("nchw", "channels_last"):
-            for name, mode in (("conv3x3_bn_relu-8x8x8", "train"), ("conv3x3_bn_relu-8x8x8", "eval"),
-                               ("bn_add_relu-8x8x16", "train")):
-                ours, eager = by[(name, mode, dtype, layout, "resfast")], by[(name, mode, dtype, layout, "eager")]
+            for name, mode in (("conv3x3_bn_relu-8x8x8", "train"),
+                               ("conv3x3_bn_relu-8x8x8", "eval"), ("bn_add_relu-8x8x16", "train")):
+                ours, eager = (by[(name, mode, dtype, layout, "resfast")],
+                               by[(name, mode, dtype, layout, "eager")])
                 assert ours["status"] == eager["status"] == "ok", (ours["reason"], eager["reason"])
                 assert ours["ms"] > 0 and ours["images_per_s"] > 0 and ours["ratio_vs_eager"] > 0
                 assert ours["ratio_vs_eager"] == pytest.approx(eager["ms"] / ours["ms"])
@@ -89,14 +92,17 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
                 assert ours["kernel_path"] and ours["kernels"]
                 assert eager["kernel_path"] == "aten/cpu"
     conv = by[("conv3x3_bn_relu-8x8x8", "train", "fp32", "nchw", "resfast")]
-    assert conv["kernels"]["resfast::conv2d_bn"] == "aten" and conv["kernels"]["resfast::conv2d_bn_backward"] == "aten"
+    assert (conv["kernels"]["resfast::conv2d_bn"] == "aten"
+            and conv["kernels"]["resfast::conv2d_bn_backward"] == "aten")
     assert conv["kernel_path"] == "conv:aten bn:cpu"
     assert conv["flops"] > 0 and conv["tflops"] > 0 and conv["bytes"] > 0 and conv["gbs"] > 0
     assert conv["bound"] == "compute" and conv["ceiling"].startswith("matmul fp32")
-    assert conv["pct_of_ceiling"] == pytest.approx(100 * conv["tflops"] / ceil["matmul_tflops"]["fp32"])
+    assert conv["pct_of_ceiling"] == pytest.approx(100 * conv["tflops"]
+                                                   / ceil["matmul_tflops"]["fp32"])
     evalc = by[("conv3x3_bn_relu-8x8x8", "eval", "bf16", "channels_last", "resfast")]
     assert evalc["ratio_vs_conv_alone"] > 0
-    assert by[("conv3x3_bn_relu-8x8x8", "eval", "bf16", "channels_last", "conv_alone")]["status"] == "ok"
+    assert by[("conv3x3_bn_relu-8x8x8", "eval", "bf16", "channels_last",
+               "conv_alone")]["status"] == "ok"
     bn = by[("bn_add_relu-8x8x16", "train", "bf16", "channels_last", "resfast")]
     assert bn["bound"] == "memory" and bn["ceiling"].startswith("copy") and bn["gbs"] > 0
     assert bn["bytes"] == 12 * 4 * 16 * 8 * 8 * 2  # 12 passes over a bf16 activation
@@ -104,7 +110,8 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
     assert bn["tflops"] is None  # no GEMM FLOPs
     net = by[("resnet56", "train", "bf16", "channels_last", "resfast")]
     assert net["status"] == "ok" and net["flops"] > 0 and net["spec"]["width_div"] == 2
-    assert by[("resnet56", "train", "bf16", "channels_last", "eager")]["baseline"].endswith("ResNetRef)")
+    assert by[("resnet56", "train", "bf16", "channels_last",
+               "eager")]["baseline"] == "torch.nn (resfast.twin of ResNet)"
     skipped = by[("resnet56", "train", "fp32", "channels_last", "resfast")]
     assert skipped["status"] == "skipped" and "runs only in" in skipped["reason"]
     assert all(r["peak_mem_mb"] is None for r in ok)  # CUDA only
@@ -121,7 +128,8 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
 
 
 def test_cli_default_name_never_overwrites(tmp_path, capsys):
-    args = ["--device", "cpu", "--names", "bn_add_relu-*", "--out", str(tmp_path), "--no-plot", "--quiet"]
+    args = ["--device", "cpu", "--names", "bn_add_relu-*", "--out", str(tmp_path), "--no-plot",
+            "--quiet"]
     assert bench_main(args) == 0 and bench_main(args) == 0
     names = sorted(p.name for p in tmp_path.glob("*.json"))
     assert len(names) == 2 and names[0].endswith("-cpu-2.json") and names[1].endswith("-cpu.json")
@@ -131,15 +139,17 @@ def test_cli_default_name_never_overwrites(tmp_path, capsys):
 def test_cli_list_budget_and_bad_arguments(tmp_path, capsys):
     assert bench_main(["--device", "cpu", "--list"]) == 0
     listed = capsys.readouterr().out
-    for name in C.MODELS + ("bn_add_relu", "bn_relu_conv3x3", "basic_block", "bottleneck", "conv1x1_bn-"):
+    for name in C.MODELS + ("bn_add_relu", "bn_relu_conv3x3", "basic_block", "bottleneck",
+                            "conv1x1_bn-"):
         assert name in listed
     assert bench_main(["--device", "cpu", "--size", "full", "--list", "--names", "resnet50"]) == 0
     assert "resnet50/train" in capsys.readouterr().out
 
-    assert bench_main(["--device", "cpu", "--sets", "blocks", "--time-budget", "0", "--out", str(tmp_path),
-                       "--name", "b", "--no-plot", "--quiet"]) == 0
+    assert bench_main(["--device", "cpu", "--sets", "blocks", "--time-budget", "0", "--out",
+                       str(tmp_path), "--name", "b", "--no-plot", "--quiet"]) == 0
     doc = json.loads((tmp_path / "b.json").read_text())
-    assert doc["results"] and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in doc["results"])
+    assert doc["results"] and all(r["status"] == "skipped" and "time budget" in r["reason"]
+                                  for r in doc["results"])
 
     assert bench_main(["--device", "cpu", "--sets", "nets"]) == 2
     assert bench_main(["--device", "cpu", "--names", "no-such-net"]) == 2
@@ -149,7 +159,8 @@ def test_cli_list_budget_and_bad_arguments(tmp_path, capsys):
 
 
 def test_python_m_resfast_bench_is_wired():
-    r = _run(["-m", "resfast", "bench", "--device", "cpu", "--list", "--sets", "blocks"], timeout=120)
+    r = _run(["-m", "resfast", "bench", "--device", "cpu", "--list", "--sets", "blocks"],
+             timeout=120)
     assert r.returncode == 0, r.stderr
     assert "bottleneck-8x8x16/train" in r.stdout
 
@@ -167,7 +178,8 @@ def test_kernel_path_reports_the_triton_conv(monkeypatch):
                   (("cout", 4), ("k", 3), ("stride", 1), ("relu", True)))
     row = runner.measure(case, "fp32", "channels_last", "resfast")
     assert row.status == "ok", row.reason
-    assert row.kernels["resfast::conv2d_bn"] == "triton" and row.kernels["resfast::conv2d_bn_backward"] == "triton"
+    assert (row.kernels["resfast::conv2d_bn"] == "triton"
+            and row.kernels["resfast::conv2d_bn_backward"] == "triton")
     assert row.kernel_path.startswith("conv:triton")
 
 
@@ -175,7 +187,8 @@ def test_kernel_path_reports_the_triton_conv(monkeypatch):
 
 # every op and block; networks: each baseline class and stem once (the deeper
 # ResNets and VGGs are the same classes with more blocks)
-TWIN_CASES = [c for c in C.all_cases("cpu-tiny") if c.name in ("vgg11", "resnet18", "resnet50", "resnet56")
+TWIN_CASES = [c for c in C.all_cases("cpu-tiny")
+              if c.name in ("vgg11", "resnet18", "resnet50", "resnet56")
               or c.group != "models"]
 
 
@@ -197,10 +210,9 @@ def test_eager_twin_is_the_same_computation(case):
                 m.bias.uniform_(-0.5, 0.5)
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 1.5)
-    ref = eager_twin(ours)
-    for m in ref.modules():
-        mod = type(m).__module__
-        assert not mod.startswith("resfast.") or mod == "resfast.bench.baselines", type(m)
+    ref = C.build_modules(case, "cpu").eager.double()  # the baseline the benchmark times: the twin
+    assert type(ref) is type(torch_twin(ours))
+    ref.load_state_dict(ours.state_dict())
     shape = (case.batch, *case.in_shape)
     xs = [torch.randn(shape, dtype=torch.float64, requires_grad=True)
           for _ in range(2 if case.kind == "bn_add_relu" else 1)]
@@ -208,12 +220,14 @@ def test_eager_twin_is_the_same_computation(case):
     torch.manual_seed(1)
     y = ours(*xs)
     torch.manual_seed(1)  # the same dropout masks
-    y_ref = ref(*xr)
+    with no_resfast_ops("the eager baseline"):
+        y_ref = ref(*xr)
     assert y.shape == y_ref.shape and _rel(y, y_ref) < 1e-9
     if case.mode == "train":
         g = torch.randn_like(y)
         y.backward(g)
-        y_ref.backward(g)
+        with no_resfast_ops("the eager baseline"):
+            y_ref.backward(g)
         for a, b in zip(xs, xr):
             assert _rel(a.grad, b.grad) < 1e-7
     mine = [v for k, v in ours.named_buffers() if k.endswith(("running_mean", "running_var"))]
@@ -264,19 +278,25 @@ def test_cudnn_fe_provider_is_listed_for_training_conv_ops():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the CPU path: the cudnn_fe rows are skipped with the reason")
 def test_cudnn_fe_rows_skipped_on_cpu_with_reason(tmp_path, capsys):
-    rc = bench_main(["--device", "cpu", "--names", "conv3x3_bn_relu-8x8x8", "--dtype", "all", "--layout",
-                     "channels_last", "--out", str(tmp_path), "--name", "fe", "--no-plot", "--quiet"])
+    rc = bench_main(["--device", "cpu", "--names", "conv3x3_bn_relu-8x8x8", "--dtype", "all",
+                     "--layout", "channels_last", "--out", str(tmp_path), "--name", "fe",
+                     "--no-plot", "--quiet"])
     out = capsys.readouterr().out
     assert rc == 0, out
     rows = json.loads((tmp_path / "fe.json").read_text())["results"]
     fe = [r for r in rows if r["provider"] == "cudnn_fe"]
-    assert {(r["mode"], r["dtype"]) for r in fe} == {("train", "fp32"), ("train", "bf16")}  # no eval row
+    # no eval row
+    assert {(r["mode"], r["dtype"]) for r in fe} == {("train", "fp32"), ("train", "bf16")}
     for r in fe:
         assert r["status"] == "skipped" and r["ms"] is None
-        assert r["reason"].startswith(B.CUDNN_FE_INSTALL) or r["reason"] == "cudnn_fe needs a CUDA GPU", r["reason"]
-    ours = next(r for r in rows if r["provider"] == "resfast" and r["mode"] == "train" and r["dtype"] == "bf16")
-    assert ours["status"] == "ok" and ours["ratio_vs_eager"] > 0 and ours["ratio_vs_cudnn_fe"] is None
-    assert "cudnn frontend not installed" in out or "cudnn_fe needs a CUDA GPU" in out  # listed under skipped
+        assert (r["reason"].startswith(B.CUDNN_FE_INSTALL)
+                or r["reason"] == "cudnn_fe needs a CUDA GPU"), r["reason"]
+    ours = next(r for r in rows if r["provider"] == "resfast" and r["mode"] == "train"
+                and r["dtype"] == "bf16")
+    assert (ours["status"] == "ok" and ours["ratio_vs_eager"] > 0
+            and ours["ratio_vs_cudnn_fe"] is None)
+    # listed under skipped
+    assert "cudnn frontend not installed" in out or "cudnn_fe needs a CUDA GPU" in out
 
 
 def test_cudnn_fe_skip_reasons():
@@ -305,7 +325,8 @@ def test_cudnn_fe_peer_math_matches_torch_nn(stride, relu, k):
         eager.bn.bias.uniform_(-0.5, 0.5)
     peer = B.cudnn_fe_twin(eager, backend="torch")
     x = torch.randn(case.batch, *case.in_shape, dtype=torch.float64)
-    assert B.check_against_eager(peer, eager, x, backward=True, dtype=torch.float64, tol=1e-9) is None
+    assert B.check_against_eager(peer, eager, x, backward=True, dtype=torch.float64,
+                                 tol=1e-9) is None
     # running statistics as nn.BatchNorm2d updates them (momentum and the unbiased variance)
     eager.bn.momentum = None  # cumulative average, twice
     peer = B.cudnn_fe_twin(eager, backend="torch")
@@ -313,7 +334,8 @@ def test_cudnn_fe_peer_math_matches_torch_nn(stride, relu, k):
         peer(x)
         eager(x)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
-        assert torch.allclose(getattr(peer.bn, name), getattr(eager.bn, name), rtol=1e-12, atol=1e-12), name
+        assert torch.allclose(getattr(peer.bn, name), getattr(eager.bn, name), rtol=1e-12,
+                              atol=1e-12), name
     with pytest.raises(RuntimeError, match="training-mode"):
         peer.eval()(x)
 
@@ -340,7 +362,8 @@ def test_cudnn_fe_peer_on_cuda(tmp_path):
         x = torch.randn(case.batch, *case.in_shape, device="cuda", dtype=torch.bfloat16)
         x = x.contiguous(memory_format=torch.channels_last)
         peer = B.cudnn_fe_twin(eager).to(memory_format=torch.channels_last)
-        assert B.check_against_eager(peer, eager, x, backward=True, dtype=torch.bfloat16) is None, (stride, relu, k)
+        assert B.check_against_eager(peer, eager, x, backward=True,
+                                     dtype=torch.bfloat16) is None, (stride, relu, k)
     runner = Runner(default_settings("cuda", "cpu-tiny", "off", steps=2),
                     ceilings={"copy_gbs": 1.0, "matmul_tflops": {"fp32": 1.0, "bf16": 1.0}})
     case = next(c for c in C.all_cases("cpu-tiny") if c.id == "conv3x3_bn_relu-8x8x8/train")
@@ -368,8 +391,10 @@ def test_suite_collects_every_benchmark():
                "bench_models.py::bench_model_train", "bench_models.py::bench_model_eval"):
         assert any(i.startswith(fn + "[") for i in ids), fn
     for name in C.MODELS:
-        assert any(f"[{name}-train-" in i for i in ids) and any(f"[{name}-eval-" in i for i in ids), name
-    for part in ("-fp32-nchw-", "-bf16-channels_last-", "-resfast]", "-eager]", "-compile]", "-conv_alone]"):
+        assert (any(f"[{name}-train-" in i for i in ids)
+                and any(f"[{name}-eval-" in i for i in ids)), name
+    for part in ("-fp32-nchw-", "-bf16-channels_last-", "-resfast]", "-eager]", "-compile]",
+                 "-conv_alone]"):
         assert any(part in i for i in ids), part
 
 
@@ -383,7 +408,8 @@ def test_suite_subset_runs(tmp_path):
 
     # with timing on and a JSON file: the rows ride in extra_info, the run's facts in "resfast"
     out = tmp_path / "suite.json"
-    r = _run(["-m", "pytest", "benchmarks/bench_ops.py", "-q", "-p", "no:cacheprovider", "--bench-device", "cpu",
+    r = _run(["-m", "pytest", "benchmarks/bench_ops.py", "-q", "-p", "no:cacheprovider",
+              "--bench-device", "cpu",
               "-k", "bn_add_relu and fp32 and nchw", f"--benchmark-json={out}"], timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     doc = json.loads(out.read_text())
@@ -401,9 +427,11 @@ def test_suite_subset_runs(tmp_path):
 # ---- benchmarks/plot_history.py ------------------------------------------------------------
 
 def _fake_results(path, date, ratio, gpu="Example GPU"):
-    row = {"name": "resnet50", "mode": "train", "dtype": "bf16", "layout": "channels_last", "provider": "resfast",
-           "status": "ok", "ratio_vs_eager": ratio, "ratio_vs_compile": ratio / 1.2, "images_per_s": 1000 * ratio}
-    doc = {"format": "resfast-bench/1", "date": date, "environment": {"gpu": gpu, "device": "cuda:0"},
+    row = {"name": "resnet50", "mode": "train", "dtype": "bf16", "layout": "channels_last",
+           "provider": "resfast", "status": "ok", "ratio_vs_eager": ratio,
+           "ratio_vs_compile": ratio / 1.2, "images_per_s": 1000 * ratio}
+    doc = {"format": "resfast-bench/1", "date": date,
+           "environment": {"gpu": gpu, "device": "cuda:0"},
            "results": [row, dict(row, provider="eager", ratio_vs_eager=1.0)]}
     path.write_text(json.dumps(doc))
 
@@ -418,9 +446,10 @@ def test_plot_history(tmp_path):
     _fake_results(tmp_path / "2030-01-01-example-gpu.json", "2030-01-01", 1.1)
     _fake_results(tmp_path / "2030-02-01-example-gpu.json", "2030-02-01", 1.3)
     suite = {"datetime": "2030-03-01T00:00:00", "resfast": {"environment": {"gpu": "Example GPU"}},
-             "benchmarks": [{"name": "x", "extra_info": {"name": "resnet50", "mode": "train", "dtype": "bf16",
-                                                         "layout": "channels_last", "provider": "resfast",
-                                                         "status": "ok", "ratio_vs_eager": 1.4}}]}
+             "benchmarks": [{"name": "x",
+                             "extra_info": {"name": "resnet50", "mode": "train", "dtype": "bf16",
+                                            "layout": "channels_last", "provider": "resfast",
+                                            "status": "ok", "ratio_vs_eager": 1.4}}]}
     (tmp_path / "2030-03-01-example-gpu-pytest-benchmark.json").write_text(json.dumps(suite))
     (tmp_path / "notes.json").write_text("[1, 2]")  # not a results file: ignored
     out = tmp_path / "h.png"
@@ -434,18 +463,20 @@ def test_plot_history(tmp_path):
 
 @pytest.mark.gpu
 def test_cli_on_cuda_with_compile(tmp_path, capsys):
-    rc = bench_main(["--device", "cuda", "--size", "cpu-tiny", "--names", "conv3x3_bn_relu-8x8x8/train",
-                     "--dtype", "bf16", "--layout", "channels_last", "--steps", "2", "--out", str(tmp_path),
-                     "--name", "gpu", "--quiet"])
+    rc = bench_main(["--device", "cuda", "--size", "cpu-tiny", "--names",
+                     "conv3x3_bn_relu-8x8x8/train", "--dtype", "bf16", "--layout", "channels_last",
+                     "--steps", "2", "--out", str(tmp_path), "--name", "gpu", "--quiet"])
     assert rc == 0, capsys.readouterr()
     doc = json.loads((tmp_path / "gpu.json").read_text())
     assert doc["environment"]["gpu"] == torch.cuda.get_device_name()
     by = {r["provider"]: r for r in doc["results"]}
     assert all(by[p]["status"] == "ok" for p in ("resfast", "eager", "compile")), by
     ours = by["resfast"]
-    assert ours["ratio_vs_eager"] > 0 and ours["ratio_vs_compile"] > 0 and ours["peak_mem_mb"] is not None
+    assert (ours["ratio_vs_eager"] > 0 and ours["ratio_vs_compile"] > 0
+            and ours["peak_mem_mb"] is not None)
     assert ours["kernels"]["resfast::conv2d_bn"] == "triton"
-    assert by["eager"]["kernel_path"] == "aten/cudnn" and by["compile"]["kernel_path"] == "inductor/triton"
+    assert (by["eager"]["kernel_path"] == "aten/cudnn"
+            and by["compile"]["kernel_path"] == "inductor/triton")
     assert doc["ceilings"]["matmul_tflops"]["bf16"] > 1 and doc["ceilings"]["copy_gbs"] > 100
 
 

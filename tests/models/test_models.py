@@ -5,18 +5,16 @@
 * has the published number of weight layers and parameters;
 * is initialised as torchvision initialises;
 * where torchvision has no twin (plain nets, CIFAR and pre-activation ResNets,
-  shortcut options A and C, VGG A-LRN and C), computes the same function as a
-  reference forward written here with the same modules' own torch.nn forwards
-  (tolerances: tests/models/equivalence.py; for VGG A-LRN and C the features,
+  shortcut options A and C, VGG A-LRN and C), computes the same function as its
+  plain torch.nn twin (resfast.twin: the same modules' own torch.nn forwards;
+  tolerances: tests/support/equivalence.py; for VGG A-LRN and C the features,
   run by torch's own nn.Sequential forward);
 * VGG dense evaluation and multi-scale evaluation;
 * argument checks.
 The torchvision twins (resnet18..152, vgg11..19 and _bn) are also run, at
 length, by test_torchvision_equivalence.py.
 """
-import copy
 import math
-import types
 
 import pytest
 import torch
@@ -25,14 +23,15 @@ from torch import nn
 import resfast.models as M
 from resfast import nn as rnn
 from resfast.models.preact import PreActBasicBlock, PreActBottleneck, PreActResNet
-from resfast.models.resnet import PlainBasicBlock, PlainBottleneck
-from tests.models.equivalence import check_equivalence, fill_, meta_build
+from resfast.twin import torch_twin
+from tests.support.equivalence import check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 ALL = M.list_models()
 BUILD_ONLY = ("resnet1202", "preact_resnet1001")
 # the deepest nets' forward + backward (seconds each on 2 cores)
-SLOW_FORWARD = BUILD_ONLY + ("resnet152", "plain152", "preact_resnet152", "resnet101", "plain101", "preact_resnet101")
+SLOW_FORWARD = BUILD_ONLY + ("resnet152", "plain152", "preact_resnet152", "resnet101", "plain101",
+                             "preact_resnet101")
 TV = set(M.TORCHVISION_EQUIVALENT)
 
 
@@ -44,14 +43,39 @@ def _size(name):
 
 def test_registry_names():
     expected = {
-        "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16", "vgg16_bn", "vgg19",
-        "vgg19_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18", "plain34", "plain50",
-        "plain101", "plain152", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202", "plain20",
-        "plain32", "plain44", "plain56", "plain110", "preact_resnet18", "preact_resnet34", "preact_resnet50",
-        "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164", "preact_resnet1001"}
+        "vgg11", "vgg11_bn", "vgg11_lrn", "vgg13", "vgg13_bn", "vgg16_c", "vgg16_c_bn", "vgg16",
+        "vgg16_bn", "vgg19",
+        "vgg19_bn", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "plain18",
+        "plain34", "plain50",
+        "plain101", "plain152", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+        "resnet1202", "plain20",
+        "plain32", "plain44", "plain56", "plain110", "preact_resnet18", "preact_resnet34",
+        "preact_resnet50",
+        "preact_resnet101", "preact_resnet152", "preact_resnet110", "preact_resnet164",
+        "preact_resnet1001"}
     assert set(ALL) == expected and ALL == sorted(ALL)
     for name in ALL:
-        assert getattr(M, name) is M._REGISTRY[name]
+        assert getattr(M, name) is M.registry.model_info(name).builder
+
+
+def test_registry_entries():
+    """What each network is registered with: its data set's input size, its torchvision twin."""
+    assert set(M.TORCHVISION_EQUIVALENT) == {f"resnet{d}" for d in (18, 34, 50, 101, 152)} | {
+        f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")}
+    for info in M.registry.registered():
+        assert info.input_size == ((3, 32, 32) if info.name in M.CIFAR_MODELS
+                                   else (3, 224, 224)), info
+        upper = M.default_input_size(info.name.upper())
+        assert M.default_input_size(info.name) == upper == info.input_size
+        assert info.torchvision == (info.name if info.name in TV else None), info
+    assert M.default_input_size("not_a_registered_model") == (3, 224, 224)
+
+
+def test_register_model_rejects_duplicates_and_unknown_data_sets():
+    with pytest.raises(ValueError, match="already registered"):
+        M.register_model()(M.resnet18)
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        M.register_model(dataset="mnist")
 
 
 def test_get_model_unknown_name_lists_the_valid_ones():
@@ -141,10 +165,11 @@ WEIGHT_LAYERS = {
     "vgg11": 11, "vgg11_lrn": 11, "vgg13": 13, "vgg16_c": 16, "vgg16": 16, "vgg19": 19,
     "resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101, "resnet152": 152,
     "plain18": 18, "plain34": 34, "plain50": 50, "plain101": 101, "plain152": 152,
-    "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110, "resnet1202": 1202,
-    "plain20": 20, "plain32": 32, "plain44": 44, "plain56": 56, "plain110": 110,
+    "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110,
+    "resnet1202": 1202, "plain20": 20, "plain32": 32, "plain44": 44, "plain56": 56, "plain110": 110,
     "preact_resnet18": 18, "preact_resnet34": 34, "preact_resnet50": 50, "preact_resnet101": 101,
-    "preact_resnet152": 152, "preact_resnet110": 110, "preact_resnet164": 164, "preact_resnet1001": 1001,
+    "preact_resnet152": 152, "preact_resnet110": 110, "preact_resnet164": 164,
+    "preact_resnet1001": 1001,
 }
 
 
@@ -159,10 +184,12 @@ def test_weight_layers(name):
 
 # published parameter counts, in millions, to the digits published
 PAPER_PARAMS = {
-    "resnet18": "11.69", "resnet34": "21.80", "resnet50": "25.56", "resnet101": "44.55", "resnet152": "60.19",
-    "vgg16": "138.36", "vgg11": "133", "vgg11_lrn": "133", "vgg13": "133", "vgg16_c": "134", "vgg19": "144",
-    "resnet20": "0.27", "resnet32": "0.46", "resnet44": "0.66", "resnet56": "0.85", "resnet110": "1.7",
-    "resnet1202": "19.4", "preact_resnet164": "1.7", "preact_resnet110": "1.7",
+    "resnet18": "11.69", "resnet34": "21.80", "resnet50": "25.56", "resnet101": "44.55",
+    "resnet152": "60.19",
+    "vgg16": "138.36", "vgg11": "133", "vgg11_lrn": "133", "vgg13": "133", "vgg16_c": "134",
+    "vgg19": "144",
+    "resnet20": "0.27", "resnet32": "0.46", "resnet44": "0.66", "resnet56": "0.85",
+    "resnet110": "1.7", "resnet1202": "19.4", "preact_resnet164": "1.7", "preact_resnet110": "1.7",
 }
 
 
@@ -217,9 +244,11 @@ def test_resnet_init():
     assert all(torch.all(b.bn2.weight == 0) and torch.all(b.bn1.weight == 1) for b in zero.modules()
                if isinstance(b, rnn.BasicBlock))
     zero50 = M.resnet50(zero_init_residual=True)
-    assert all(torch.all(b.bn3.weight == 0) for b in zero50.modules() if isinstance(b, rnn.Bottleneck))
+    assert all(torch.all(b.bn3.weight == 0) for b in zero50.modules()
+               if isinstance(b, rnn.Bottleneck))
     zero20 = M.resnet20(zero_init_residual=True)
-    assert all(torch.all(b.bn2.weight == 0) for b in zero20.modules() if isinstance(b, rnn.BasicBlock))
+    assert all(torch.all(b.bn2.weight == 0) for b in zero20.modules()
+               if isinstance(b, rnn.BasicBlock))
     _check_kaiming_fan_out(M.preact_resnet164())
 
 
@@ -241,14 +270,16 @@ def test_shortcut_options():
         assert keys(M.resnet20()) == set()  # option A: parameter-free
         assert keys(M.resnet20(shortcut="B")) == {"layer2.0.downsample", "layer3.0.downsample"}
         assert len(keys(M.resnet20(shortcut="C"))) == 9
-        assert keys(M.resnet18()) == {"layer2.0.downsample", "layer3.0.downsample", "layer4.0.downsample"}
+        assert keys(M.resnet18()) == {"layer2.0.downsample", "layer3.0.downsample",
+                                      "layer4.0.downsample"}
         assert keys(M.resnet18(shortcut="A")) == set()
         assert len(keys(M.resnet50(shortcut="C"))) == 16
         assert keys(M.resnet50(shortcut="A")) == set()
         assert keys(M.preact_resnet110()) == {"layer2.0.downsample", "layer3.0.downsample"}
         assert keys(M.plain34()) == set()
         pre = M.preact_resnet164()
-    assert pre.layer1[0].bn1 is None and pre.layer1[1].bn1 is not None  # the first unit follows the stem's BN
+    # the first unit follows the stem's BN
+    assert pre.layer1[0].bn1 is None and pre.layer1[1].bn1 is not None
     assert "bn_final.weight" in pre.state_dict()
     assert {"layer1.0.downsample"} <= keys(pre)  # 16 -> 64 channels
 
@@ -258,85 +289,25 @@ def test_vgg_layouts():
         lrn = M.vgg11_lrn()
         c = M.vgg16_c()
         cbn = M.vgg16_c_bn()
-    assert isinstance(lrn.features[2], nn.LocalResponseNorm) and isinstance(lrn.features[3], nn.MaxPool2d)
+    assert (isinstance(lrn.features[2], nn.LocalResponseNorm)
+            and isinstance(lrn.features[3], nn.MaxPool2d))
     assert lrn.features[2].size == 5 and lrn.features[2].k == 2.0
-    one_by_one = [i for i, m in enumerate(c.features) if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
-    assert len(one_by_one) == 3 and all(isinstance(c.features[i + 2], nn.MaxPool2d) for i in one_by_one)
+    one_by_one = [i for i,
+                  m in enumerate(c.features) if isinstance(m, nn.Conv2d)
+                  and m.kernel_size == (1, 1)]
+    assert len(one_by_one) == 3 and all(isinstance(c.features[i + 2], nn.MaxPool2d)
+                                        for i in one_by_one)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in cbn.features) == 13
     assert isinstance(c.features, M.vgg.FusedSequential)
 
 
 # ---- equivalence with a torch.nn reference (networks torchvision does not have) -------------
-
-def _ref_shortcut_a(x, out_channels, stride):
-    y = x[:, :, ::stride, ::stride]
-    extra = out_channels - x.shape[1]
-    before = y.new_zeros(y.shape[0], extra // 2, *y.shape[2:])
-    after = y.new_zeros(y.shape[0], extra - extra // 2, *y.shape[2:])
-    return torch.cat([before, y, after], dim=1)
-
-
-def _ref_resnet(self, x):
-    """ResNet / plain net from its modules' own torch.nn forwards."""
-    x = torch.relu(self.bn1(self.conv1(x)))
-    if self.maxpool is not None:
-        x = self.maxpool(x)
-    for stage in self.stages():
-        for b in stage:
-            bottleneck = isinstance(b, (PlainBottleneck, rnn.Bottleneck))
-            h = torch.relu(b.bn1(b.conv1(x)))
-            if bottleneck:
-                h = torch.relu(b.bn2(b.conv2(h)))
-                out = b.bn3(b.conv3(h))
-            else:
-                out = b.bn2(b.conv2(h))
-            if isinstance(b, (PlainBasicBlock, PlainBottleneck)):
-                x = torch.relu(out)
-                continue
-            if b.downsample is not None:
-                sc = b.downsample(x)
-            elif b.option_a is not None:
-                sc = _ref_shortcut_a(x, *b.option_a)
-            else:
-                sc = x
-            x = torch.relu(out + sc)
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _ref_preact(self, x):
-    """Full pre-activation ResNet (He et al. 2016) from its modules' torch.nn forwards."""
-    x = torch.relu(self.bn1(self.conv1(x)))
-    if self.maxpool is not None:
-        x = self.maxpool(x)
-    for stage in self.stages():
-        for b in stage:
-            a = torch.relu(b.bn1(x)) if b.bn1 is not None else x
-            if b.downsample is not None:
-                sc = b.downsample(a)
-            elif b.option_a is not None:
-                sc = _ref_shortcut_a(x, *b.option_a)
-            else:
-                sc = x
-            h = b.conv1(a)
-            h = b.conv2(torch.relu(b.bn2(h)))
-            if isinstance(b, PreActBottleneck):
-                h = b.conv3(torch.relu(b.bn3(h)))
-            x = h + sc
-    x = torch.relu(self.bn_final(x))
-    return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-def _reference(model):
-    ref = copy.deepcopy(model)
-    if isinstance(ref, M.vgg.FusedSequential):
-        ref.__class__ = nn.Sequential  # torch's own forward over the same children
-        return ref
-    ref.forward = types.MethodType(_ref_preact if isinstance(model, PreActResNet) else _ref_resnet, ref)
-    return ref
-
+# The reference is the network's plain torch.nn twin (resfast.twin), which runs no resfast
+# op (check_equivalence asserts it); its option A shortcut is checked in tests/test_twin.py.
 
 def _small_preact(block, shortcut="B"):
-    return PreActResNet(block, [2, 2, 2], num_classes=10, shortcut=shortcut, widths=(8, 16, 32), stem="cifar")
+    return PreActResNet(block, [2, 2, 2], num_classes=10, shortcut=shortcut, widths=(8, 16, 32),
+                        stem="cifar")
 
 
 REFERENCE_CASES = {
@@ -364,20 +335,20 @@ REFERENCE_CASES = {
 SLOW_REFERENCE = ("plain50", "resnet50-A", "preact_resnet50", "vgg16_c.features")
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_REFERENCE else [])
-                                  for c in REFERENCE_CASES])
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if c in SLOW_REFERENCE
+                                               else []) for c in REFERENCE_CASES])
 def test_against_reference(case):
     builder, size = REFERENCE_CASES[case]
     torch.manual_seed(0)
-    ref = _reference(fill_(meta_build(builder).to_empty(device="cpu")))
+    ref = torch_twin(fill_(meta_build(builder).to_empty(device="cpu")))
 
     def ours():
         return meta_build(builder).to_empty(device="cpu")
 
     x = torch.randn(2, 3, size, size)
     if size == 32:
-        check_equivalence(ref, ours, x, training=True, configs=[(F64, "nchw"), (F32, "nhwc"), (BF16, "nhwc")],
-                          label=case)
+        check_equivalence(ref, ours, x, training=True,
+                          configs=[(F64, "nchw"), (F32, "nhwc"), (BF16, "nhwc")], label=case)
         check_equivalence(ref, ours, x, training=False, configs=[(F32, "nchw")], label=case)
     else:  # the ImageNet-sized ones: the float64 step and a float32 eval step
         check_equivalence(ref, ours, x, training=True, configs=[(F64, "nchw")], label=case)
@@ -398,13 +369,16 @@ def test_dense_evaluation(vgg11_eval):
         # at 224 the feature map is 7x7: dense evaluation is the usual forward
         x = torch.randn(1, 3, 224, 224)
         torch.testing.assert_close(model.forward_dense(x), model(x), rtol=1e-4, atol=1e-5)
-        # at 256 (8x8 features) the score map is 2x2: the mean of the classifier on the four 7x7 windows
+        # at 256 (8x8 features) the score map is 2x2: the mean of the classifier on the four 7x7
+        # windows
         x = torch.randn(1, 3, 256, 256)
         scores = model.score_map(x)
         assert scores.shape == (1, 10, 2, 2)
         feats = model.features(x)
-        windows = [model.classifier(torch.flatten(feats[:, :, i:i + 7, j:j + 7], 1)) for i in (0, 1) for j in (0, 1)]
-        torch.testing.assert_close(model.forward_dense(x), torch.stack(windows).mean(0), rtol=1e-4, atol=1e-5)
+        windows = [model.classifier(torch.flatten(feats[:, :, i:i + 7, j:j + 7], 1))
+                   for i in (0, 1) for j in (0, 1)]
+        torch.testing.assert_close(model.forward_dense(x), torch.stack(windows).mean(0), rtol=1e-4,
+                                   atol=1e-5)
         torch.testing.assert_close(scores.mean(dim=(2, 3)), model.forward_dense(x))
         # dense=True makes it the forward
         model.dense = True
@@ -412,7 +386,8 @@ def test_dense_evaluation(vgg11_eval):
             torch.testing.assert_close(model(x), model.forward_dense(x))
         finally:
             model.dense = False
-        with pytest.raises(ValueError, match="dense evaluation needs a feature map of at least 7x7"):
+        with pytest.raises(ValueError,
+                           match="dense evaluation needs a feature map of at least 7x7"):
             model.forward_dense(torch.randn(1, 3, 96, 96))
 
 
@@ -433,7 +408,8 @@ def test_multi_scale_eval():
     for q in (16, 24):
         xq = torch.nn.functional.interpolate(images, size=(q, round(30 * q / 20)), mode="bilinear",
                                              align_corners=False, antialias=True)
-        want = want + torch.softmax(model.forward_dense(xq), 1) + torch.softmax(model.forward_dense(xq.flip(3)), 1)
+        want = (want + torch.softmax(model.forward_dense(xq), 1)
+                + torch.softmax(model.forward_dense(xq.flip(3)), 1))
     torch.testing.assert_close(probs, want / 4)
     with pytest.raises(ValueError, match="scales must be a non-empty list of positive ints"):
         M.multi_scale_eval(model, images, scales=())

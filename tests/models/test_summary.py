@@ -64,7 +64,8 @@ def test_table_contents(capsys):
     assert "layer4.2.conv3" in out and "Total params: 25,557,032 (25.56M)" in out
     assert "Mult-adds (conv + FC, per image):" in out and "(4.09GMACs)" in out
     conv1 = next(r for r in s.rows if r.name == "conv1")
-    assert conv1.output_shape == (64, 112, 112) and conv1.params == 9408 and conv1.macs == 118_013_952
+    assert (conv1.output_shape == (64, 112, 112) and conv1.params == 9408
+            and conv1.macs == 118_013_952)
     fc = next(r for r in s.rows if r.name == "fc")
     assert fc.kind == "Linear" and fc.output_shape == (1000,) and fc.macs == 2048 * 1000
     pool = next(r for r in s.rows if r.name == "maxpool")
@@ -102,7 +103,7 @@ def test_python_m_resfast_summary():
     """The ``python -m resfast summary NAME`` hook (wired in resfast/__main__.py)."""
     if not (REPO / "resfast" / "__main__.py").exists():
         pytest.skip("resfast/__main__.py does not exist yet")
-    res = subprocess.run([sys.executable, "-m", "resfast", "summary", "resnet20"], cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "resfast", "summary", "resnet20"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Total params: 269,722" in res.stdout

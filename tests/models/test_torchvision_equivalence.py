@@ -4,7 +4,7 @@ Same state_dict keys (in order) and shapes; torchvision's state_dict loads
 strictly and unchanged; then one step gives the same logits, the same
 gradient for every parameter and the input, and the same BN running
 statistics, in train and eval mode, float64 / float32 / bf16 autocast, NCHW
-and channels_last. Tolerances and why: see tests/models/equivalence.py.
+and channels_last. Tolerances and why: see tests/support/equivalence.py.
 
 The weights are not torchvision's init (BN at 1/0 with running stats 0/1 would
 make eval-mode BN the identity and hide folding errors): both nets get the same
@@ -28,7 +28,7 @@ import torch
 import torchvision
 
 import resfast.models as M
-from tests.models.equivalence import build, check_equivalence, meta_build, state_dict_layout
+from tests.support.equivalence import build, check_equivalence, meta_build, state_dict_layout
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 TV_MODELS = M.TORCHVISION_EQUIVALENT
@@ -87,11 +87,14 @@ def _cases():
                 configs = FULL_BY_DEFAULT[name]
                 yield pytest.param(name, training, configs, id=f"{name}-{mode}-full")
                 rest = [c for c in FULL + EXTRA if c not in configs]
-                yield pytest.param(name, training, rest, id=f"{name}-{mode}-rest", marks=pytest.mark.slow)
+                yield pytest.param(name, training, rest, id=f"{name}-{mode}-rest",
+                                   marks=pytest.mark.slow)
             else:
                 slow = [] if name in QUICK_BY_DEFAULT else [pytest.mark.slow]
-                yield pytest.param(name, training, QUICK[training], id=f"{name}-{mode}-quick", marks=slow)
-                yield pytest.param(name, training, FULL + EXTRA, id=f"{name}-{mode}-full", marks=pytest.mark.slow)
+                yield pytest.param(name, training, QUICK[training], id=f"{name}-{mode}-quick",
+                                   marks=slow)
+                yield pytest.param(name, training, FULL + EXTRA, id=f"{name}-{mode}-full",
+                                   marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("name, training, configs", list(_cases()))

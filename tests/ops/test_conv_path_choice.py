@@ -73,7 +73,8 @@ def test_measures_real_paths_on_the_gpu():
     """On a GPU: the op's first call of a shape records a choice, later calls reuse it."""
     from resfast.ops.conv2d_bn import conv2d_bn
 
-    x = torch.randn(8, 16, 14, 14, device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 16, 14, 14, device="cuda",
+                    dtype=torch.bfloat16).to(memory_format=torch.channels_last)
     w = torch.randn(32, 16, 3, 3, device="cuda", dtype=torch.bfloat16)
     y1, *_ = conv2d_bn(x, w, None, None, None, False, 1, 1, True, False)
     assert len(conv_path.chosen_paths()) == 1

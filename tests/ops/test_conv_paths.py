@@ -16,10 +16,10 @@ from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
 from resfast.ops import conv_path
-from tests.helpers import check_module_pair, triton_interpreter_problem
-from tests.ops.test_blocks import _projection, _randomize
-from tests.ops.test_bn_relu_conv import TorchBNReLUConv
-from tests.ops.test_conv_bn_relu import TorchConvBNReLU, _randomize_bn
+from resfast.twin import torch_twin
+from tests.nn.test_blocks import _projection, _randomize
+from tests.nn.test_conv_bn_relu import _randomize_bn
+from tests.support.helpers import check_module_pair, triton_interpreter_problem
 
 DTYPES = [torch.float32, torch.bfloat16]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -39,32 +39,35 @@ def path(request, monkeypatch):
 @pytest.mark.parametrize("conf", [(3, 8, 3, 1), (13, 5, 1, 2)], ids=str)
 def test_conv_bn_relu(dtype, training, conf):
     cin, cout, k, stride = conf
-    ref = TorchConvBNReLU(cin, cout, k, stride, True, relu=True)
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True)
     n = 8 if dtype == torch.bfloat16 else 2
-    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 9)], dtype=dtype, device=DEVICE, training=training)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 9)], dtype=dtype, device=DEVICE,
+                      training=training)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_bn_relu_conv(dtype, layout):
-    ref = TorchBNReLUConv(6, 5, 3, 2)
+    ref = torch_twin(resfast.nn.BNReLUConv2d(6, 5, 3, 2))
     ours = resfast.nn.BNReLUConv2d(6, 5, 3, 2)
     n = 8 if dtype == torch.bfloat16 else 2
-    check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device=DEVICE, training=True,
-                      layout=layout)
+    check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device=DEVICE,
+                      training=True, layout=layout)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_basic_block(training):
     ref = _randomize(TVBasic(8, 16, 2, _projection(8, 16, 2)))
     ours = resfast.nn.BasicBlock(8, 16, 2, _projection(8, 16, 2))
-    check_module_pair(ours, ref, [torch.randn(2, 8, 7, 7)], dtype=torch.float32, device=DEVICE, training=training)
+    check_module_pair(ours, ref, [torch.randn(2, 8, 7, 7)], dtype=torch.float32, device=DEVICE,
+                      training=training)
 
 
 def test_bottleneck():
     ref = _randomize(TVBottleneck(16, 4, 1))
     ours = resfast.nn.Bottleneck(16, 4, 1)
-    check_module_pair(ours, ref, [torch.randn(2, 16, 5, 5)], dtype=torch.float32, device=DEVICE, training=True)
+    check_module_pair(ours, ref, [torch.randn(2, 16, 5, 5)], dtype=torch.float32, device=DEVICE,
+                      training=True)
 

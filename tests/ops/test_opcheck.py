@@ -5,7 +5,7 @@ import torch
 
 import resfast
 from resfast.ops import OPS
-from tests.helpers import DEVICES
+from tests.support.helpers import DEVICES
 
 ops = torch.ops.resfast
 F64 = dict(dtype=torch.float64)
@@ -26,33 +26,42 @@ def _cases(device):
     b = torch.randn(4, **kw).requires_grad_()
     scale = _vec(5, device, 0.5, 1.5, **F64).requires_grad_()
     shift = _vec(5, device, **F64).requires_grad_()
-    mean, var = _vec(5, device, **F64).requires_grad_(), _vec(5, device, 0.5, 2, **F64).requires_grad_()
-    gamma, beta = _vec(5, device, 0.5, 1.5, **F64).requires_grad_(), _vec(5, device, **F64).requires_grad_()
+    mean, var = (_vec(5, device, **F64).requires_grad_(),
+                 _vec(5, device, 0.5, 2, **F64).requires_grad_())
+    gamma, beta = (_vec(5, device, 0.5, 1.5, **F64).requires_grad_(),
+                   _vec(5, device, **F64).requires_grad_())
     y_out = torch.randn(2, 4, 6, 7, **kw).contiguous(memory_format=torch.channels_last)
     return [
         ("bn_stats", (y,)),
         ("bn_stats", (x,)),
-        ("bn_stats_backward", (_vec(5, device, **F64), _vec(5, device, **F64), y.detach(), mean.detach())),
+        ("bn_stats_backward",
+         (_vec(5, device, **F64), _vec(5, device, **F64), y.detach(), mean.detach())),
         ("bn_finalize", (mean, var, gamma, beta, 1e-5)),
         ("bn_finalize", (mean, var, None, None, 1e-3)),
-        ("bn_finalize_backward", (_vec(5, device, **F64), _vec(5, device, **F64), mean.detach(), var.detach(),
-                                  gamma.detach(), 1e-5)),
-        ("bn_update_running_stats_", (_vec(5, device, **F64), _vec(5, device, 0.5, 2, **F64), mean.detach(),
-                                      var.detach(), 84, 0.1)),
+        ("bn_finalize_backward",
+         (_vec(5, device, **F64), _vec(5, device, **F64), mean.detach(), var.detach(),
+          gamma.detach(), 1e-5)),
+        ("bn_update_running_stats_",
+         (_vec(5, device, **F64), _vec(5, device, 0.5, 2, **F64), mean.detach(), var.detach(),
+          84, 0.1)),
         ("bn_act", (y, scale, shift, r, True)),
         ("bn_act", (x, scale, shift, None, False)),
         ("bn_act", (y, None, None, r, True)),
-        ("bn_act_backward", (torch.randn_like(y), y.detach(), scale.detach(), shift.detach(), r.detach(), True,
-                             [True, True, True, True])),
-        ("bn_act_backward", (torch.randn_like(y), y.detach(), None, None, None, True, [True, False, False, False])),
+        ("bn_act_backward",
+         (torch.randn_like(y), y.detach(), scale.detach(), shift.detach(), r.detach(), True,
+          [True, True, True, True])),
+        ("bn_act_backward",
+         (torch.randn_like(y), y.detach(), None, None, None, True, [True, False, False, False])),
         ("conv2d_bn", (x, w3, b, None, None, False, 1, 1, True, False)),
         ("conv2d_bn", (y, w3, None, scale, shift, True, 2, 1, True, False)),
         ("conv2d_bn", (x, w1, b, scale, shift, False, 1, 0, False, True)),
-        ("conv2d_bn_backward", (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
-                                w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
-                                1, 1, False, [True, True, True])),
+        ("conv2d_bn_backward",
+         (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
+          w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
+          1, 1, False, [True, True, True])),
         ("conv2d_bn_backward", (None, _vec(4, device, **F64), None, x.detach(), w3.detach(), y_out,
-                                _vec(4, device, **F64), None, None, False, 1, 1, False, [False, True, False])),
+                                _vec(4, device, **F64), None, None, False, 1, 1, False,
+                                [False, True, False])),
     ]
 
 
@@ -82,7 +91,8 @@ def test_gradcheck(device, case):
         out = op(*full)
         return tuple(o for o in (out if isinstance(out, tuple) else (out,)) if o.numel())
 
-    assert torch.autograd.gradcheck(f, [args[i] for i in tensor_pos], eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradcheck(f, [args[i] for i in tensor_pos], eps=1e-6, atol=1e-5,
+                                    rtol=1e-4)
 
 
 def _block():

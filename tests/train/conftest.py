@@ -3,9 +3,9 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:  # tiny_models is addressed as --model tiny_models:<fn>
-    sys.path.insert(0, HERE)
+SUPPORT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "support")
+if SUPPORT not in sys.path:  # tests/support/tiny_models.py is addressed as --model tiny_models:<fn>
+    sys.path.insert(0, SUPPORT)
 
 
 @pytest.fixture(autouse=True)

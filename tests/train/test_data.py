@@ -7,8 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from resfast.data import (ArrayDataset, CifarTrainTransform, DataError, ImageNetTestTransform, ImageNetTrainTransform,
-                          build_datasets, dense_test_dataset, detect_format, load_cifar, load_digits, sample_rng)
+from resfast.data import (
+    ArrayDataset,
+    CifarTrainTransform,
+    DataError,
+    ImageNetTestTransform,
+    ImageNetTrainTransform,
+    build_datasets,
+    dense_test_dataset,
+    detect_format,
+    load_cifar,
+    load_digits,
+    sample_rng,
+)
 from resfast.data.transforms import pad_crop_flip, pca_lighting
 
 
@@ -26,11 +37,13 @@ def make_cifar10(root, n_per_batch=6, seed=0):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = rng.randint(0, 256, size=(n_per_batch, 3072), dtype=np.uint8)
         labels = [int(v) for v in rng.randint(0, 10, size=n_per_batch)]
-        _write_pickle(os.path.join(d, name), {b"batch_label": name.encode(), b"labels": labels, b"data": data,
-                                              b"filenames": [b"x.png"] * n_per_batch})
+        _write_pickle(os.path.join(d, name),
+                      {b"batch_label": name.encode(), b"labels": labels, b"data": data,
+                       b"filenames": [b"x.png"] * n_per_batch})
         batches[name] = (data, labels)
-    _write_pickle(os.path.join(d, "batches.meta"), {b"label_names": [f"c{i}".encode() for i in range(10)],
-                                                   b"num_cases_per_batch": n_per_batch, b"num_vis": 3072})
+    _write_pickle(os.path.join(d, "batches.meta"),
+                  {b"label_names": [f"c{i}".encode() for i in range(10)],
+                   b"num_cases_per_batch": n_per_batch, b"num_vis": 3072})
     return d, batches
 
 
@@ -45,8 +58,9 @@ def make_cifar100(root, n=8, seed=1):
         _write_pickle(os.path.join(d, name), {b"data": data, b"fine_labels": fine,
                                               b"coarse_labels": [v // 5 for v in fine]})
         out[name] = (data, fine)
-    _write_pickle(os.path.join(d, "meta"), {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
-                                            b"coarse_label_names": [f"g{i}".encode() for i in range(20)]})
+    _write_pickle(os.path.join(d, "meta"),
+                  {b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                   b"coarse_label_names": [f"g{i}".encode() for i in range(20)]})
     return d, out
 
 

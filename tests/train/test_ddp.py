@@ -12,7 +12,8 @@ from resfast.train import train_main
 from resfast.train.checkpoint import load_checkpoint
 from resfast.train.sync_bn import convert_sync_bn, global_batch_stats
 
-ARGS = ["--model", "tiny_models:tiny_resnet", "--train-subset", "64", "--test-subset", "40", "--batch-size", "32",
+ARGS = ["--model", "tiny_models:tiny_resnet", "--train-subset", "64", "--test-subset", "40",
+        "--batch-size", "32",
         "--epochs", "2", "--lr", "0.1", "--workers", "0", "--progress", "off", "--seed", "5"]
 
 
@@ -27,7 +28,8 @@ def _check_global_batch_stats(rank: int, world: int):
     the concatenated batch, backward equals the single-process gradient."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64) * 3 + 1
-    a, b = torch.randn(4, generator=gen, dtype=torch.float64), torch.randn(4, generator=gen, dtype=torch.float64)
+    a, b = (torch.randn(4, generator=gen, dtype=torch.float64),
+            torch.randn(4, generator=gen, dtype=torch.float64))
     lo, hi = (0, 3) if rank == 0 else (3, 8)
     xl = x[lo:hi].clone().requires_grad_(True)
     var, mean = torch.var_mean(xl, dim=(0, 2, 3), correction=0)
@@ -52,7 +54,8 @@ def _check_one_step_float64(rank: int, world: int, backend: str):
     import copy
 
     import tiny_models
-    from resfast.train.backend import to_torch
+
+    from resfast.twin import to_torch
 
     torch.manual_seed(0)
     ref = tiny_models.tiny_resnet().double()
@@ -89,8 +92,8 @@ def _check_one_step_float64(rank: int, world: int, backend: str):
 
 
 def _worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank), TQDM_DISABLE="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank), TQDM_DISABLE="1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -98,7 +101,9 @@ def _worker(rank: int, world: int, port: int, out: str):
         for backend in ("torch", "resfast"):
             _check_one_step_float64(rank, world, backend)
         for backend in ("torch", "resfast"):
-            rc = train_main(ARGS + ["--backend", backend, "--sync-bn", "--out", os.path.join(out, backend)])
+            rc = train_main(ARGS
+                            + ["--backend", backend, "--sync-bn", "--out",
+                               os.path.join(out, backend)])
             assert rc == 0
     finally:
         dist.destroy_process_group()
@@ -111,13 +116,15 @@ def _compare(one, two):
     h1, h2 = one["history"], two["history"]
     assert len(h1) == len(h2) == 2
     for r1, r2 in zip(h1, h2):
-        for k in ("train_loss", "train_top1_err", "test_loss", "test_top1_err", "test_top5_err", "lr"):
+        for k in ("train_loss", "train_top1_err", "test_loss", "test_top1_err", "test_top5_err",
+                  "lr"):
             assert r1[k] == pytest.approx(r2[k], rel=1e-4, abs=1e-4), k
     for k, v in one["model"].items():  # parameters after the steps, and BN running statistics
         torch.testing.assert_close(two["model"][k], v, rtol=1e-3, atol=2e-4, msg=k)
     for s1, s2 in zip(one["optimizer"]["state"].values(), two["optimizer"]["state"].values()):
         # (the last step's gradients dominate these: noisier than the parameters)
-        torch.testing.assert_close(s2["momentum_buffer"], s1["momentum_buffer"], rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(s2["momentum_buffer"], s1["momentum_buffer"], rtol=1e-2,
+                                   atol=1e-3)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -125,7 +132,8 @@ def test_two_processes_match_one(tmp_path):
     port = _free_port()
     mp.spawn(_worker, args=(2, port, str(tmp_path / "ddp")), nprocs=2, join=True)
     for backend in ("torch", "resfast"):
-        assert train_main(ARGS + ["--backend", backend, "--out", str(tmp_path / "one" / backend)]) == 0
+        assert train_main(ARGS
+                          + ["--backend", backend, "--out", str(tmp_path / "one" / backend)]) == 0
         one = load_checkpoint(tmp_path / "one" / backend / "checkpoint.pt")
         two = load_checkpoint(tmp_path / "ddp" / backend / "checkpoint.pt")
         assert two["config"]["sync_bn"] and len(two["rng"]) == 2

@@ -4,8 +4,8 @@ import os
 
 from resfast.reproduce import reproduce_main
 
-TINY = ["--models", "tiny_models:tiny_plain,tiny_models:tiny_resnet", "--train-subset", "64", "--test-subset", "32",
-        "--batch-size", "32", "--epochs", "2", "--progress", "off"]
+TINY = ["--models", "tiny_models:tiny_plain,tiny_models:tiny_resnet", "--train-subset", "64",
+        "--test-subset", "32", "--batch-size", "32", "--epochs", "2", "--progress", "off"]
 
 
 def test_degradation_figure_and_table(tmp_path, capsys):
@@ -13,8 +13,8 @@ def test_degradation_figure_and_table(tmp_path, capsys):
     assert reproduce_main(["degradation", *TINY, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| tiny_plain |" in printed and "| tiny_resnet |" in printed
-    for name in ("degradation.png", "degradation.md", "degradation.json", "tiny_plain/metrics.jsonl",
-                 "tiny_resnet/curves.png"):
+    for name in ("degradation.png", "degradation.md", "degradation.json",
+                 "tiny_plain/metrics.jsonl", "tiny_resnet/curves.png"):
         assert os.path.getsize(out / name) > 0, name
     with open(out / "degradation.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"

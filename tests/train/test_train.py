@@ -10,7 +10,6 @@ from resfast.train import train_main
 from resfast.train.checkpoint import CheckpointError, atomic_save, load_checkpoint
 from resfast.train.schedule import LRFactor
 
-
 SMALL = ["--train-subset", "64", "--test-subset", "32", "--batch-size", "16", "--workers", "0",
          "--progress", "off"]
 TIMING = {"images_per_s", "epoch_time_s", "eval_time_s", "time_s"}
@@ -52,8 +51,8 @@ def uninterrupted(tmp_path_factory):
 
 def test_loss_falls_and_outputs(tmp_path):
     # one batch of 32 digits, 5 steps: the training loss must fall clearly
-    ckpt = run(tmp_path, "--train-subset", "32", "--batch-size", "32", "--no-augment", "--epochs", "5", "--lr", "0.2",
-               "--schedule", "step", "--milestones", "4")
+    ckpt = run(tmp_path, "--train-subset", "32", "--batch-size", "32", "--no-augment", "--epochs",
+               "5", "--lr", "0.2", "--schedule", "step", "--milestones", "4")
     h = ckpt["history"]
     assert len(h) == 5
     losses = [r["train_loss"] for r in h]
@@ -64,8 +63,8 @@ def test_loss_falls_and_outputs(tmp_path):
         assert os.path.getsize(tmp_path / name) > 0, name
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     assert rows == h
-    for key in ("train_loss", "train_top1_err", "train_top5_err", "test_top1_err", "test_top5_err", "lr",
-                "images_per_s", "epoch_time_s"):
+    for key in ("train_loss", "train_top1_err", "train_top5_err", "test_top1_err", "test_top5_err",
+                "lr", "images_per_s", "epoch_time_s"):
         assert key in rows[0]
     assert open(tmp_path / "metrics.csv").readline().startswith("epoch,lr,train_loss")
     with open(tmp_path / "curves.png", "rb") as f:
@@ -100,10 +99,11 @@ def test_crash_during_save_keeps_last_checkpoint(uninterrupted, tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(OSError, match="simulated crash"):
-        train_main(["--model", "tiny_models:tiny_vgg", "--out", str(tmp_path), *SMALL, *RESUME_ARGS])
+        train_main(["--model", "tiny_models:tiny_vgg", "--out", str(tmp_path), *SMALL,
+                    *RESUME_ARGS])
     monkeypatch.setattr(torch, "save", real_save)
-    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "curves.png", "metrics.csv", "metrics.jsonl",
-                                            "run.json"]  # no temp file left behind
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pt", "curves.png", "metrics.csv",
+                                            "metrics.jsonl", "run.json"]  # no temp file left behind
     ckpt = load_checkpoint(os.path.join(tmp_path, "checkpoint.pt"))
     assert ckpt["epoch"] == 1
     resumed = run(tmp_path, *RESUME_ARGS, "--resume", model="tiny_models:tiny_vgg")
@@ -138,7 +138,8 @@ def test_refuses_to_clobber_and_resume_errors(uninterrupted, tmp_path, capsys):
     _, out = uninterrupted
     rc = train_main(["--model", "tiny_models:tiny_vgg", "--out", str(out), *SMALL, "--epochs", "1"])
     assert rc == 2 and "already holds a checkpoint" in capsys.readouterr().err
-    rc = train_main(["--model", "tiny_models:tiny_vgg", "--out", str(tmp_path / "none"), *SMALL, "--resume"])
+    rc = train_main(["--model", "tiny_models:tiny_vgg", "--out", str(tmp_path / "none"), *SMALL,
+                     "--resume"])
     assert rc == 1 and "does not exist" in capsys.readouterr().err
     rc = train_main(["--model", "tiny_models:tiny_resnet", "--out", str(out), *SMALL, "--resume"])
     assert rc == 1 and "is of model" in capsys.readouterr().err
@@ -152,7 +153,8 @@ def test_backends_agree(tmp_path):
     for ra, rb in zip(a, b):
         assert ra["train_loss"] == pytest.approx(rb["train_loss"], rel=1e-3)
         assert ra["test_loss"] == pytest.approx(rb["test_loss"], rel=1e-2)
-        assert abs(ra["test_top1_err"] - rb["test_top1_err"]) <= 100 * 2 / 32  # at most 2 of 32 flip
+        # at most 2 of 32 flip
+        assert abs(ra["test_top1_err"] - rb["test_top1_err"]) <= 100 * 2 / 32
 
 
 def test_lr_schedules():
@@ -194,14 +196,16 @@ def test_default_command_ends_at_the_decayed_rate():
     from resfast.train.schedule import build_scheduler
 
     args = _resolved("--model", "resnet20")
-    train_ds, _, info = build_datasets(args.data, fmt=args.data_format, seed=args.seed, train_scale=None,
+    train_ds, _, info = build_datasets(args.data, fmt=args.data_format, seed=args.seed,
+                                       train_scale=None,
                                        test_scale=None, crop=args.crop, lighting=args.lighting,
                                        train_subset=None, test_subset=None, augment=False)
     assert info.image_size == 32
     steps = len(train_ds) // args.batch_size  # drop_last, as the trainer's loader
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.lr)
     sched, per_iter = build_scheduler(opt, args.schedule, epochs=args.epochs, steps_per_epoch=steps,
-                                      warmup_epochs=args.warmup_epochs, milestones=args.milestones or ())
+                                      warmup_epochs=args.warmup_epochs,
+                                      milestones=args.milestones or ())
     assert per_iter
     lrs = []
     for _ in range(args.epochs * steps):
@@ -237,9 +241,10 @@ def test_help(capsys):
         train_main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for opt in ("--model", "--data", "--epochs", "--batch-size", "--lr", "--momentum", "--weight-decay",
-                "--schedule", "--milestones", "--warmup-epochs", "--amp", "--channels-last", "--backend", "--out",
-                "--resume", "--seed", "--device", "--workers", "--sync-bn", "--eval"):
+    for opt in ("--model", "--data", "--epochs", "--batch-size", "--lr", "--momentum",
+                "--weight-decay", "--schedule", "--milestones", "--warmup-epochs", "--amp",
+                "--channels-last", "--backend", "--out", "--resume", "--seed", "--device",
+                "--workers", "--sync-bn", "--eval"):
         assert opt in out, opt
     from resfast.reproduce import reproduce_main
 
@@ -255,12 +260,14 @@ def test_image_folder_training_with_dense_eval(tmp_path, mode):
     from test_data import make_image_folder
 
     root = make_image_folder(str(tmp_path / "data"), per_class=4)
-    rc = train_main(["--model", "tiny_models:tiny_vgg", "--data", root, "--train-scale", "36,44", "--test-scale",
-                     "36", "--crop", "32", "--batch-size", "4", "--epochs", "1", "--eval", mode, "--test-scales",
-                     "36,40", "--workers", "1", "--progress", "off", "--out", str(tmp_path / "out")])
+    rc = train_main(["--model", "tiny_models:tiny_vgg", "--data", root, "--train-scale", "36,44",
+                     "--test-scale", "36", "--crop", "32", "--batch-size", "4", "--epochs", "1",
+                     "--eval", mode, "--test-scales", "36,40", "--workers", "1", "--progress",
+                     "off", "--out", str(tmp_path / "out")])
     assert rc == 0
     final = json.load(open(tmp_path / "out" / "final.json"))
-    assert 0 <= final[f"{mode}_top1_err"] <= 100 and final[f"{mode}_top5_err"] <= final[f"{mode}_top1_err"]
+    assert (0 <= final[f"{mode}_top1_err"] <= 100
+            and final[f"{mode}_top5_err"] <= final[f"{mode}_top1_err"])
     assert final[f"{mode}_scales"] == ([36] if mode == "dense" else [36, 40])
     run_info = json.load(open(tmp_path / "out" / "run.json"))
     assert run_info["data"]["kind"] == "imagefolder" and run_info["data"]["num_classes"] == 3

@@ -18,7 +18,7 @@ except ImportError:  # the package above the ops may be mid-edit; the ops alone 
     import os
 
     _here = os.path.dirname(os.path.abspath(__file__))
-    torch.ops.load_library(glob.glob(os.path.join(_here, "..", "resfast", "_C*.so"))[0])
+    torch.ops.load_library(glob.glob(os.path.join(_here, "..", "..", "resfast", "_C*.so"))[0])
 
 pytestmark = pytest.mark.gpu
 
@@ -45,7 +45,8 @@ def stats_dtype(dtype):
 
 
 def layout(x, fmt):
-    return x.contiguous(memory_format=torch.channels_last if fmt == "nhwc" else torch.contiguous_format)
+    return x.contiguous(memory_format=torch.channels_last if fmt == "nhwc"
+                        else torch.contiguous_format)
 
 
 def make(shape, dtype, fmt, lo=None, hi=None, device="cuda"):
@@ -66,7 +67,8 @@ def assert_same(name, ours, ref, atol, rtol):
     assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     if ref.dim() == 4 and ref.numel() > 0:
         assert ours.stride() == ref.stride(), f"{name}: strides {ours.stride()} != {ref.stride()}"
-    torch.testing.assert_close(ours.cpu(), ref, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    torch.testing.assert_close(ours.cpu(), ref, atol=atol, rtol=rtol, equal_nan=True,
+                               msg=lambda m: f"{name}: {m}")
 
 
 def assert_sums(name, ours, ref, abs_sum, dtype):
@@ -79,8 +81,8 @@ def assert_sums(name, ours, ref, abs_sum, dtype):
     bound = SUM_RTOL[stats_dtype(dtype)] * (abs_sum.double() + 1)
     bad = torch.nonzero(err > bound).flatten()
     assert bad.numel() == 0, (
-        f"{name}: {bad.numel()} channels differ, first c={int(bad[0])}: cuda {ours[bad[0]].item()!r} "
-        f"cpu {ref[bad[0]].item()!r} bound {bound[bad[0]].item():.3g}")
+        f"{name}: {bad.numel()} channels differ, first c={int(bad[0])}: cuda "
+        f"{ours[bad[0]].item()!r} cpu {ref[bad[0]].item()!r} bound {bound[bad[0]].item():.3g}")
 
 
 def channel_vectors(c, dtype, device="cuda"):
@@ -125,7 +127,8 @@ def _masked_grad_out(grad_out, y, scale, shift, res):
 
 def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=MASKS):
     grad_out = torch.randn(y.shape, dtype=torch.float64, device=y.device).to(dtype)
-    grad_out = layout(grad_out, "nhwc" if y.is_contiguous(memory_format=torch.channels_last) else "nchw")
+    grad_out = layout(grad_out,
+                      "nhwc" if y.is_contiguous(memory_format=torch.channels_last) else "nchw")
     if relu:
         grad_out = _masked_grad_out(grad_out, y, scale, shift, res)
     args_cpu = (cpu(grad_out), cpu(y), cpu(scale), cpu(shift), cpu(res), relu)
@@ -138,7 +141,8 @@ def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=
         if scale is not None and (mask[1] or mask[2]):
             g = grad_out.cpu().double()
             if relu:
-                z = y.cpu().double() * scale.cpu().double().view(1, -1, 1, 1) + shift.cpu().double().view(1, -1, 1, 1)
+                z = (y.cpu().double() * scale.cpu().double().view(1, -1, 1, 1)
+                     + shift.cpu().double().view(1, -1, 1, 1))
                 if res is not None:
                     z = z + res.cpu().double()
                 g = g * (z > 0)
@@ -148,7 +152,8 @@ def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=
             abs_gy = abs_g = None
         for i, name, abs_sum in ((1, "grad_scale", abs_gy), (2, "grad_shift", abs_g)):
             if ref[i].numel() == 0:
-                assert ours[i].shape == (0,) and ours[i].dtype == ref[i].dtype and ours[i].device.type == "cuda", (
+                empty = ours[i].shape == (0,) and ours[i].dtype == ref[i].dtype
+                assert empty and ours[i].device.type == "cuda", (
                     f"{name} {tag}: expected an empty {ref[i].dtype} tensor, got {ours[i].dtype} "
                     f"{tuple(ours[i].shape)}")
             else:
@@ -179,8 +184,10 @@ def _check_stats(y, dtype, var_rtol=None):
     # mean to within rounding of its magnitude and spread; var relative
     err_mean = (mean.cpu() - ref_mean).abs()
     bad = err_mean > tol * (ref_mean.abs() + spread)
-    assert not bad.any(), f"mean differs at c={torch.nonzero(bad).flatten().tolist()[:5]}: {mean.cpu()[bad][:5]} vs {ref_mean[bad][:5]}"
-    torch.testing.assert_close(var.cpu(), ref_var, atol=1e-12, rtol=var_rtol or 10 * tol, msg=lambda m: f"var: {m}")
+    assert not bad.any(), (f"mean differs at c={torch.nonzero(bad).flatten().tolist()[:5]}: "
+                           f"{mean.cpu()[bad][:5]} vs {ref_mean[bad][:5]}")
+    torch.testing.assert_close(var.cpu(), ref_var, atol=1e-12, rtol=var_rtol or 10 * tol,
+                               msg=lambda m: f"var: {m}")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -198,8 +205,10 @@ def test_bn_stats_large_mean(dtype):
     y = layout(y, "nhwc").cuda()
     mean, var = ops.bn_stats(y)
     ref_var, ref_mean = torch.var_mean(y.cpu().double(), (0, 2, 3), correction=0)
-    torch.testing.assert_close(mean.cpu().double(), ref_mean, atol=0, rtol=1e-6 if dtype == torch.float32 else 1e-12)
-    torch.testing.assert_close(var.cpu().double(), ref_var, atol=0, rtol=1e-3 if dtype == torch.float32 else 1e-10)
+    torch.testing.assert_close(mean.cpu().double(), ref_mean, atol=0,
+                               rtol=1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(var.cpu().double(), ref_var, atol=0,
+                               rtol=1e-3 if dtype == torch.float32 else 1e-10)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -234,9 +243,11 @@ def test_bn_finalize(c, sdt, use_weight, use_bias):
         for name, a, b in zip(("scale", "shift"), ours, ref):
             assert_same(name, a, b, **tol)
 
-    grad_scale, grad_shift = torch.randn(c, dtype=sdt, device="cuda"), torch.randn(c, dtype=sdt, device="cuda")
+    grad_scale, grad_shift = (torch.randn(c, dtype=sdt, device="cuda"),
+                              torch.randn(c, dtype=sdt, device="cuda"))
     ours = ops.bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, 1e-5)
-    ref = ops.bn_finalize_backward(cpu(grad_scale), cpu(grad_shift), cpu(mean), cpu(var), cpu(weight), 1e-5)
+    ref = ops.bn_finalize_backward(cpu(grad_scale), cpu(grad_shift), cpu(mean), cpu(var),
+                                   cpu(weight), 1e-5)
     for name, a, b in zip(("grad_mean", "grad_var", "grad_weight", "grad_bias"), ours, ref):
         assert_same(name, a, b, **tol)
 
@@ -245,7 +256,8 @@ def test_bn_finalize_casts_parameters():
     # float64 weight/bias with float32 statistics: cast like the CPU code.
     c = 63
     mean, var = torch.randn(c, device="cuda"), torch.rand(c, device="cuda") + 0.1
-    weight, bias = torch.randn(c, dtype=torch.float64, device="cuda"), torch.randn(c, dtype=torch.float64,
+    weight, bias = torch.randn(c, dtype=torch.float64, device="cuda"), torch.randn(c,
+                                                                                   dtype=torch.float64,
                                                                                    device="cuda")
     ours = ops.bn_finalize(mean, var, weight, bias, 1e-5)
     ref = ops.bn_finalize(cpu(mean), cpu(var), cpu(weight), cpu(bias), 1e-5)
@@ -257,11 +269,13 @@ def test_bn_finalize_casts_parameters():
 
 @pytest.mark.parametrize("c", [64, 3, 63, 256])
 @pytest.mark.parametrize("rdt,sdt", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                     (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
+                                     (torch.float16, torch.float32),
+                                     (torch.bfloat16, torch.float32),
                                      (torch.float32, torch.float64)])
 @pytest.mark.parametrize("strided", [False, True])
 def test_bn_update_running_stats(c, rdt, sdt, strided):
-    tol = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3, torch.bfloat16: 8e-3}[rdt]
+    tol = {torch.float32: 1e-6, torch.float64: 1e-13, torch.float16: 1e-3,
+           torch.bfloat16: 8e-3}[rdt]
 
     def running():
         rm = torch.randn(2 * c if strided else c, dtype=rdt, device="cuda")
@@ -270,12 +284,15 @@ def test_bn_update_running_stats(c, rdt, sdt, strided):
 
     rm, rv = running()
     rm_cpu, rv_cpu = rm.cpu(), rv.cpu()
-    mean, var = torch.randn(c, dtype=sdt, device="cuda"), torch.rand(c, dtype=sdt, device="cuda") + 0.5
+    mean, var = (torch.randn(c, dtype=sdt, device="cuda"),
+                 torch.rand(c, dtype=sdt, device="cuda") + 0.5)
     for count, momentum in ((98, 0.1), (2, 0.01), (100352, 1.0)):
         ops.bn_update_running_stats_(rm, rv, mean, var, count, momentum)
         ops.bn_update_running_stats_(rm_cpu, rv_cpu, cpu(mean), cpu(var), count, momentum)
-        torch.testing.assert_close(rm.cpu(), rm_cpu, atol=tol, rtol=tol, msg=lambda m: f"running_mean: {m}")
-        torch.testing.assert_close(rv.cpu(), rv_cpu, atol=tol, rtol=tol, msg=lambda m: f"running_var: {m}")
+        torch.testing.assert_close(rm.cpu(), rm_cpu, atol=tol, rtol=tol,
+                                   msg=lambda m: f"running_mean: {m}")
+        torch.testing.assert_close(rv.cpu(), rv_cpu, atol=tol, rtol=tol,
+                                   msg=lambda m: f"running_var: {m}")
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ops.bn_update_running_stats_(rm, rv, mean, var, 1, 0.1)
 
@@ -303,7 +320,8 @@ def test_misaligned_inputs(fmt, dtype, atol, rtol):
     scale, shift = channel_vectors(64, dtype)
     out = ops.bn_act(y, scale, shift, res, True)
     assert_same("out", out, ops.bn_act(cpu(y), cpu(scale), cpu(shift), cpu(res), True), atol, rtol)
-    _check_bn_act_backward(y, scale, shift, res, True, dtype, atol, rtol, masks=[(True, True, True, True)])
+    _check_bn_act_backward(y, scale, shift, res, True, dtype, atol, rtol,
+                           masks=[(True, True, True, True)])
     _check_stats(y, dtype)
 
 
@@ -320,8 +338,10 @@ def test_mixed_and_non_dense_layouts(dtype, atol, rtol):
     y_slice = wide[..., ::2]
     _check_stats(y_slice, dtype)
     out = ops.bn_act(y_slice, scale, shift, None, False)
-    assert_same("out (slice)", out, ops.bn_act(cpu(y_slice), cpu(scale), cpu(shift), None, False), atol, rtol)
-    _check_bn_act_backward(y_slice, scale, shift, res, True, dtype, atol, rtol, masks=[(True, True, True, True)])
+    assert_same("out (slice)", out, ops.bn_act(cpu(y_slice), cpu(scale), cpu(shift), None, False),
+                atol, rtol)
+    _check_bn_act_backward(y_slice, scale, shift, res, True, dtype, atol, rtol,
+                           masks=[(True, True, True, True)])
 
 
 @pytest.mark.parametrize("fmt", LAYOUTS)
@@ -345,8 +365,8 @@ def test_empty_batch(fmt, dtype, atol, rtol):
     shape = (0, 8, 5, 5)
     y = make(shape, dtype, fmt)
     scale, shift = channel_vectors(8, dtype)
-    assert_same("out", ops.bn_act(y, scale, shift, y, True), ops.bn_act(cpu(y), cpu(scale), cpu(shift), cpu(y), True),
-                atol, rtol)
+    assert_same("out", ops.bn_act(y, scale, shift, y, True),
+                ops.bn_act(cpu(y), cpu(scale), cpu(shift), cpu(y), True), atol, rtol)
     for mask in MASKS:
         ours = ops.bn_act_backward(y, y, scale, shift, None, True, list(mask))
         ref = ops.bn_act_backward(cpu(y), cpu(y), cpu(scale), cpu(shift), None, True, list(mask))

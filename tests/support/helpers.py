@@ -6,11 +6,14 @@ computation in the same precision, plus a small floor. For float32/float64 we
 compare against the float64 reference with a fixed relative-norm bound:
 different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 """
+import contextlib
 import functools
 from typing import Optional
 
 import pytest
 import torch
+
+from resfast.twin import recording_resfast_ops
 
 # relative-norm floors per precision
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -61,9 +64,9 @@ def triton_interpreter_problem() -> Optional[str]:
     try:
         count_kernel[(1,)](out, 3)
     except Exception as e:
-        return (f"the interpreter of Triton {triton.__version__} fails on a loop over a runtime bound with numpy "
-                f"{numpy.__version__} ({type(e).__name__}: {e}; triton-lang/triton#9171): use a newer Triton or "
-                f"numpy<2.4")
+        return (f"the interpreter of Triton {triton.__version__} fails on a loop over a runtime "
+                f"bound with numpy {numpy.__version__} ({type(e).__name__}: {e}; "
+                f"triton-lang/triton#9171): use a newer Triton or numpy<2.4")
     if out.item() != 3:
         return f"the Triton {triton.__version__} interpreter counts a 3-step loop as {out.item()}"
     return None
@@ -84,7 +87,8 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
     return diff / denom if denom > 0 else diff
 
 
-def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor=2.0, scale=0.0, floor=None):
+def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor=2.0, scale=0.0,
+                 floor=None):
     """ours vs the float64 reference; for low precision the bound is
     factor x torch's same-precision error (if given), never below the floor."""
     err = rel_err(ours, ref64, scale)
@@ -97,9 +101,18 @@ def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor
         diff = (ours.detach().double().cpu() - ref64.detach().double().cpu()).abs()
         idx = tuple(int(i) for i in torch.nonzero(diff == diff.max())[0]) if diff.numel() else ()
         raise AssertionError(
-            f"{name}: relative error {err:.3g} > bound {bound:.3g} (torch's own error {torch_err}); "
-            f"max abs diff {diff.max().item():.3g} at {idx}")
+            f"{name}: relative error {err:.3g} > bound {bound:.3g} (torch's own error "
+            f"{torch_err}); max abs diff {diff.max().item():.3g} at {idx}")
     return err
+
+
+@contextlib.contextmanager
+def no_resfast_ops(what: str = "the torch.nn reference"):
+    """Fails if a resfast op runs inside: a reference (the plain torch.nn twin,
+    torchvision) must stay independent of the code under test."""
+    with recording_resfast_ops() as used:
+        yield
+    assert not used, f"{what} ran resfast ops {sorted(used)}"
 
 
 def autocast_ctx(device: str, dtype: torch.dtype):
@@ -141,30 +154,35 @@ def check_module_pair(ours, ref, inputs, *, dtype, device, training, layout="nhw
             out = module(*xs)
         return out, xs
 
-    out64, x64 = run(ref64, torch.float64, autocast_ctx(device, None))
+    with no_resfast_ops():
+        out64, x64 = run(ref64, torch.float64, autocast_ctx(device, None))
     grad = torch.randn_like(out64)
     results = {}
     for key, module, dt, cast in (("ours", ours, pdt, autocast_ctx(device, dtype)),
                                   ("same", same, pdt, autocast_ctx(device, dtype))):
-        out, xs = run(module, dt, cast)
-        assert out.shape == out64.shape
-        grads = torch.autograd.grad(out, xs + [p for p in module.parameters()], grad.to(out.dtype))
+        with no_resfast_ops() if key == "same" else contextlib.nullcontext():
+            out, xs = run(module, dt, cast)
+            assert out.shape == out64.shape
+            grads = torch.autograd.grad(out, xs + [p for p in module.parameters()],
+                                        grad.to(out.dtype))
         results[key] = (out, grads)
-    grads64 = torch.autograd.grad(out64, x64 + list(ref64.parameters()), grad)
+    with no_resfast_ops():
+        grads64 = torch.autograd.grad(out64, x64 + list(ref64.parameters()), grad)
 
     low = dtype in (torch.bfloat16, torch.float16)
     (o_out, o_grads), (s_out, s_grads) = results["ours"], results["same"]
-    names = [f"grad of input {i}" for i in range(len(base))] + [f"grad of {n}" for n, _ in ref64.named_parameters()]
+    names = [f"grad of input {i}" for i in range(len(base))] + [f"grad of {n}" for n,
+                                                                _ in ref64.named_parameters()]
     assert_close("output", o_out, out64, s_out if low else None, dtype, factor)
     for name, g, gs, g64 in zip(names, o_grads, s_grads, grads64):
-        assert_close(name, g, g64, gs if low else None, dtype, GRAD_FACTOR * factor / 2, scale=grad.norm().item(),
-                     floor=GRAD_FLOOR[dtype])
+        assert_close(name, g, g64, gs if low else None, dtype, GRAD_FACTOR * factor / 2,
+                     scale=grad.norm().item(), floor=GRAD_FLOOR[dtype])
     ours_buffers = dict(ours.named_buffers())
     same_buffers = dict(same.named_buffers())
     for name, b64 in ref64.named_buffers():
         if b64.dtype.is_floating_point:
-            assert_close(f"buffer {name}", ours_buffers[name], b64, same_buffers[name] if low else None, dtype,
-                         factor)
+            assert_close(f"buffer {name}", ours_buffers[name], b64,
+                         same_buffers[name] if low else None, dtype, factor)
         else:
             assert torch.equal(ours_buffers[name].cpu(), b64.cpu()), f"buffer {name} differs"
     return o_out

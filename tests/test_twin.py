@@ -1,14 +1,20 @@
-"""``--backend torch``: the same networks through plain torch.nn, same
-state_dict, same function, not one resfast op."""
+"""The plain torch.nn twin (resfast/twin.py, ``--backend torch``, the benchmarks'
+baselines, the tests' references): the same networks through plain torch.nn,
+same state_dict, same function, not one resfast op."""
 import copy
 
 import pytest
 import torch
 
-from resfast.train.backend import has_fused_layers, resfast_ops_called, to_torch
-from resfast.train.sync_bn import SyncBatchNorm2d, convert_sync_bn
-
-import tiny_models
+from resfast.functional import shortcut_a
+from resfast.twin import (
+    has_fused_layers,
+    recording_resfast_ops,
+    resfast_ops_called,
+    to_torch,
+    torch_twin,
+)
+from tests.support import tiny_models
 
 models = pytest.importorskip("resfast.models")
 
@@ -66,15 +72,17 @@ def _small(kind):
         "bottleneck_B": lambda: ResNet(rnn.Bottleneck, [1, 1, 1, 1], num_classes=10, shortcut="B"),
         "bottleneck_C": lambda: ResNet(rnn.Bottleneck, [1, 1, 1, 1], num_classes=10, shortcut="C"),
         "plain_bottleneck": lambda: ResNet(PlainBottleneck, [1, 1, 1, 1], num_classes=10),
-        "preact_basic_A": lambda: PreActResNet(PreActBasicBlock, [1, 1, 1], num_classes=10, shortcut="A",
-                                               widths=(16, 32, 64), stem="cifar"),
+        "preact_basic_A": lambda: PreActResNet(PreActBasicBlock, [1, 1, 1], num_classes=10,
+                                               shortcut="A", widths=(16, 32, 64), stem="cifar"),
         "preact_basic_B": lambda: models.get_model("preact_resnet18", num_classes=10),
-        "preact_bottleneck_C": lambda: PreActResNet(PreActBottleneck, [1, 1, 1, 1], num_classes=10, shortcut="C"),
+        "preact_bottleneck_C": lambda: PreActResNet(PreActBottleneck, [1, 1, 1, 1], num_classes=10,
+                                                    shortcut="C"),
     }[kind]()
 
 
 @pytest.mark.parametrize("kind", ["resnet20", "plain20", "resnet18", "bottleneck_B", "bottleneck_C",
-                                  "plain_bottleneck", "preact_basic_A", "preact_basic_B", "preact_bottleneck_C"])
+                                  "plain_bottleneck", "preact_basic_A", "preact_basic_B",
+                                  "preact_bottleneck_C"])
 def test_registry_networks(kind):
     torch.manual_seed(0)
     check_same(_small(kind), torch.randn(2, 3, 32, 32))
@@ -89,9 +97,11 @@ def test_vgg_fused_features_and_dense():
 
     torch.manual_seed(0)
     for bn in (True, False):  # conv-BN-ReLU and conv(+bias)-ReLU runs of a FusedSequential
-        model = VGG(make_layers([8, "M", 512, "M"], batch_norm=bn), num_classes=10, init_weights=False)
+        model = VGG(make_layers([8, "M", 512, "M"], batch_norm=bn), num_classes=10,
+                    init_weights=False)
         model.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-        model.classifier = nn.Sequential(nn.Linear(512 * 4, 16), nn.ReLU(True), nn.Dropout(0.5), nn.Linear(16, 16),
+        model.classifier = nn.Sequential(nn.Linear(512 * 4, 16), nn.ReLU(True), nn.Dropout(0.5),
+                                         nn.Linear(16, 16),
                                          nn.ReLU(True), nn.Dropout(0.5), nn.Linear(16, 10))
         check_same(model, torch.randn(2, 3, 8, 8), dense=True)
 
@@ -113,36 +123,38 @@ def test_torch_model_pickles():
     assert type(again) is type(model)
 
 
-def test_convert_sync_bn_classes():
-    ref = convert_sync_bn(to_torch(tiny_models.tiny_resnet()))
-    bns = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    assert bns and all(m.stats_reducer is not None for m in bns)
-    assert all(isinstance(m, SyncBatchNorm2d) for m in bns if type(m).__name__ != "Torch_resfast_nn_BatchNormAddReLU")
-    # outside a process group the reducer is the identity: the same function
-    x = torch.randn(4, 3, 32, 32)
-    plain = to_torch(tiny_models.tiny_resnet())
-    plain.load_state_dict(ref.state_dict())
-    torch.testing.assert_close(ref(x), plain(x), rtol=1e-5, atol=1e-6)
+def test_torch_twin_is_a_copy():
+    """torch_twin leaves the module it copies fused and untouched, and shares no tensor with it."""
+    model = tiny_models.tiny_resnet()
+    twin = torch_twin(model)
+    assert has_fused_layers(model) and not has_fused_layers(twin)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), name
 
 
-def test_fused_layers_call_the_stats_reducer():
-    """The fused ops hand every training-mode BN's batch statistics to the
-    reducer (once per BN, before scale/shift): what --sync-bn relies on."""
-    model = convert_sync_bn(tiny_models.tiny_resnet())
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    calls = []
+def test_recording_sees_forward_and_backward_ops():
+    model = tiny_models.tiny_resnet()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    with recording_resfast_ops() as used:
+        model(x).sum().backward()
+    assert {"resfast::conv2d_bn", "resfast::conv2d_bn_backward", "resfast::bn_act_backward"} <= used
+    with recording_resfast_ops() as used:
+        torch_twin(model)(x).sum().backward()
+    assert used == set()
 
-    def reducer(mean, var, count):
-        calls.append(mean.shape[0])
-        return mean, var, count
 
-    for m in bns:
-        m.stats_reducer = reducer
-    x = torch.randn(4, 3, 32, 32)
-    plain = tiny_models.tiny_resnet()
-    plain.load_state_dict(model.state_dict())
-    torch.testing.assert_close(model(x), plain(x))
-    assert sorted(calls) == sorted(m.num_features for m in bns)
-    model.eval()
-    model(x)
-    assert len(calls) == len(bns)  # eval mode: running statistics, no reduction
+def _shortcut_a_by_concatenation(x, out_channels, stride):
+    y = x[:, :, ::stride, ::stride]
+    extra = out_channels - x.shape[1]
+    before = y.new_zeros(y.shape[0], extra // 2, *y.shape[2:])
+    after = y.new_zeros(y.shape[0], extra - extra // 2, *y.shape[2:])
+    return torch.cat([before, y, after], dim=1)
+
+
+@pytest.mark.parametrize("cin,cout,stride", [(16, 32, 2), (16, 16, 1), (3, 8, 2), (5, 6, 1)])
+def test_shortcut_a(cin, cout, stride):
+    """The option A shortcut (the one the fused blocks and the twin share) against
+    an independent construction: strided identity between zero channels."""
+    x = torch.randn(2, cin, 7, 6)
+    torch.testing.assert_close(shortcut_a(x, cout, stride),
+                               _shortcut_a_by_concatenation(x, cout, stride), rtol=0, atol=0)

@@ -1,5 +1,6 @@
 """Basic and bottleneck blocks (identity, projection and option-A shortcuts)
-against torchvision's blocks with the same weights."""
+against torchvision's blocks with the same weights (option A, which torchvision
+does not have: against the block's plain torch.nn twin, resfast.twin)."""
 import pytest
 import torch
 from torch import nn
@@ -7,7 +8,8 @@ from torchvision.models.resnet import BasicBlock as TVBasic
 from torchvision.models.resnet import Bottleneck as TVBottleneck
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from resfast.twin import torch_twin
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
 
@@ -42,9 +44,10 @@ def test_basic_block(device, dtype, conf, layout, training):
     n = 8 if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes, stride) if proj else None
     ref = _randomize(TVBasic(cin, planes, stride, ds))
-    ours = resfast.nn.BasicBlock(cin, planes, stride, _projection(cin, planes, stride) if proj else None)
-    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 9)], dtype=dtype, device=device, training=training,
-                      layout=layout)
+    ours = resfast.nn.BasicBlock(cin, planes, stride,
+                                 _projection(cin, planes, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 9)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -57,29 +60,16 @@ def test_bottleneck(device, dtype, conf, layout, training):
     n = 8 if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes * 4, stride) if proj else None
     ref = _randomize(TVBottleneck(cin, planes, stride, ds))
-    ours = resfast.nn.Bottleneck(cin, planes, stride, _projection(cin, planes * 4, stride) if proj else None)
-    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 7)], dtype=dtype, device=device, training=training,
-                      layout=layout)
-
-
-class TorchOptionABlock(TVBasic):
-    """torchvision's BasicBlock with the CIFAR option-A shortcut."""
-
-    def __init__(self, cin, planes, stride):
-        super().__init__(cin, planes, stride)
-        self.extra = planes - cin
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        sc = x[:, :, ::self.stride, ::self.stride]
-        sc = nn.functional.pad(sc, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
-        return torch.relu(out + sc)
+    ours = resfast.nn.Bottleneck(cin, planes, stride,
+                                 _projection(cin, planes * 4, stride) if proj else None)
+    check_module_pair(ours, ref, [torch.randn(n, cin, 7, 7)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_basic_block_option_a(device, training):
-    ref = _randomize(TorchOptionABlock(16, 32, 2))
+    ref = _randomize(torch_twin(resfast.nn.BasicBlock(16, 32, 2, shortcut="A")))
     ours = resfast.nn.BasicBlock(16, 32, 2, shortcut="A")
     check_module_pair(ours, ref, [torch.randn(2, 16, 8, 8)], dtype=torch.float64, device=device,
                       training=training)

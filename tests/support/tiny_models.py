@@ -69,7 +69,8 @@ class TinyPlain(nn.Module):
         super().__init__()
         layers, inp = [rnn.Conv2dBNReLU(3, widths[0], 3)], widths[0]
         for i, w in enumerate(widths):
-            layers += [rnn.Conv2dBNReLU(inp, w, 3, stride=2 if i > 0 else 1), rnn.Conv2dBNReLU(w, w, 3)]
+            layers += [rnn.Conv2dBNReLU(inp, w, 3, stride=2 if i > 0 else 1),
+                       rnn.Conv2dBNReLU(w, w, 3)]
             inp = w
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(inp, num_classes)

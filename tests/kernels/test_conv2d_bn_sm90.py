@@ -1,11 +1,11 @@
 """The Triton conv kernels compile for the H100 (sm_90), checked without a GPU.
 
-The interpreter tests (test_kernels_conv2d_bn.py, ops/test_conv_paths.py) prove
+The interpreter tests (tests/kernels/test_conv2d_bn.py, tests/ops/test_conv_paths.py) prove
 what the kernels compute, but the interpreter never compiles them: a dot the
 compiler rejects, a dtype it cannot lower, a tile that does not fit shared
 memory would only show on a GPU. Here Triton compiles each kernel, at the tile
 sizes, warps and pipeline depths the GPU launchers choose, to an sm_90 cubin
-with the ptxas it ships (tests/triton_sm90.py, in one separate process without
+with the ptxas it ships (tests/kernels/conv2d_bn_sm90.py, in one separate process without
 TRITON_INTERPRET), knowing which integer arguments are multiples of 16 as a
 launch on ResNet-50's shapes would. Checked: the compile succeeds, the kernel
 fits an H100's shared memory, its loads are software-pipelined (asynchronous
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.triton_sm90 import SM90_SHARED_BYTES, VARIANTS
+from tests.kernels.conv2d_bn_sm90 import SM90_SHARED_BYTES, VARIANTS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _nvidia_backend() -> bool:
@@ -35,15 +35,16 @@ def _nvidia_backend() -> bool:
     return "nvidia" in getattr(triton.backends, "backends", {})
 
 
-pytestmark = pytest.mark.skipif(not _nvidia_backend(), reason="needs Triton with its NVIDIA backend")
+pytestmark = pytest.mark.skipif(not _nvidia_backend(),
+                                reason="needs Triton with its NVIDIA backend")
 
 
 @pytest.fixture(scope="module")
 def compiled():
     env = dict(os.environ, TRITON_INTERPRET="0")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "tests.triton_sm90"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-m", "tests.kernels.conv2d_bn_sm90"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return {line["variant"]: line for line in lines}
@@ -52,13 +53,14 @@ def compiled():
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_compiles_for_sm90(compiled, variant):
     result = compiled.get(variant)
-    assert result is not None, f"{variant}: no result from tests/triton_sm90.py"
+    assert result is not None, f"{variant}: no result from tests/kernels/conv2d_bn_sm90.py"
     assert result["ok"], f"{variant} does not compile for sm_90: {result['error']}"
     assert result["cubin_bytes"] > 0
     assert result["shared"] <= SM90_SHARED_BYTES, (
-        f"{variant} needs {result['shared']} bytes of shared memory, an H100 block has {SM90_SHARED_BYTES} "
-        f"(tiles {result['blocks']}, {result['options']})")
+        f"{variant} needs {result['shared']} bytes of shared memory, an H100 block has "
+        f"{SM90_SHARED_BYTES} (tiles {result['blocks']}, {result['options']})")
     assert result["async_copies"] > 0, f"{variant}: no load is pipelined (tiles {result['blocks']})"
     half = variant.split("-")[1] in ("bf16", "fp16")
     assert result["wgmma"] == half, (
-        f"{variant}: {'no' if half else 'a'} warpgroup MMA in the compiled kernel (tiles {result['blocks']})")
+        f"{variant}: {'no' if half else 'a'} warpgroup MMA in the compiled kernel (tiles "
+        f"{result['blocks']})")

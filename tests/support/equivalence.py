@@ -54,11 +54,12 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 from torch import nn
 
-from tests.helpers import autocast_ctx, rel_err, to_layout
+from tests.support.helpers import autocast_ctx, no_resfast_ops, rel_err, to_layout
 
 FP64_BOUND = 1e-8
 FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 4e-3}  # outputs, BN statistics
-GRAD_FLOOR = {torch.float32: 2e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}  # gradients (ReLU / max-pool flips)
+# gradients (ReLU / max-pool flips)
+GRAD_FLOOR = {torch.float32: 2e-2, torch.bfloat16: 5e-2, torch.float16: 5e-2}
 FACTOR = 2.0
 # bf16/fp16 gradients: a small tensor's (a BN's 32 weights) relative error is a
 # noisy statistic, so per tensor 3x torch's own; over all gradient tensors the
@@ -84,7 +85,8 @@ Config = Tuple[torch.dtype, str]  # (precision, layout "nchw" | "nhwc")
 
 
 def _name(dtype: torch.dtype) -> str:
-    return {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return {torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
+            torch.float16: "fp16"}[dtype]
 
 
 def run_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, layout: str, grad_seed: int = 1,
@@ -109,7 +111,8 @@ def run_step(model: nn.Module, x: torch.Tensor, dtype: torch.dtype, layout: str,
     return out
 
 
-def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: torch.Tensor, *, training: bool,
+def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: torch.Tensor, *,
+                      training: bool,
                       configs: Sequence[Config], device: str = "cpu", label: str = "") -> List[str]:
     """Load ``ref``'s state_dict into ``make_ours()`` (strict, unchanged) and
     compare one step in each (precision, layout) of ``configs``. Returns one
@@ -117,10 +120,12 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
     ref = ref.to(device).train(training)
     state = copy.deepcopy(ref.state_dict())
     ref64 = copy.deepcopy(ref).double()
-    want = run_step(ref64, x, torch.float64, "nchw", device=device)
+    with no_resfast_ops():
+        want = run_step(ref64, x, torch.float64, "nchw", device=device)
     del ref64
     lines, failures = [], []
-    norms = sorted(w.double().norm().item() for k, w in want.items() if "grad" in k and w is not None)
+    norms = sorted(w.double().norm().item() for k,
+                   w in want.items() if "grad" in k and w is not None)
     grad_scale = norms[len(norms) // 2] if norms else 1.0
     for dtype, layout in configs:
         pdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -135,20 +140,24 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             # channels_last float32 kernels on the CPU can be ~1e-3 off where
             # its NCHW ones are ~1e-6: ResNet-50's layer1 dgrad)
             same = copy.deepcopy(ref).to(dtype=pdt).train(training)
-            torch_same = run_step(same, x, dtype, layout, device=device)
+            with no_resfast_ops():
+                torch_same = run_step(same, x, dtype, layout, device=device)
             del same
-        worst = {"output": [0.0, 0.0], "grads": [0.0, 0.0], "buffers": [0.0, 0.0]}  # ours, torch's own
+        # ours, torch's own
+        worst = {"output": [0.0, 0.0], "grads": [0.0, 0.0], "buffers": [0.0, 0.0]}
         skipped = 0
         grad_errs = []  # (ours, torch's own) per informative gradient tensor
         low = dtype in (torch.bfloat16, torch.float16)
-        fp32_grads = []  # (key, ours, torch's own, bound): bounded after the loop, which knows the regime
+        # (key, ours, torch's own, bound): bounded after the loop, which knows the regime
+        fp32_grads = []
         for key, w in want.items():
             g = got[key]
             if g is None or w is None:
                 if (g is None) != (w is None):
                     failures.append(f"{key}: gradient present in only one of the two")
                 continue
-            assert tuple(g.shape) == tuple(w.shape), f"{key}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+            assert tuple(g.shape) == tuple(w.shape), (f"{key}: shape {tuple(g.shape)} != "
+                                                      f"{tuple(w.shape)}")
             if not w.dtype.is_floating_point:
                 if not torch.equal(g.cpu(), w.cpu()):
                     failures.append(f"{key}: {g.tolist()} != {w.tolist()}")
@@ -156,7 +165,8 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             if not torch.isfinite(g).all():
                 failures.append(f"{key}: non-finite values")
                 continue
-            kind = "grads" if "grad" in key else ("buffers" if key.startswith("buffer") else "output")
+            kind = "grads" if "grad" in key else ("buffers" if key.startswith("buffer")
+                                                  else "output")
             if kind == "grads" and w.double().norm().item() < 1e-7 * grad_scale:
                 # analytically zero (a conv bias right before train-mode BN): the
                 # reference is rounding noise, so bound ours absolutely. A real
@@ -170,8 +180,8 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
                     bound = max(bound, FACTOR * torch_same[key].double().norm().item() / grad_scale)
                 matches = dtype == torch.float64 and rel_err(g, w) <= FP64_BOUND
                 if size > bound and not matches:
-                    failures.append(f"{_name(dtype)} {layout} {key}: should be ~0, norm {size:.3g} x the median "
-                                    f"gradient norm > {bound:.3g}")
+                    failures.append(f"{_name(dtype)} {layout} {key}: should be ~0, norm {size:.3g} "
+                                    f"x the median gradient norm > {bound:.3g}")
                 continue
             err = rel_err(g, w)
             if dtype == torch.float64:
@@ -191,32 +201,37 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             worst[kind][0] = max(worst[kind][0], err)
             worst[kind][1] = max(worst[kind][1], t_err)
             if err > bound and not (low and kind == "grads" and w.numel() < LOW_MIN_NUMEL):
-                failures.append(f"{_name(dtype)} {layout} {key}: relative error {err:.3g} > bound {bound:.3g} "
-                                f"(torch's own {t_err:.3g})")
+                failures.append(f"{_name(dtype)} {layout} {key}: relative error {err:.3g} > bound "
+                                f"{bound:.3g} (torch's own {t_err:.3g})")
         mean_ours = sum(e for e, _ in grad_errs) / max(len(grad_errs), 1)
         mean_torch = sum(t for _, t in grad_errs) / max(len(grad_errs), 1)
         if low and mean_ours > FACTOR_LOW_MEAN * mean_torch + 1e-3:
-            failures.append(f"{_name(dtype)} {layout}: mean relative gradient error {mean_ours:.3g} > "
-                            f"{FACTOR_LOW_MEAN} x torch's own {mean_torch:.3g} + 1e-3")
+            failures.append(f"{_name(dtype)} {layout}: mean relative gradient error "
+                            f"{mean_ours:.3g} > {FACTOR_LOW_MEAN} x torch's own {mean_torch:.3g} + "
+                            "1e-3")
         flips = dtype == torch.float32 and mean_torch > GRAD_FLOOR[dtype]
         for key, err, t_err, bound in fp32_grads:
             if flips:
                 bound = FACTOR_FLIPS * max(t_err, mean_torch)
             worst["grads"] = [max(worst["grads"][0], err), max(worst["grads"][1], t_err)]
             if err > bound:
-                failures.append(f"{_name(dtype)} {layout} {key}: relative error {err:.3g} > bound {bound:.3g} "
-                                f"(torch's own {t_err:.3g}" + (f", its mean {mean_torch:.3g}: ReLU-flip regime)"
-                                                               if flips else ")"))
+                regime = f", its mean {mean_torch:.3g}: ReLU-flip regime)" if flips else ")"
+                failures.append(f"{_name(dtype)} {layout} {key}: relative error {err:.3g} > bound "
+                                f"{bound:.3g} (torch's own {t_err:.3g}" + regime)
         if flips and mean_ours > FACTOR_FLIPS_MEAN * mean_torch:
-            failures.append(f"{_name(dtype)} {layout}: mean relative gradient error {mean_ours:.3g} > "
-                            f"{FACTOR_FLIPS_MEAN} x torch's own {mean_torch:.3g} (ReLU-flip regime)")
+            failures.append(f"{_name(dtype)} {layout}: mean relative gradient error "
+                            f"{mean_ours:.3g} > {FACTOR_FLIPS_MEAN} x torch's own {mean_torch:.3g} "
+                            "(ReLU-flip regime)")
         mode = "train" if training else "eval"
         parts = [f"{k} {v[0]:.1e}" + (f" (torch {v[1]:.1e})" if dtype != torch.float64 else "")
                  for k, v in worst.items()]
-        lines.append(f"{label} {mode} {_name(dtype)} {layout}: max rel err vs float64 torch: " + ", ".join(parts)
-                     + (f"; mean grad err {mean_ours:.1e}" + (f" (torch {mean_torch:.1e})" if dtype != torch.float64
-                                                              else "") if grad_errs else "")
-                     + (f"; {skipped} tensors uninformative (torch's own error > {UNINFORMATIVE})" if skipped else ""))
+        lines.append(f"{label} {mode} {_name(dtype)} {layout}: max rel err vs float64 torch: "
+                     + ", ".join(parts)
+                     + (f"; mean grad err {mean_ours:.1e}"
+                        + (f" (torch {mean_torch:.1e})" if dtype != torch.float64 else "")
+                        if grad_errs else "")
+                     + (f"; {skipped} tensors uninformative (torch's own error > {UNINFORMATIVE})"
+                        if skipped else ""))
     if failures:
         raise AssertionError(f"{label}: {len(failures)} mismatches:\n" + "\n".join(failures[:40]))
     return lines

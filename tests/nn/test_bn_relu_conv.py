@@ -1,24 +1,15 @@
-"""Pre-activation conv(relu(bn(x))) against torch.nn."""
+"""Pre-activation conv(relu(bn(x))) against torch.nn (the module's plain torch.nn twin,
+resfast.twin)."""
 import pytest
 import torch
-from torch import nn
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from resfast.twin import torch_twin
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (N, C_in, C_out, H, W, K, stride)
 SHAPES = [(2, 3, 8, 13, 13, 3, 1), (1, 63, 16, 7, 7, 3, 2), (3, 16, 5, 7, 7, 1, 2)]
-
-
-class TorchBNReLUConv(nn.Module):
-    def __init__(self, cin, cout, k, stride):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(cin)
-        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=False)
-
-    def forward(self, x):
-        return self.conv(torch.relu(self.bn(x)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -28,8 +19,8 @@ class TorchBNReLUConv(nn.Module):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bn_relu_conv(device, dtype, shape, layout, training):
     n, cin, cout, h, w, k, stride = shape
-    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/helpers.py
-    ref = TorchBNReLUConv(cin, cout, k, stride)
+    n = n * 4 if dtype in LOW_PRECISION else n  # see GRAD_FLOOR in tests/support/helpers.py
+    ref = torch_twin(resfast.nn.BNReLUConv2d(cin, cout, k, stride))
     with torch.no_grad():
         ref.bn.weight.uniform_(0.5, 1.5)
         ref.bn.bias.uniform_(-0.5, 0.5)

@@ -8,11 +8,10 @@ tensors and ``forward`` runs the fused path.
 """
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
-from . import functional as F
-from .functional import BatchNormArgs
+from .. import functional as F
+from ..functional import BatchNormArgs
 
 
 def check_fusable_conv(conv: nn.Module, name: str = "conv") -> None:
@@ -41,7 +40,8 @@ def check_fusable_bn(bn: nn.Module, channels: int, name: str = "bn") -> None:
     if not isinstance(bn, nn.BatchNorm2d):
         raise ValueError(f"{name} must be an nn.BatchNorm2d, got {type(bn).__name__}")
     if bn.num_features != channels:
-        raise ValueError(f"{name} has {bn.num_features} features but the conv gives {channels} channels")
+        raise ValueError(f"{name} has {bn.num_features} features but the conv gives {channels} "
+                         "channels")
 
 
 def _conv_args(conv: nn.Conv2d):
@@ -53,13 +53,14 @@ class Conv2dBNReLU(nn.Module):
     ``conv`` and ``bn``. In eval mode BN is folded into the conv (one pass)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
-                 padding: Optional[int] = None, bias: bool = False, relu: bool = True, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, device=None, dtype=None):
+                 padding: Optional[int] = None, bias: bool = False, relu: bool = True,
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
                               device=device, dtype=dtype)
-        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device,
+                                 dtype=dtype)
         self.relu = relu
         check_fusable_conv(self.conv)
 
@@ -104,7 +105,8 @@ class BNReLUConv2d(nn.Module):
                  momentum: Optional[float] = 0.1, device=None, dtype=None):
         super().__init__()
         padding = kernel_size // 2 if padding is None else padding
-        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, device=device, dtype=dtype)
+        self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, device=device,
+                                 dtype=dtype)
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
                               device=device, dtype=dtype)
         check_fusable_conv(self.conv)
@@ -114,15 +116,16 @@ class BNReLUConv2d(nn.Module):
                               **_conv_args(self.conv))
 
 
-def _shortcut(x: Tensor, downsample: Optional[nn.Module], option_a: Optional[tuple]) -> Optional[Tensor]:
+def _shortcut(x: Tensor, downsample: Optional[nn.Module],
+              option_a: Optional[tuple]) -> Optional[Tensor]:
     if option_a is not None:
         return F.shortcut_a(x, *option_a)
     if downsample is None:
         return None
     if (isinstance(downsample, nn.Sequential) and len(downsample) == 2
             and isinstance(downsample[0], nn.Conv2d) and isinstance(downsample[1], nn.BatchNorm2d)
-            and downsample[0].kernel_size == (1, 1) and downsample[0].bias is None and downsample[0].groups == 1
-            and downsample[0].padding == (0, 0)):
+            and downsample[0].kernel_size == (1, 1) and downsample[0].bias is None
+            and downsample[0].groups == 1 and downsample[0].padding == (0, 0)):
         return F.projection(x, downsample[0].weight, BatchNormArgs.of(downsample[1]),
                             stride=downsample[0].stride[0])
     return downsample(x)
@@ -136,9 +139,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None,
-                 shortcut: Optional[str] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None, shortcut: Optional[str] = None):
         super().__init__()
         if groups != 1 or base_width != 64 or dilation != 1:
             raise ValueError("BasicBlock only supports groups=1, base_width=64 and dilation=1")
@@ -151,7 +154,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample
         self.stride = stride
-        self.option_a = (planes, stride) if shortcut == "A" and (stride != 1 or inplanes != planes) else None
+        self.option_a = ((planes, stride) if shortcut == "A"
+                         and (stride != 1 or inplanes != planes) else None)
         if self.option_a and downsample is not None:
             raise ValueError("shortcut='A' takes no downsample module")
 
@@ -166,9 +170,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
-                 groups: int = 1, base_width: int = 64, dilation: int = 1, norm_layer=None,
-                 shortcut: Optional[str] = None):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: Optional[nn.Module] = None, groups: int = 1, base_width: int = 64,
+                 dilation: int = 1, norm_layer=None, shortcut: Optional[str] = None):
         super().__init__()
         if groups != 1 or dilation != 1:
             raise ValueError("Bottleneck only supports groups=1 and dilation=1")
@@ -185,11 +189,13 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
         out = planes * self.expansion
-        self.option_a = (out, stride) if shortcut == "A" and (stride != 1 or inplanes != out) else None
+        self.option_a = ((out, stride) if shortcut == "A" and (stride != 1 or inplanes != out)
+                         else None)
         if self.option_a and downsample is not None:
             raise ValueError("shortcut='A' takes no downsample module")
 
     def forward(self, x: Tensor) -> Tensor:
         return F.bottleneck(x, self.conv1.weight, BatchNormArgs.of(self.bn1), self.conv2.weight,
-                            BatchNormArgs.of(self.bn2), self.conv3.weight, BatchNormArgs.of(self.bn3),
-                            stride=self.stride, shortcut=_shortcut(x, self.downsample, self.option_a))
+                            BatchNormArgs.of(self.bn2), self.conv3.weight,
+                            BatchNormArgs.of(self.bn3), stride=self.stride,
+                            shortcut=_shortcut(x, self.downsample, self.option_a))

@@ -1,11 +1,11 @@
 """Compile the Triton conv kernels for the H100 (sm_90) without a GPU.
 
-``python -m tests.triton_sm90`` compiles every variant of VARIANTS with the
+``python -m tests.kernels.conv2d_bn_sm90`` compiles every variant of VARIANTS with the
 launch configuration the GPU launchers choose (tile sizes, dot dtypes, warps,
-pipeline stages: the same functions of resfast.kernels.conv2d_bn) to a cubin,
+pipeline stages: the functions of resfast.kernels.configs) to a cubin,
 with the ptxas Triton ships, and prints one JSON line per variant. It must run
 with TRITON_INTERPRET=0 (under the interpreter ``triton.jit`` gives functions
-the compiler cannot take), hence a separate process; tests/test_triton_compile.py
+the compiler cannot take), hence a separate process; tests/kernels/test_conv2d_bn_sm90.py
 runs it and checks the lines.
 """
 import json
@@ -28,16 +28,18 @@ SHAPES = [
 ]
 KERNELS = ("forward", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
-VARIANTS = [f"{kernel}-{dtype}-{shape[0]}" for kernel in KERNELS for dtype in DTYPES for shape in SHAPES]
+VARIANTS = [f"{kernel}-{dtype}-{shape[0]}" for kernel in KERNELS for dtype in DTYPES
+            for shape in SHAPES]
 SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block can opt into on an H100
 
 
 def _flags(kernel: str, kind: str) -> dict:
     fused, stem = kind == "fused", kind == "stem"
     if kernel == "forward":
-        return dict(HAS_BIAS=kind == "plain", HAS_AFFINE=fused, IN_RELU=fused, OUT_RELU=kind == "plain",
-                    STATS=kind != "plain")
-    grads = dict(HAS_GY=True, HAS_GMEAN=kind != "plain", HAS_GVAR=kind != "plain", OUT_RELU=kind == "plain")
+        return dict(HAS_BIAS=kind == "plain", HAS_AFFINE=fused, IN_RELU=fused,
+                    OUT_RELU=kind == "plain", STATS=kind != "plain")
+    grads = dict(HAS_GY=True, HAS_GMEAN=kind != "plain", HAS_GVAR=kind != "plain",
+                 OUT_RELU=kind == "plain")
     if kernel == "dgrad":
         return grads
     return dict(grads, HAS_AFFINE=fused, IN_RELU=fused, WANT_W=True, WANT_B=not stem)
@@ -50,26 +52,30 @@ def _compile(variant: str) -> dict:
     from triton.compiler import ASTSource
 
     import resfast.kernels.conv2d_bn as K
+    from resfast.dtypes import stats_dtype
+    from resfast.kernels import configs
 
     kernel_name, dtype_name, shape_name = variant.split("-", 2)
     _, ci, co, k, stride, side, kind = next(s for s in SHAPES if s[0] == shape_name)
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+             torch.float64: "fp64"}
     dtype = next(t for t, name in names.items() if name == dtype_name)
-    stats_name = names[K._stats_dtype(dtype)]
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **K._dot_config(dtype))
+    stats_name = names[stats_dtype(dtype)]
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
     if kernel_name == "forward":
-        fn, blocks = K._conv2d_bn_forward_kernel, K._gemm_blocks(co, ci, dtype)
-        tile = blocks["BLOCK_M"] * blocks["BLOCK_N"]
+        fn, tiles = K._conv2d_bn_forward_kernel, configs.gemm_tiles(co, ci, dtype)
+        tile = tiles.block_m * tiles.block_n
     elif kernel_name == "dgrad":
-        fn, blocks = K._conv2d_bn_dgrad_kernel, K._gemm_blocks(ci, co, dtype)
-        tile = blocks["BLOCK_M"] * blocks["BLOCK_N"]
+        fn, tiles = K._conv2d_bn_dgrad_kernel, configs.gemm_tiles(ci, co, dtype)
+        tile = tiles.block_m * tiles.block_n
     else:
-        fn, blocks = K._conv2d_bn_wgrad_kernel, K._wgrad_blocks(co, ci, dtype)
-        tile = blocks["BLOCK_CO"] * blocks["BLOCK_CI"]
+        fn, tiles = K._conv2d_bn_wgrad_kernel, configs.wgrad_tiles(co, ci, dtype)
+        tile = tiles.block_co * tiles.block_ci
+    blocks = tiles.constexprs()
     constexprs = dict(conv, **_flags(kernel_name, kind), **blocks)
     # per-channel vectors and partial sums are in the statistics dtype, tensors in the input dtype
-    stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr", "mean_ptr",
-                  "gw_part_ptr", "gb_part_ptr"}
+    stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr",
+                  "mean_ptr", "gw_part_ptr", "gb_part_ptr"}
     out_side = (side + 2 * (k // 2) - k) // stride + 1
     ints = dict(H=side, W=side, Ci=ci, OH=out_side, OW=out_side, Co=co, M=BATCH * out_side ** 2,
                 M_in=BATCH * side ** 2, count=BATCH * out_side ** 2,
@@ -89,9 +95,10 @@ def _compile(variant: str) -> dict:
             attrs[(i,)] = [["tt.divisibility", 16]]
     missing = set(constexprs) - set(fn.arg_names)
     assert not missing, f"{variant}: constexprs {missing} are not parameters of {fn.__name__}"
-    options = K._launch_opts(tile, dtype)
+    options = configs.launch_options(tile, dtype).kwargs()
     start = time.perf_counter()
-    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs, attrs=attrs),
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs,
+                                        attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
     return dict(variant=variant, ok=True, seconds=round(time.perf_counter() - start, 2),
                 shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
@@ -103,7 +110,8 @@ def _compile(variant: str) -> dict:
 
 def main(variants) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        print("run with TRITON_INTERPRET=0: the interpreter's triton.jit cannot be compiled", file=sys.stderr)
+        print("run with TRITON_INTERPRET=0: the interpreter's triton.jit cannot be compiled",
+              file=sys.stderr)
         return 2
     for variant in variants:
         try:

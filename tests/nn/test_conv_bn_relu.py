@@ -1,10 +1,12 @@
-"""conv (3x3 / 1x1, stride 1 / 2, +-bias) + BN (+ ReLU) against torch.nn."""
+"""conv (3x3 / 1x1, stride 1 / 2, +-bias) + BN (+ ReLU) against torch.nn (the module's
+plain torch.nn twin, resfast.twin: nn.Conv2d -> nn.BatchNorm2d -> ReLU over the same children)."""
 import pytest
 import torch
 from torch import nn
 
 import resfast
-from tests.helpers import DEVICES, LOW_PRECISION, check_module_pair
+from resfast.twin import torch_twin
+from tests.support.helpers import DEVICES, LOW_PRECISION, check_module_pair, no_resfast_ops
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -16,18 +18,6 @@ SHAPES = [
     (2, 8, 5, 13, 13, 1, 2),
     (4, 5, 6, 1, 1, 1, 1),
 ]
-
-
-class TorchConvBNReLU(nn.Module):
-    def __init__(self, cin, cout, k, stride, bias, relu):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias)
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = relu
-
-    def forward(self, x):
-        y = self.bn(self.conv(x))
-        return torch.relu(y) if self.relu else y
 
 
 def _randomize_bn(bn):
@@ -46,37 +36,38 @@ def _randomize_bn(bn):
 def test_conv_bn_relu(device, dtype, shape, layout, training):
     n, cin, cout, h, w, k, stride = shape
     if dtype in LOW_PRECISION:
-        n *= 4  # fewer ReLU mask flips per element: see GRAD_FLOOR in tests/helpers.py
+        n *= 4  # fewer ReLU mask flips per element: see GRAD_FLOOR in tests/support/helpers.py
     if training and n * ((h - 1) // stride + 1) * ((w - 1) // stride + 1) == 1:
         pytest.skip("BN training needs more than one value per channel")
     bias = cout % 2 == 1  # both cases over the shapes
-    ref = TorchConvBNReLU(cin, cout, k, stride, bias, relu=True)
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=bias, relu=True))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=bias, relu=True)
-    check_module_pair(ours, ref, [torch.randn(n, cin, h, w)], dtype=dtype, device=device, training=training,
-                      layout=layout)
+    check_module_pair(ours, ref, [torch.randn(n, cin, h, w)], dtype=dtype, device=device,
+                      training=training, layout=layout)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_conv_bn_without_relu(device, training):
-    ref = TorchConvBNReLU(6, 10, 3, 1, False, relu=False)
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(6, 10, 3, 1, relu=False))
     _randomize_bn(ref.bn)
     ours = resfast.nn.Conv2dBNReLU(6, 10, 3, 1, relu=False)
-    check_module_pair(ours, ref, [torch.randn(2, 6, 9, 9)], dtype=torch.float32, device=device, training=training)
+    check_module_pair(ours, ref, [torch.randn(2, 6, 9, 9)], dtype=torch.float32, device=device,
+                      training=training)
 
 
 @pytest.mark.parametrize("momentum", [0.3, None])
 def test_running_stats_over_steps(momentum):
     """Three training steps: running mean/var and num_batches_tracked follow
     nn.BatchNorm2d, including momentum=None (cumulative average)."""
-    ref = TorchConvBNReLU(4, 6, 3, 1, False, relu=True).double()
-    ref.bn.momentum = momentum
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(4, 6, 3, momentum=momentum)).double()
     ours = resfast.nn.Conv2dBNReLU(4, 6, 3, momentum=momentum).double()
     ours.load_state_dict(ref.state_dict())
     for _ in range(3):
         x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2 + 1
-        ref(x)
+        with no_resfast_ops():
+            ref(x)
         ours(x)
     torch.testing.assert_close(ours.bn.running_mean, ref.bn.running_mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours.bn.running_var, ref.bn.running_var, rtol=1e-12, atol=1e-12)
@@ -84,7 +75,8 @@ def test_running_stats_over_steps(momentum):
 
 
 def test_no_running_stats_uses_batch_statistics():
-    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, track_running_stats=False))
+    ref = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                        nn.BatchNorm2d(4, track_running_stats=False))
     ours = resfast.nn.Conv2dBNReLU(3, 4, 3, relu=False)
     ours.bn = nn.BatchNorm2d(4, track_running_stats=False)
     ours.conv.weight.data.copy_(ref[0].weight.data)
@@ -96,16 +88,19 @@ def test_no_running_stats_uses_batch_statistics():
 
 def test_requires_grad_on_any_subset():
     """Only some inputs need gradients: the others get none, the rest are right."""
-    ref = TorchConvBNReLU(3, 4, 3, 1, True, relu=True).double()
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(3, 4, 3, bias=True)).double()
     ours = resfast.nn.Conv2dBNReLU(3, 4, 3, bias=True).double()
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     for m in (ref, ours):
         m.conv.weight.requires_grad_(False)
         m.bn.bias.requires_grad_(False)
-    out_ref, out = ref(x), ours(x)
+    with no_resfast_ops():
+        out_ref = ref(x)
+    out = ours(x)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, [ours.conv.bias, ours.bn.weight], g)
-    want = torch.autograd.grad(out_ref, [ref.conv.bias, ref.bn.weight], g)
+    with no_resfast_ops():
+        want = torch.autograd.grad(out_ref, [ref.conv.bias, ref.bn.weight], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

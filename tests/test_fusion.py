@@ -2,7 +2,7 @@
 
 After fusing, the state_dict is the same (keys and values), the model computes
 the same function (outputs, every gradient, BN running statistics: see
-tests/models/equivalence.py for the tolerances), what was fused is listed,
+tests/support/equivalence.py for the tolerances), what was fused is listed,
 and what cannot be fused is left as it was.
 """
 import subprocess
@@ -18,11 +18,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resfast
 from resfast import nn as rnn
-from resfast.fusion import FusedSequential, fuse, fused_modules, fusion_plan
-from tests.models.equivalence import build, check_equivalence, fill_, meta_build
+from resfast.fusion import fuse, fused_modules
+from resfast.nn import FusedSequential, fusion_plan
+from tests.support.equivalence import build, check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _same_state(a: nn.Module, b: nn.Module):
@@ -49,7 +50,8 @@ def test_resnet18_fused_and_equivalent():
     x = torch.randn(2, 3, 64, 64)
     check_equivalence(ref, lambda: fuse(ref), x, training=True, label="fused resnet18",
                       configs=[(F64, "nchw"), (BF16, "nhwc")])
-    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="fused resnet18", configs=[(F32, "nhwc")])
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="fused resnet18",
+                      configs=[(F32, "nhwc")])
 
 
 @pytest.mark.slow
@@ -60,8 +62,10 @@ def test_resnet50_fused_and_equivalent():
     kinds = [k for _, k in fused_modules(fused)]
     assert kinds.count("Bottleneck") == 16 and kinds[0].startswith("ResNet stem")
     x = torch.randn(2, 3, 64, 64)
-    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")], label="fused resnet50")
-    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")], label="fused resnet50")
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")],
+                      label="fused resnet50")
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")],
+                      label="fused resnet50")
 
 
 def test_vgg11_bn_fused_and_equivalent():
@@ -72,11 +76,14 @@ def test_vgg11_bn_fused_and_equivalent():
     assert type(fused.classifier) is nn.Sequential  # Linear/ReLU/Dropout: nothing to fuse
     assert fused_modules(fused) == [("features", "Sequential(conv_bn_relu x8)")]
     x = torch.randn(2, 3, 32, 32)
-    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")], label="fused vgg11_bn")
-    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")], label="fused vgg11_bn")
+    check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")],
+                      label="fused vgg11_bn")
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, configs=[(F32, "nhwc")],
+                      label="fused vgg11_bn")
 
 
-@pytest.mark.parametrize("name, plan", [("vgg16", "conv_relu x13"), ("vgg19_bn", "conv_bn_relu x16")])
+@pytest.mark.parametrize("name, plan",
+                         [("vgg16", "conv_relu x13"), ("vgg19_bn", "conv_bn_relu x16")])
 def test_vgg_plans(name, plan):
     fused = fuse(meta_build(getattr(torchvision.models, name)))
     assert fused_modules(fused) == [("features", f"Sequential({plan})")]
@@ -90,10 +97,12 @@ def test_unfusable_torchvision_models_left_as_they_were(capsys):
     resnext = fuse(meta_build(torchvision.models.resnext50_32x4d), report=True)
     assert fused_modules(resnext) == [("", "ResNet stem (conv1 -> bn1 -> relu)")] + [
         (f"layer{i}.0.downsample", "Sequential(conv_bn x1)") for i in range(1, 5)]
-    assert type(resnext.layer1[0]).__name__ == "Bottleneck" and not isinstance(resnext.layer1[0], rnn.Bottleneck)
+    assert (type(resnext.layer1[0]).__name__ == "Bottleneck"
+            and not isinstance(resnext.layer1[0], rnn.Bottleneck))
     out = capsys.readouterr().out
     assert "kept   layer1.0: Bottleneck: conv2 cannot be fused: groups=32" in out
-    frozen = fuse(meta_build(lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)), report=True)
+    frozen = fuse(meta_build(lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)),
+                  report=True)
     assert [k for _, k in fused_modules(frozen)] == []
     assert "bn1 is not a plain nn.BatchNorm2d" in capsys.readouterr().out
     # wide ResNets are ordinary bottlenecks with wider 3x3s
@@ -115,7 +124,8 @@ class CifarBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                          nn.BatchNorm2d(cout))
 
     def forward(self, x):
         out = TF.relu(self.bn1(self.conv1(x)))
@@ -132,7 +142,8 @@ class CifarBottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, 4 * planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(4 * planes)
-        self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False), nn.BatchNorm2d(4 * planes))
+        self.downsample = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False),
+                                        nn.BatchNorm2d(4 * planes))
 
     def forward(self, x):
         out = TF.relu(self.bn1(self.conv1(x)))
@@ -152,16 +163,19 @@ class NoFinalReLU(CifarBlock):
 class HandWritten(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(CifarBlock(16, 16), CifarBlock(16, 32, 2), NoFinalReLU(32, 32),
                                     CifarBottleneck(32, 8))
         self.mixed = nn.Sequential(
-            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),                                      # 0-1 conv_relu
-            nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 1),                            # 2-3 bn_relu, 4 conv
-            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),      # 5 grouped, 6-7 bn_relu
-            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),               # 8-9 conv_bn
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),  # 0-1 conv_relu
+            nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 1),  # 2-3 bn_relu, 4 conv
+            # 5 grouped, 6-7 bn_relu
+            nn.Conv2d(32, 32, 3, padding=1, groups=4), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),  # 8-9 conv_bn
             nn.MaxPool2d(2),                                                                 # 10
-            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),    # 11 hooked, 12-13 bn_relu
+            # 11 hooked, 12-13 bn_relu
+            nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         )
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
@@ -192,12 +206,14 @@ def test_hand_written_model(capsys):
     }
     assert "kept   blocks.2: BasicBlock: looks like a BasicBlock but does not compute" in out
     assert [(s.kind, s.index) for s in fusion_plan(fused.mixed)] == [
-        ("conv_relu", (0, 1)), ("bn_relu", (2, 3)), ("conv", (4,)), ("module", (5,)), ("bn_relu", (6, 7)),
+        ("conv_relu", (0, 1)), ("bn_relu", (2, 3)), ("conv", (4,)), ("module", (5,)),
+        ("bn_relu", (6, 7)),
         ("conv_bn", (8, 9)), ("module", (10,)), ("module", (11,)), ("bn_relu", (12, 13))]
     assert type(fused.blocks[2]) is NoFinalReLU
     # the shortcut keeps its name in the state_dict; the identity one is the empty Sequential
     assert "blocks.1.shortcut.0.weight" in fused.state_dict()
-    assert fused.blocks[0].downsample is None and fused.blocks[1].downsample is fused.blocks[1].shortcut
+    assert (fused.blocks[0].downsample is None
+            and fused.blocks[1].downsample is fused.blocks[1].shortcut)
     # the hooked conv ran as a module, so its hook still fires
     calls.clear()
     fused(torch.randn(2, 3, 16, 16))
@@ -205,11 +221,13 @@ def test_hand_written_model(capsys):
     x = torch.randn(2, 3, 16, 16)
     check_equivalence(ref, lambda: fuse(ref), x, training=True, label="hand-written",
                       configs=[(F64, "nchw"), (F32, "nhwc"), (BF16, "nhwc")])
-    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="hand-written", configs=[(F32, "nchw")])
+    check_equivalence(ref, lambda: fuse(ref), x, training=False, label="hand-written",
+                      configs=[(F32, "nchw")])
 
 
 def test_fused_sequential_keeps_the_input_layout():
-    seq = fill_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()))
+    seq = fill_(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8),
+                              nn.ReLU()))
     fused = fuse(seq)
     assert isinstance(fused, FusedSequential) and type(seq) is nn.Sequential
     x = torch.randn(2, 3, 9, 9)
@@ -259,7 +277,8 @@ def test_fused_torchvision_resnet_pickles(tmp_path):
         "assert type(m).__name__ == '_FusedTorchvisionResNet', type(m)\n"
         "with torch.no_grad(): torch.testing.assert_close(m(x), y)\n"
         "print('ok')\n")
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
 
 
@@ -269,5 +288,5 @@ def test_fused_torchvision_resnet_pickles(tmp_path):
 def test_fuse_gpu(name, training):
     ref = build(getattr(torchvision.models, name))
     x = torch.randn(8, 3, 224, 224)
-    check_equivalence(ref, lambda: fuse(ref), x, training=training, device="cuda", label=f"fused {name}",
-                      configs=[(F32, "nhwc"), (BF16, "nhwc")])
+    check_equivalence(ref, lambda: fuse(ref), x, training=training, device="cuda",
+                      label=f"fused {name}", configs=[(F32, "nhwc"), (BF16, "nhwc")])

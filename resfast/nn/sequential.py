@@ -1,0 +1,171 @@
+"""``FusedSequential``: an ``nn.Sequential`` that runs a fusion plan over its children.
+
+The plan (:func:`fusion_plan`) groups runs of ``Conv2d -> BatchNorm2d -> ReLU``
+(also ``Conv2d -> BatchNorm2d``, ``Conv2d -> ReLU`` and ``BatchNorm2d -> ReLU``)
+into fused steps; everything else runs as it is. The VGG networks' ``features``
+are one, and ``resfast.fuse`` makes users' Sequentials into them. The
+predicates here (:func:`conv_problem`, :func:`is_plain_bn` ...) say what the
+fused ops can take in place of a torch.nn module.
+"""
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..functional import BatchNormArgs
+from .layers import check_fusable_conv
+
+__all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS",
+           "has_hooks", "conv_problem", "is_fusable_conv", "is_plain_bn", "is_plain_relu"]
+
+
+# ---- what can be fused --------------------------------------------------------------
+
+def has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or getattr(m, "_backward_pre_hooks", None))
+
+
+def conv_problem(m: nn.Module, name: str = "conv") -> Optional[str]:
+    """Why ``m`` cannot run as a fused conv (None: it can)."""
+    if not isinstance(m, nn.Conv2d) or type(m).forward is not nn.Conv2d.forward:
+        return f"{name} is a {type(m).__name__}, not a plain nn.Conv2d"
+    if has_hooks(m):
+        return f"{name} has hooks"
+    try:
+        check_fusable_conv(m, name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def is_fusable_conv(m: nn.Module) -> bool:
+    return conv_problem(m) is None
+
+
+def is_plain_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
+            and not has_hooks(m)
+            and (channels is None or m.num_features == channels))
+
+
+def is_plain_relu(m: nn.Module) -> bool:
+    return type(m) is nn.ReLU and not has_hooks(m)
+
+
+# ---- the plan of a Sequential -------------------------------------------------------
+
+class Step(NamedTuple):
+    """One step of a fusion plan: ``kind`` over the children at ``index``.
+
+    kinds: ``conv_bn_relu``, ``conv_bn`` (output left pending: its BN-apply and
+    ReLU run in the next conv's prologue or in one elementwise pass),
+    ``conv_relu`` (bias + ReLU in the conv's epilogue), ``conv`` (a conv that
+    applies the pending input in its prologue), ``bn_relu``, ``bn``, and
+    ``module`` (the child runs as it is)."""
+
+    kind: str
+    index: Tuple[int, ...]
+
+
+FUSED_KINDS = ("conv_bn_relu", "conv_bn", "conv_relu", "conv", "bn_relu", "bn")
+
+
+def fusion_plan(modules) -> List[Step]:
+    """The fusion plan over a list of modules (a Sequential's children, in order)."""
+    mods = list(modules)
+    n = len(mods)
+    plan: List[Step] = []
+    pending = False  # whether the previous step leaves a pending activation
+    i = 0
+    while i < n:
+        m = mods[i]
+        nxt = mods[i + 1] if i + 1 < n else None
+        if is_fusable_conv(m):
+            if nxt is not None and is_plain_bn(nxt, m.out_channels):
+                if i + 2 < n and is_plain_relu(mods[i + 2]):
+                    plan.append(Step("conv_bn_relu", (i, i + 1, i + 2)))
+                    i += 3
+                else:
+                    plan.append(Step("conv_bn", (i, i + 1)))
+                    i += 2
+                pending = True
+                continue
+            if nxt is not None and is_plain_relu(nxt):
+                plan.append(Step("conv_relu", (i, i + 1)))
+                i, pending = i + 2, False
+                continue
+            if pending:
+                plan.append(Step("conv", (i,)))
+                i, pending = i + 1, False
+                continue
+        elif is_plain_bn(m):
+            if nxt is not None and is_plain_relu(nxt):
+                plan.append(Step("bn_relu", (i, i + 1)))
+                i, pending = i + 2, True
+                continue
+            if nxt is not None and is_fusable_conv(nxt) and nxt.in_channels == m.num_features:
+                plan.append(Step("bn", (i,)))
+                i, pending = i + 1, True
+                continue
+        plan.append(Step("module", (i,)))
+        i, pending = i + 1, False
+    return plan
+
+
+def describe_plan(plan: List[Step]) -> str:
+    counts = {}
+    for s in plan:
+        if s.kind != "module":
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+    return ", ".join(f"{k} x{v}" for k, v in counts.items())
+
+
+def run_plan(modules, plan: List[Step], x):
+    """Run a fusion plan; returns a Tensor or a :class:`Pending` (the caller
+    finishes it, or hands it to a conv that applies it in its prologue)."""
+    h = x
+    for step in plan:
+        kind, idx = step
+        if kind.startswith("conv"):
+            conv = modules[idx[0]]
+            args = dict(stride=conv.stride[0], padding=conv.padding[0])
+            if kind.startswith("conv_bn"):
+                h = F.conv_bn_pending(h, conv.weight, conv.bias, BatchNormArgs.of(modules[idx[1]]),
+                                      relu=kind == "conv_bn_relu", **args)
+            else:
+                h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **args)
+        elif kind.startswith("bn"):
+            h = F.batch_norm_pending(F.materialize(h), BatchNormArgs.of(modules[idx[0]]),
+                                     relu=kind == "bn_relu")
+        else:
+            h = modules[idx[0]](F.materialize(h))
+    return h
+
+
+class FusedSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose forward runs a fusion plan over its children
+    (:func:`fusion_plan`): the same children, indices and ``state_dict``.
+
+    The plan is rebuilt on every call (a few isinstance checks), so the
+    Sequential may still be edited. Internally activations stay channels_last;
+    the output comes back in the input's memory format."""
+
+    def forward(self, x):
+        plan = fusion_plan(self)
+        if not isinstance(x, Tensor) or x.dim() != 4 or not any(s.kind != "module" for s in plan):
+            return super().forward(x)
+        mods = list(self)
+        h = x
+        if (plan[0].kind.startswith("conv")
+            and not x.is_contiguous(memory_format=torch.channels_last)):
+            h = x.contiguous(memory_format=torch.channels_last)
+        out = F.materialize(run_plan(mods, plan, h))
+        if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()
+                and not x.is_contiguous(memory_format=torch.channels_last)):
+            out = out.contiguous()
+        return out
+
+    def plan(self) -> List[Step]:
+        return fusion_plan(self)
