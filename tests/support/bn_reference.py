@@ -13,11 +13,14 @@ def _channel(v):
 
 
 def bn_stats(y):
-    """Per-channel mean and biased variance, two passes."""
+    """Per-channel mean and biased variance: the corrected two-pass algorithm
+    (Chan, Golub and LeVeque), whose second pass also removes the first pass's
+    rounding of the mean, so that even float64 input is matched to rounding."""
     y = y.double()
     mean = y.mean((0, 2, 3))
-    var = ((y - _channel(mean)) ** 2).mean((0, 2, 3))
-    return mean, var
+    d = y - _channel(mean)
+    d_mean = d.mean((0, 2, 3))
+    return mean + d_mean, (d**2).mean((0, 2, 3)) - d_mean**2
 
 
 def bn_stats_backward(grad_mean, grad_var, y, mean):
