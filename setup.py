@@ -50,10 +50,12 @@ def _cpu_isas():
     isas = [("DEFAULT", [])]
     if platform.machine().lower() in ("x86_64", "amd64"):
         isas += [("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
-                 ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"])]
+                 ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                             "-mf16c"])]
     wanted = os.environ.get("RESFAST_CPU_ISAS")
     if wanted:
-        isas = [(name, flags) for name, flags in isas if name == "DEFAULT" or name in wanted.split(",")]
+        isas = [(name, flags) for name, flags in isas
+                if name == "DEFAULT" or name in wanted.split(",")]
     return isas
 
 
@@ -103,7 +105,8 @@ class BuildWithCpuIsas(BuildExtension):
         # DEFAULT first: where instruction sets define the same inline function,
         # the linker keeps the first copy, which then runs on any CPU.
         for name, isa_flags in _cpu_isas():
-            isa_cxx = cxx + isa_flags + ["-Wno-unknown-pragmas", f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"]
+            isa_cxx = cxx + isa_flags + ["-Wno-unknown-pragmas", f"-DCPU_CAPABILITY={name}",
+                                         f"-DCPU_CAPABILITY_{name}"]
             objects += self.compiler.compile(
                 sources, output_dir=os.path.join(self.build_temp, "cpu_" + name.lower()),
                 include_dirs=ext.include_dirs, extra_postargs={"cxx": isa_cxx, "nvcc": []})

@@ -10,8 +10,9 @@ namespace resfast {
 inline void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (N, C, H, W), got ", t.dim(), "-D");
   const auto dt = t.scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, name,
-                    " must be floating point (float16, bfloat16, float32 or float64), got ", dt);
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+                    name, " must be floating point (float16, bfloat16, float32 or float64), got ",
+                    dt);
 }
 
 inline void check_same_as(const at::Tensor& t, const at::Tensor& ref, const char* name, const char* ref_name) {
@@ -44,11 +45,12 @@ inline int64_t count_per_channel(const at::Tensor& t) { return t.size(0) * t.siz
 
 inline void check_stats_input(const at::Tensor& y) {
   check_activation(y, "y");
-  TORCH_CHECK_VALUE(count_per_channel(y) > 0, "y must have at least one element per channel, got shape ", y.sizes());
+  TORCH_CHECK_VALUE(count_per_channel(y) > 0,
+                    "y must have at least one element per channel, got shape ", y.sizes());
 }
 
-inline void check_stats_backward_inputs(const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& y,
-                                        const at::Tensor& mean) {
+inline void check_stats_backward_inputs(const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                        const at::Tensor& y, const at::Tensor& mean) {
   check_activation(y, "y");
   check_channel_vector(grad_mean, y.size(1), y, "grad_mean");
   check_channel_vector(grad_var, y.size(1), y, "grad_var");
@@ -59,13 +61,16 @@ inline void check_stats_backward_inputs(const at::Tensor& grad_mean, const at::T
 // `ref` (mean, or running_mean) sets the length and the device.
 inline void check_channel_reference(const at::Tensor& ref, const char* name) {
   TORCH_CHECK_VALUE(ref.dim() == 1, name, " must be 1-D, got ", ref.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(ref.scalar_type()), name, " must be floating point, got ", ref.scalar_type());
+  TORCH_CHECK_VALUE(at::isFloatingType(ref.scalar_type()), name, " must be floating point, got ",
+                    ref.scalar_type());
 }
 
-inline void check_finalize_inputs(const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& weight,
+inline void check_finalize_inputs(const at::Tensor& mean, const at::Tensor& var,
+                                  const std::optional<at::Tensor>& weight,
                                   const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(mean.dim() == 1 && var.sizes() == mean.sizes(), "mean and var must be 1-D of equal size, got ",
-                    mean.sizes(), " and ", var.sizes());
+  TORCH_CHECK_VALUE(mean.dim() == 1 && var.sizes() == mean.sizes(),
+                    "mean and var must be 1-D of equal size, got ", mean.sizes(), " and ",
+                    var.sizes());
   check_channel_reference(mean, "mean");
   const int64_t C = mean.size(0);
   check_channel_vector(var, C, mean, "var");
@@ -73,8 +78,9 @@ inline void check_finalize_inputs(const at::Tensor& mean, const at::Tensor& var,
   if (bias) check_channel_vector(*bias, C, mean, "bias");
 }
 
-inline void check_finalize_backward_inputs(const at::Tensor& grad_scale, const at::Tensor& grad_shift,
-                                           const at::Tensor& mean, const at::Tensor& var,
+inline void check_finalize_backward_inputs(const at::Tensor& grad_scale,
+                                           const at::Tensor& grad_shift, const at::Tensor& mean,
+                                           const at::Tensor& var,
                                            const std::optional<at::Tensor>& weight) {
   check_channel_reference(mean, "mean");
   const int64_t C = mean.size(0);
@@ -84,8 +90,9 @@ inline void check_finalize_backward_inputs(const at::Tensor& grad_scale, const a
   if (weight) check_channel_vector(*weight, C, mean, "weight");
 }
 
-inline void check_running_stats_inputs(const at::Tensor& running_mean, const at::Tensor& running_var,
-                                       const at::Tensor& mean, const at::Tensor& var, int64_t count) {
+inline void check_running_stats_inputs(const at::Tensor& running_mean,
+                                       const at::Tensor& running_var, const at::Tensor& mean,
+                                       const at::Tensor& var, int64_t count) {
   TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count);
   check_channel_reference(running_mean, "running_mean");
   const int64_t C = running_mean.size(0);

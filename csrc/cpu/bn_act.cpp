@@ -9,7 +9,8 @@ namespace resfast::cpu {
 namespace {
 
 at::Tensor bn_act_cpu(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                      const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu) {
+                      const std::optional<at::Tensor>& shift,
+                      const std::optional<at::Tensor>& residual, bool relu) {
   check_bn_act_inputs(y, scale, shift, residual);
   at::Tensor out = at::empty_like(y);
   if (y.numel() == 0) return out;
@@ -20,8 +21,9 @@ at::Tensor bn_act_cpu(const at::Tensor& y, const std::optional<at::Tensor>& scal
   const at::Tensor sc = scale ? channel_values(*scale, dt) : at::Tensor();
   const at::Tensor sh = shift ? channel_values(*shift, dt) : at::Tensor();
   at::Tensor buffer = buffer_for(out, format);
-  kernels().bn_act({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format), data_or_null(sc),
-                    data_or_null(sh), data_or_null(res), relu, buffer.mutable_data_ptr()});
+  kernels().bn_act({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format),
+                    data_or_null(sc), data_or_null(sh), data_or_null(res), relu,
+                    buffer.mutable_data_ptr()});
   copy_back(out, buffer);
   return out;
 }
@@ -50,10 +52,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cpu(
     const at::Tensor sh = shift ? channel_values(*shift, dt) : at::Tensor();
     at::Tensor gy_buffer = output_mask[0] ? buffer_for(grad_y, format) : at::Tensor();
     at::Tensor gr_buffer = output_mask[3] ? buffer_for(grad_residual, format) : at::Tensor();
-    kernels().bn_act_backward({go.const_data_ptr(), data_or_null(y_dense), y.scalar_type(), geometry(y, format),
-                               data_or_null(sc), data_or_null(sh), data_or_null(res), relu,
-                               mutable_data_or_null(gy_buffer), mutable_data_or_null(gr_buffer),
-                               sums ? sum_gy.mutable_data_ptr() : nullptr, sums ? sum_g.mutable_data_ptr() : nullptr});
+    kernels().bn_act_backward(
+        {go.const_data_ptr(), data_or_null(y_dense), y.scalar_type(), geometry(y, format),
+         data_or_null(sc), data_or_null(sh), data_or_null(res), relu,
+         mutable_data_or_null(gy_buffer), mutable_data_or_null(gr_buffer),
+         sums ? sum_gy.mutable_data_ptr() : nullptr, sums ? sum_g.mutable_data_ptr() : nullptr});
     if (output_mask[0]) copy_back(grad_y, gy_buffer);
     if (output_mask[3]) copy_back(grad_residual, gr_buffer);
   }

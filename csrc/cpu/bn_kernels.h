@@ -91,12 +91,12 @@ struct Kernels {
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
 // namespace resfast::cpu::ISA).
-#define RESFAST_DECLARE_CPU_KERNELS(ISA)                   \
-  namespace ISA {                                          \
-  void bn_stats(const StatsArgs& a);                       \
-  void bn_stats_backward(const StatsBackwardArgs& a);      \
-  void bn_act(const ActArgs& a);                           \
-  void bn_act_backward(const ActBackwardArgs& a);          \
+#define RESFAST_DECLARE_CPU_KERNELS(ISA)              \
+  namespace ISA {                                     \
+  void bn_stats(const StatsArgs& a);                  \
+  void bn_stats_backward(const StatsBackwardArgs& a); \
+  void bn_act(const ActArgs& a);                      \
+  void bn_act_backward(const ActBackwardArgs& a);     \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

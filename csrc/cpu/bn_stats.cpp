@@ -17,13 +17,13 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cpu(const at::Tensor& y) {
   if (C == 0) return {mean, var};
   const auto format = loop_format(y);
   const at::Tensor y_dense = dense(y, format);
-  kernels().bn_stats({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format), mean.mutable_data_ptr(),
-                      var.mutable_data_ptr()});
+  kernels().bn_stats({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format),
+                      mean.mutable_data_ptr(), var.mutable_data_ptr()});
   return {mean, var};
 }
 
-at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& y,
-                                 const at::Tensor& mean) {
+at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& grad_var,
+                                 const at::Tensor& y, const at::Tensor& mean) {
   check_stats_backward_inputs(grad_mean, grad_var, y, mean);
   at::Tensor grad_y = at::empty_like(y);
   if (y.numel() == 0) return grad_y;
@@ -33,9 +33,10 @@ at::Tensor bn_stats_backward_cpu(const at::Tensor& grad_mean, const at::Tensor& 
   at::Tensor buffer = buffer_for(grad_y, format);
   const at::Tensor gm = channel_values(grad_mean, dt), gv = channel_values(grad_var, dt);
   const at::Tensor mu = channel_values(mean, dt);
-  kernels().bn_stats_backward({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format), gm.const_data_ptr(),
-                               gv.const_data_ptr(), mu.const_data_ptr(),
-                               1.0 / static_cast<double>(count_per_channel(y)), buffer.mutable_data_ptr()});
+  kernels().bn_stats_backward({y_dense.const_data_ptr(), y.scalar_type(), geometry(y, format),
+                               gm.const_data_ptr(), gv.const_data_ptr(), mu.const_data_ptr(),
+                               1.0 / static_cast<double>(count_per_channel(y)),
+                               buffer.mutable_data_ptr()});
   copy_back(grad_y, buffer);
   return grad_y;
 }

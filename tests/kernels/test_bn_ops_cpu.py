@@ -16,6 +16,7 @@ few roundings per element, a pairwise sum), which each bound adds. So float64
 is checked to rounding (about 1e-14 relative) and a kernel that dropped or
 doubled a single element of a 1000-element channel fails.
 """
+
 import itertools
 import os
 import subprocess
@@ -29,12 +30,24 @@ from tests.support import bn_reference as ref
 
 ops = torch.ops.resfast
 
-UNIT = {torch.float32: 2.0**-24, torch.float64: 2.0**-53, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+UNIT = {
+    torch.float32: 2.0**-24,
+    torch.float64: 2.0**-53,
+    torch.bfloat16: 2.0**-8,
+    torch.float16: 2.0**-11,
+}
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 SUM_TERMS = 80  # 64 terms per chain, a 16-lane horizontal sum
 REF_TERMS = 32  # the float64 reference's own rounding
 REF_UNIT = REF_TERMS * 2.0**-53
-SHAPES = [(2, 64, 7, 7), (3, 3, 13, 13), (2, 63, 5, 5), (1, 1, 9, 9), (5, 16, 1, 1), (4, 32, 16, 16)]
+SHAPES = [
+    (2, 64, 7, 7),
+    (3, 3, 13, 13),
+    (2, 63, 5, 5),
+    (1, 1, 9, 9),
+    (5, 16, 1, 1),
+    (4, 32, 16, 16),
+]
 LAYOUTS = ["nchw", "nhwc", "permuted", "sliced"]
 # bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1.
 ACT_SHAPES = [(2, 63, 5, 5), (3, 3, 13, 13), (1, 1, 9, 9), (5, 16, 1, 1)]
@@ -66,29 +79,41 @@ def vector(c, dtype, lo=-1.0, hi=1.0):
 
 def assert_within(name, ours, expected, bound):
     """|ours - expected| <= bound elementwise (NaN where expected is NaN)."""
-    assert ours.shape == expected.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
+    assert ours.shape == expected.shape, (
+        f"{name}: shape {tuple(ours.shape)} != {tuple(expected.shape)}"
+    )
     ours, expected = ours.double(), expected.double()
     nan = expected.isnan()
-    assert torch.equal(ours.isnan(), nan), f"{name}: NaN at {torch.nonzero(ours.isnan() != nan)[:5].tolist()}"
+    assert torch.equal(ours.isnan(), nan), (
+        f"{name}: NaN at {torch.nonzero(ours.isnan() != nan)[:5].tolist()}"
+    )
     same_inf = (ours == expected) & expected.isinf()
     err = torch.where(nan | same_inf, torch.zeros_like(ours), (ours - expected).abs())
     bound = torch.as_tensor(bound, dtype=torch.float64).expand_as(err)
     bad = err > bound
     if bad.any():
         i = tuple(torch.nonzero(bad)[0].tolist())
-        raise AssertionError(f"{name}: {int(bad.sum())} of {bad.numel()} differ; first at {i}: {ours[i].item()!r} "
-                             f"vs {expected[i].item()!r}, bound {bound[i].item():.3g}")
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} differ; first at {i}: {ours[i].item()!r} "
+            f"vs {expected[i].item()!r}, bound {bound[i].item():.3g}"
+        )
 
 
 def assert_layout(name, ours, y):
     """Activations come back with the strides of empty_like(y), as the fakes say."""
     assert ours.dtype == y.dtype, f"{name}: dtype {ours.dtype} != {y.dtype}"
-    assert ours.stride() == torch.empty_like(y).stride(), f"{name}: strides {ours.stride()} for y {y.stride()}"
+    assert ours.stride() == torch.empty_like(y).stride(), (
+        f"{name}: strides {ours.stride()} for y {y.stride()}"
+    )
 
 
 def elementwise_bound(expected, mag, out_dtype, dtype):
-    subnormal = torch.finfo(out_dtype).tiny * torch.finfo(out_dtype).eps / 2  # half a subnormal step
-    return UNIT[out_dtype] * expected.abs() + (4 * UNIT[acc_dtype(dtype)] + REF_UNIT) * mag + subnormal
+    subnormal = (
+        torch.finfo(out_dtype).tiny * torch.finfo(out_dtype).eps / 2
+    )  # half a subnormal step
+    return (
+        UNIT[out_dtype] * expected.abs() + (4 * UNIT[acc_dtype(dtype)] + REF_UNIT) * mag + subnormal
+    )
 
 
 def sum_bound(abs_sum, dtype):
@@ -110,11 +135,17 @@ def check_stats(y, mean, var):
     u = UNIT[acc_dtype(y.dtype)]
     assert mean.dtype == var.dtype == acc_dtype(y.dtype)
     ref_err = REF_UNIT * y.double().abs().mean((0, 2, 3))
-    assert_within("mean", mean, ref_mean, u * ref_mean.abs() + SUM_TERMS * u * ref_var.sqrt() + ref_err + 1e-300)
+    assert_within(
+        "mean",
+        mean,
+        ref_mean,
+        u * ref_mean.abs() + SUM_TERMS * u * ref_var.sqrt() + ref_err + 1e-300,
+    )
     assert_within("var", var, ref_var, 2 * SUM_TERMS * u * ref_var + 1e-300)
 
 
 # ---- bn_stats ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -133,8 +164,15 @@ def test_bn_stats_many_blocks(layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("dtype,mean,std", [(torch.float32, 1e3, 1e-2), (torch.float32, 1e4, 1.0),
-                                            (torch.float64, 1e8, 1e-3), (torch.bfloat16, 256.0, 1.0)])
+@pytest.mark.parametrize(
+    "dtype,mean,std",
+    [
+        (torch.float32, 1e3, 1e-2),
+        (torch.float32, 1e4, 1.0),
+        (torch.float64, 1e8, 1e-3),
+        (torch.bfloat16, 256.0, 1.0),
+    ],
+)
 def test_bn_stats_large_mean(layout, dtype, mean, std):
     """A mean far above the spread: the naive E[y^2] - E[y]^2 in the same
     precision fails the bound (checked, so the test can tell), the kernel does not."""
@@ -144,7 +182,9 @@ def test_bn_stats_large_mean(layout, dtype, mean, std):
     _, ref_var = ref.bn_stats(y)
     a = y.to(acc_dtype(dtype))
     naive = (a * a).mean((0, 2, 3)) - a.mean((0, 2, 3)) ** 2
-    assert ((naive.double() - ref_var).abs() > 2 * SUM_TERMS * UNIT[acc_dtype(dtype)] * ref_var).any()
+    assert (
+        (naive.double() - ref_var).abs() > 2 * SUM_TERMS * UNIT[acc_dtype(dtype)] * ref_var
+    ).any()
 
 
 def test_bn_stats_deterministic():
@@ -165,7 +205,9 @@ def test_bn_stats_nan_and_inf():
         assert not mean[1].isfinite() and var[1].isnan()
         assert not mean[2].isfinite() and var[2].isnan()
         torch_var, torch_mean = torch.var_mean(y, (0, 2, 3), correction=0)
-        assert torch.equal(var.isnan(), torch_var.isnan()) and torch.equal(mean.isfinite(), torch_mean.isfinite())
+        assert torch.equal(var.isnan(), torch_var.isnan()) and torch.equal(
+            mean.isfinite(), torch_mean.isfinite()
+        )
         check_stats(y[:, 3:], mean[3:], var[3:])
 
 
@@ -175,6 +217,7 @@ def test_bn_stats_rejects_an_empty_batch():
 
 
 # ---- bn_stats_backward ------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -189,8 +232,12 @@ def test_bn_stats_backward(shape, layout, dtype):
     expected = ref.bn_stats_backward(grad_mean, grad_var, y, mean)
     count = shape[0] * shape[2] * shape[3]
     # terms: y - mean (rounded once, small for a large mean), times 2 grad_var, plus grad_mean
-    mag = ((y.double() - mean.double().view(1, -1, 1, 1)).abs() * 2 * grad_var.double().abs().view(1, -1, 1, 1)
-           + grad_mean.double().abs().view(1, -1, 1, 1)) / count
+    mag = (
+        (y.double() - mean.double().view(1, -1, 1, 1)).abs()
+        * 2
+        * grad_var.double().abs().view(1, -1, 1, 1)
+        + grad_mean.double().abs().view(1, -1, 1, 1)
+    ) / count
     assert_within("grad_y", out, expected, elementwise_bound(expected, mag, dtype, dtype))
 
 
@@ -212,7 +259,9 @@ FLAGS = list(itertools.product([False, True], repeat=3))  # scale, residual, rel
 def act_inputs(shape, dtype, layout, use_scale, use_res, res_layout=None):
     y = make(shape, dtype, layout)
     adt = acc_dtype(dtype)
-    scale, shift = (vector(shape[1], adt, 0.5, 1.5), vector(shape[1], adt)) if use_scale else (None, None)
+    scale, shift = (
+        (vector(shape[1], adt, 0.5, 1.5), vector(shape[1], adt)) if use_scale else (None, None)
+    )
     res = make(shape, dtype, res_layout or layout) if use_res else None
     return y, scale, shift, res
 
@@ -226,17 +275,29 @@ def test_bn_act(shape, layout, dtype, use_scale, use_res, relu):
     out = ops.bn_act(y, scale, shift, res, relu)
     assert_layout("out", out, y)
     expected = ref.bn_act(y, scale, shift, res, relu)
-    assert_within("out", out, expected, elementwise_bound(expected, magnitude(y, scale, shift, res), dtype, dtype))
+    assert_within(
+        "out",
+        out,
+        expected,
+        elementwise_bound(expected, magnitude(y, scale, shift, res), dtype, dtype),
+    )
 
 
-@pytest.mark.parametrize("y_layout,res_layout", [("nhwc", "nchw"), ("nchw", "nhwc"), ("nhwc", "sliced")])
+@pytest.mark.parametrize(
+    "y_layout,res_layout", [("nhwc", "nchw"), ("nchw", "nhwc"), ("nhwc", "sliced")]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bn_act_residual_in_another_layout(y_layout, res_layout, dtype):
     y, scale, shift, res = act_inputs((2, 63, 9, 9), dtype, y_layout, True, True, res_layout)
     out = ops.bn_act(y, scale, shift, res, True)
     assert_layout("out", out, y)
     expected = ref.bn_act(y, scale, shift, res, True)
-    assert_within("out", out, expected, elementwise_bound(expected, magnitude(y, scale, shift, res), dtype, dtype))
+    assert_within(
+        "out",
+        out,
+        expected,
+        elementwise_bound(expected, magnitude(y, scale, shift, res), dtype, dtype),
+    )
 
 
 def test_bn_act_expanded_and_mixed_dtype_vectors():
@@ -244,8 +305,12 @@ def test_bn_act_expanded_and_mixed_dtype_vectors():
     scale, shift = torch.tensor(1.5).expand(8), torch.linspace(-1, 1, 8, dtype=torch.float64)
     out = ops.bn_act(y, scale, shift, None, True)
     expected = ref.bn_act(y, scale, shift.float(), None, True)  # vectors are cast to float32 first
-    assert_within("out", out, expected, elementwise_bound(expected, magnitude(y, scale, shift, None), y.dtype,
-                                                          y.dtype))
+    assert_within(
+        "out",
+        out,
+        expected,
+        elementwise_bound(expected, magnitude(y, scale, shift, None), y.dtype, y.dtype),
+    )
 
 
 def test_bn_act_nan_and_inf_like_torch():
@@ -253,8 +318,13 @@ def test_bn_act_nan_and_inf_like_torch():
     for relu in (False, True):
         out = ops.bn_act(y, None, None, None, relu)
         torch.testing.assert_close(out, torch.relu(y) if relu else y, equal_nan=True)
-    out = ops.bn_act(y.expand(2, 5, 3, 3).contiguous(memory_format=torch.channels_last), torch.ones(5),
-                     torch.zeros(5), None, True)
+    out = ops.bn_act(
+        y.expand(2, 5, 3, 3).contiguous(memory_format=torch.channels_last),
+        torch.ones(5),
+        torch.zeros(5),
+        None,
+        True,
+    )
     torch.testing.assert_close(out, torch.relu(y).expand(2, 5, 3, 3), equal_nan=True)
 
 
@@ -263,11 +333,16 @@ def test_bn_act_empty_batch_and_one_channel():
     assert ops.bn_act(y, torch.ones(4), torch.zeros(4), y, True).shape == y.shape
     y1 = make((3, 1, 7, 7), torch.float32, "nhwc")
     out = ops.bn_act(y1, torch.full((1,), 2.0), torch.zeros(1), None, True)
-    assert_within("out", out, ref.bn_act(y1, torch.full((1,), 2.0), torch.zeros(1), None, True),
-                  4 * UNIT[torch.float32] * (y1.double().abs() * 2))
+    assert_within(
+        "out",
+        out,
+        ref.bn_act(y1, torch.full((1,), 2.0), torch.zeros(1), None, True),
+        4 * UNIT[torch.float32] * (y1.double().abs() * 2),
+    )
 
 
 # ---- bn_act_backward -------------------------------------------------------------------
+
 
 def masked_grad_out(grad_out, y, scale, shift, res, dtype):
     """grad_out with zeros where the pre-activation is within rounding of 0, where
@@ -282,7 +357,9 @@ def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None):
     dtype = y.dtype
     if ours is None:
         ours = ops.bn_act_backward(grad_out, y, scale, shift, res, relu, list(mask))
-    grad_y, grad_scale, grad_shift, grad_res = ref.bn_act_backward(grad_out, y, scale, shift, res, relu)
+    grad_y, grad_scale, grad_shift, grad_res = ref.bn_act_backward(
+        grad_out, y, scale, shift, res, relu
+    )
     g = grad_res
     adt = acc_dtype(dtype)
     if mask[0]:
@@ -293,11 +370,15 @@ def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None):
         assert ours[0].shape == (0,) and ours[0].dtype == dtype
     if mask[3]:
         assert_layout("grad_residual", ours[3], y)
-        assert_within("grad_residual", ours[3], grad_res, elementwise_bound(grad_res, g.abs(), dtype, dtype))
+        assert_within(
+            "grad_residual", ours[3], grad_res, elementwise_bound(grad_res, g.abs(), dtype, dtype)
+        )
     else:
         assert ours[3].shape == (0,) and ours[3].dtype == dtype
-    for i, name, expected, terms in ((1, "grad_scale", grad_scale, (g * y.double()).abs()),
-                                     (2, "grad_shift", grad_shift, g.abs())):
+    for i, name, expected, terms in (
+        (1, "grad_scale", grad_scale, (g * y.double()).abs()),
+        (2, "grad_shift", grad_shift, g.abs()),
+    ):
         if mask[i] and scale is not None:
             assert ours[i].dtype == adt
             assert_within(name, ours[i], expected, sum_bound(terms.sum((0, 2, 3)), dtype))
@@ -343,8 +424,9 @@ def test_bn_act_backward_mixed_layouts():
 def test_bn_act_backward_nan_in_grad_out_survives_the_mask():
     y = torch.tensor([-1.0, 1.0, -1.0, 1.0]).view(1, 4, 1, 1)
     grad_out = torch.tensor([float("nan"), float("nan"), float("inf"), 2.0]).view(1, 4, 1, 1)
-    grad_y, grad_scale, grad_shift, _ = ops.bn_act_backward(grad_out, y, torch.ones(4), torch.zeros(4), None, True,
-                                                            [True, True, True, False])
+    grad_y, grad_scale, grad_shift, _ = ops.bn_act_backward(
+        grad_out, y, torch.ones(4), torch.zeros(4), None, True, [True, True, True, False]
+    )
     expected = ref.bn_act_backward(grad_out, y, torch.ones(4), torch.zeros(4), None, True)
     torch.testing.assert_close(grad_y.double(), expected[0], equal_nan=True)
     torch.testing.assert_close(grad_scale.double(), expected[1], equal_nan=True)
@@ -353,12 +435,15 @@ def test_bn_act_backward_nan_in_grad_out_survives_the_mask():
 
 def test_bn_act_backward_empty_batch():
     y = torch.randn(0, 8, 5, 5)
-    ours = ops.bn_act_backward(y, y, torch.ones(8), torch.zeros(8), None, True, [True, True, True, True])
+    ours = ops.bn_act_backward(
+        y, y, torch.ones(8), torch.zeros(8), None, True, [True, True, True, True]
+    )
     assert ours[0].shape == ours[3].shape == y.shape
     assert torch.equal(ours[1], torch.zeros(8)) and torch.equal(ours[2], torch.zeros(8))
 
 
 # ---- bn_finalize, bn_finalize_backward, bn_update_running_stats_ ------------------------
+
 
 @pytest.mark.parametrize("c", [1, 3, 63, 256])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -382,15 +467,21 @@ def test_bn_finalize(c, dtype, use_weight, use_bias):
     invstd = 1 / (var.double() + 1e-5).sqrt()
     gs_mag = grad_scale.double().abs() + (grad_shift.double() * mean.double()).abs()
     mags = (grad_shift.double().abs() * w * invstd, gs_mag * w * invstd**3 / 2, gs_mag * invstd, 0)
-    for name, a, b, mag in zip(("grad_mean", "grad_var", "grad_weight", "grad_bias"), ours, expected, mags):
+    for name, a, b, mag in zip(
+        ("grad_mean", "grad_var", "grad_weight", "grad_bias"), ours, expected, mags
+    ):
         assert a.dtype == dtype, f"{name}: {a.dtype}"
         assert_within(name, a, b, u * b.abs() + 8 * ua * mag)
 
 
 def test_bn_finalize_casts_inputs_to_mean_dtype():
-    """float64 weight/bias/var with float32 mean: computed and returned in float32, as on the GPU."""
+    """float64 weight/bias/var, float32 mean: computed and returned in float32, as on the GPU."""
     mean = vector(7, torch.float32)
-    var, weight, bias = vector(7, torch.float64, 0.1, 2), vector(7, torch.float64), vector(7, torch.float64)
+    var, weight, bias = (
+        vector(7, torch.float64, 0.1, 2),
+        vector(7, torch.float64),
+        vector(7, torch.float64),
+    )
     scale, shift = ops.bn_finalize(mean, var, weight, bias, 1e-5)
     assert scale.dtype == shift.dtype == torch.float32
     expected = ops.bn_finalize(mean, var.float(), weight.float(), bias.float(), 1e-5)
@@ -398,12 +489,21 @@ def test_bn_finalize_casts_inputs_to_mean_dtype():
     # strided and expanded vectors read in place
     wide = torch.stack([var.float(), var.float()], 1).flatten()
     again = ops.bn_finalize(mean, wide[::2], torch.tensor(2.0).expand(7), None, 1e-5)
-    assert torch.equal(again[0], ops.bn_finalize(mean, var.float(), torch.full((7,), 2.0), None, 1e-5)[0])
+    assert torch.equal(
+        again[0], ops.bn_finalize(mean, var.float(), torch.full((7,), 2.0), None, 1e-5)[0]
+    )
 
 
-@pytest.mark.parametrize("rdt,sdt", [(torch.float32, torch.float32), (torch.float64, torch.float64),
-                                     (torch.float16, torch.float32), (torch.bfloat16, torch.float32),
-                                     (torch.float32, torch.float64)])
+@pytest.mark.parametrize(
+    "rdt,sdt",
+    [
+        (torch.float32, torch.float32),
+        (torch.float64, torch.float64),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float32, torch.float64),
+    ],
+)
 @pytest.mark.parametrize("strided", [False, True])
 def test_bn_update_running_stats(rdt, sdt, strided):
     c = 63
@@ -413,12 +513,18 @@ def test_bn_update_running_stats(rdt, sdt, strided):
     mean, var = vector(c, sdt), vector(c, sdt, 0.5, 1.5)
     for count, momentum in ((98, 0.1), (2, 0.01), (100352, 1.0)):
         old_m, old_v = rm.clone(), rv.clone()
-        # the batch statistics are rounded to the running dtype first, as mean.to(running_mean.dtype)
-        exp_m, exp_v = ref.bn_update_running_stats(old_m, old_v, mean.to(rdt), var.to(rdt), count, momentum)
+        # the batch statistics are first rounded to the running dtype, as mean.to(rm.dtype)
+        exp_m, exp_v = ref.bn_update_running_stats(
+            old_m, old_v, mean.to(rdt), var.to(rdt), count, momentum
+        )
         ops.bn_update_running_stats_(rm, rv, mean, var, count, momentum)
         u, ua = UNIT[rdt], UNIT[acc_dtype(rdt)]
-        assert_within("running_mean", rm, exp_m, 2 * u * (exp_m.abs() + old_m.double().abs()) + 2 * ua)
-        assert_within("running_var", rv, exp_v, 2 * u * (exp_v.abs() + old_v.double().abs()) + 2 * ua)
+        assert_within(
+            "running_mean", rm, exp_m, 2 * u * (exp_m.abs() + old_m.double().abs()) + 2 * ua
+        )
+        assert_within(
+            "running_var", rv, exp_v, 2 * u * (exp_v.abs() + old_v.double().abs()) + 2 * ua
+        )
 
 
 def test_bn_update_running_stats_follows_batch_norm():
@@ -434,34 +540,94 @@ def test_bn_update_running_stats_follows_batch_norm():
 
 # ---- bad input: the CPU ops check what their CUDA twins check (csrc/checks.h) ----------
 
-@pytest.mark.parametrize("call,match", [
-    (lambda: ops.bn_stats(torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn)), "y must be floating point"),
-    (lambda: ops.bn_act(torch.randn(2, 3, 4, 4).to(torch.float8_e5m2), None, None, None, True),
-     "y must be floating point"),
-    (lambda: ops.bn_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32)), "y must be floating point"),
-    (lambda: ops.bn_stats_backward(torch.zeros(3), torch.zeros(2), torch.randn(2, 3, 4, 4), torch.zeros(3)),
-     r"grad_var must have shape \(3\)"),
-    (lambda: ops.bn_finalize(torch.zeros(3), torch.ones(3), torch.ones(2), None, 1e-5), r"weight must have shape"),
-    (lambda: ops.bn_finalize(torch.zeros(3), torch.ones(3), None, torch.ones(3, dtype=torch.int64), 1e-5),
-     "bias must be floating point"),
-    (lambda: ops.bn_finalize(torch.zeros(3, dtype=torch.int64), torch.ones(3), None, None, 1e-5),
-     "mean must be floating point"),
-    (lambda: ops.bn_finalize(torch.zeros(3), torch.ones(4), None, None, 1e-5), "mean and var must be 1-D"),
-    (lambda: ops.bn_finalize_backward(torch.zeros(2), torch.zeros(3), torch.zeros(3), torch.ones(3), None, 1e-5),
-     r"grad_scale must have shape"),
-    (lambda: ops.bn_finalize_backward(torch.zeros(3), torch.zeros(3), torch.zeros(3, 1), torch.ones(3), None, 1e-5),
-     "mean must be 1-D"),
-    (lambda: ops.bn_finalize_backward(torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
-                                      torch.ones(4), 1e-5), "weight must have shape"),
-    (lambda: ops.bn_update_running_stats_(torch.zeros(3), torch.ones(2), torch.zeros(3), torch.ones(3), 8, 0.1),
-     "running_var must have shape"),
-    (lambda: ops.bn_update_running_stats_(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(4), 8, 0.1),
-     "var must have shape"),
-    (lambda: ops.bn_update_running_stats_(torch.zeros(1, 3), torch.ones(3), torch.zeros(3), torch.ones(3), 8, 0.1),
-     "running_mean must be 1-D"),
-    (lambda: ops.bn_update_running_stats_(torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1, 0.1),
-     "more than 1 value per channel"),
-])
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (
+            lambda: ops.bn_stats(torch.randn(2, 3, 4, 4).to(torch.float8_e4m3fn)),
+            "y must be floating point",
+        ),
+        (
+            lambda: ops.bn_act(
+                torch.randn(2, 3, 4, 4).to(torch.float8_e5m2), None, None, None, True
+            ),
+            "y must be floating point",
+        ),
+        (
+            lambda: ops.bn_stats(torch.ones(2, 3, 4, 4, dtype=torch.int32)),
+            "y must be floating point",
+        ),
+        (
+            lambda: ops.bn_stats_backward(
+                torch.zeros(3), torch.zeros(2), torch.randn(2, 3, 4, 4), torch.zeros(3)
+            ),
+            r"grad_var must have shape \(3\)",
+        ),
+        (
+            lambda: ops.bn_finalize(torch.zeros(3), torch.ones(3), torch.ones(2), None, 1e-5),
+            r"weight must have shape",
+        ),
+        (
+            lambda: ops.bn_finalize(
+                torch.zeros(3), torch.ones(3), None, torch.ones(3, dtype=torch.int64), 1e-5
+            ),
+            "bias must be floating point",
+        ),
+        (
+            lambda: ops.bn_finalize(
+                torch.zeros(3, dtype=torch.int64), torch.ones(3), None, None, 1e-5
+            ),
+            "mean must be floating point",
+        ),
+        (
+            lambda: ops.bn_finalize(torch.zeros(3), torch.ones(4), None, None, 1e-5),
+            "mean and var must be 1-D",
+        ),
+        (
+            lambda: ops.bn_finalize_backward(
+                torch.zeros(2), torch.zeros(3), torch.zeros(3), torch.ones(3), None, 1e-5
+            ),
+            r"grad_scale must have shape",
+        ),
+        (
+            lambda: ops.bn_finalize_backward(
+                torch.zeros(3), torch.zeros(3), torch.zeros(3, 1), torch.ones(3), None, 1e-5
+            ),
+            "mean must be 1-D",
+        ),
+        (
+            lambda: ops.bn_finalize_backward(
+                torch.zeros(3), torch.zeros(3), torch.zeros(3), torch.ones(3), torch.ones(4), 1e-5
+            ),
+            "weight must have shape",
+        ),
+        (
+            lambda: ops.bn_update_running_stats_(
+                torch.zeros(3), torch.ones(2), torch.zeros(3), torch.ones(3), 8, 0.1
+            ),
+            "running_var must have shape",
+        ),
+        (
+            lambda: ops.bn_update_running_stats_(
+                torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(4), 8, 0.1
+            ),
+            "var must have shape",
+        ),
+        (
+            lambda: ops.bn_update_running_stats_(
+                torch.zeros(1, 3), torch.ones(3), torch.zeros(3), torch.ones(3), 8, 0.1
+            ),
+            "running_mean must be 1-D",
+        ),
+        (
+            lambda: ops.bn_update_running_stats_(
+                torch.zeros(3), torch.ones(3), torch.zeros(3), torch.ones(3), 1, 0.1
+            ),
+            "more than 1 value per channel",
+        ),
+    ],
+)
 def test_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -469,7 +635,9 @@ def test_bad_input(call, match):
 
 def test_running_stats_that_overlap_themselves_are_rejected():
     with pytest.raises(RuntimeError, match="single memory location"):
-        ops.bn_update_running_stats_(torch.zeros(1).expand(3), torch.ones(3), torch.zeros(3), torch.ones(3), 8, 0.1)
+        ops.bn_update_running_stats_(
+            torch.zeros(1).expand(3), torch.ones(3), torch.zeros(3), torch.ones(3), 8, 0.1
+        )
 
 
 # ---- every instruction set the build contains ---------------------------------------------
@@ -487,13 +655,21 @@ torch.save({"isa": ops.cpu_isa(), "results": results}, sys.argv[1])
 def isa_cases():
     """Calls of the vectorized ops covering both layouts, every dtype, tails and sums."""
     cases = []
-    for dtype, layout, shape in itertools.product(DTYPES, ("nchw", "nhwc"), [(2, 63, 5, 5), (3, 16, 8, 8)]):
+    for dtype, layout, shape in itertools.product(
+        DTYPES, ("nchw", "nhwc"), [(2, 63, 5, 5), (3, 16, 8, 8)]
+    ):
         y, scale, shift, res = act_inputs(shape, dtype, layout, True, True)
         grad_out = masked_grad_out(make(shape, dtype, layout), y, scale, shift, res, dtype)
         adt = acc_dtype(dtype)
-        cases += [("bn_stats", (y,)), ("bn_act", (y, scale, shift, res, True)),
-                  ("bn_act_backward", (grad_out, y, scale, shift, res, True, [True, True, True, True])),
-                  ("bn_stats_backward", (vector(shape[1], adt), vector(shape[1], adt), y, vector(shape[1], adt)))]
+        cases += [
+            ("bn_stats", (y,)),
+            ("bn_act", (y, scale, shift, res, True)),
+            ("bn_act_backward", (grad_out, y, scale, shift, res, True, [True, True, True, True])),
+            (
+                "bn_stats_backward",
+                (vector(shape[1], adt), vector(shape[1], adt), y, vector(shape[1], adt)),
+            ),
+        ]
     return cases
 
 
@@ -505,7 +681,9 @@ def test_each_instruction_set(capability, tmp_path):
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out)], check=True, env=env, cwd=root, timeout=300)
+    subprocess.run(
+        [sys.executable, "-c", _ISA_SCRIPT, str(out)], check=True, env=env, cwd=root, timeout=300
+    )
     saved = torch.load(out, weights_only=False)
     if saved["isa"] != capability.upper():
         pytest.skip(f"this CPU or build runs {saved['isa']} for ATEN_CPU_CAPABILITY={capability}")
@@ -515,14 +693,24 @@ def test_each_instruction_set(capability, tmp_path):
         elif name == "bn_act":
             y, scale, shift, res, relu = args
             expected = ref.bn_act(*args)
-            assert_within("out", result, expected,
-                          elementwise_bound(expected, magnitude(y, scale, shift, res), y.dtype, y.dtype))
+            assert_within(
+                "out",
+                result,
+                expected,
+                elementwise_bound(expected, magnitude(y, scale, shift, res), y.dtype, y.dtype),
+            )
         elif name == "bn_act_backward":
             check_act_backward(*args, ours=result)
         else:
             grad_mean, grad_var, y, mean = args
             expected = ref.bn_stats_backward(*args)
             count = y.shape[0] * y.shape[2] * y.shape[3]
-            mag = ((y.double() - mean.double().view(1, -1, 1, 1)).abs() * 2 * grad_var.double().abs().view(1, -1, 1, 1)
-                   + grad_mean.double().abs().view(1, -1, 1, 1)) / count
-            assert_within("grad_y", result, expected, elementwise_bound(expected, mag, y.dtype, y.dtype))
+            mag = (
+                (y.double() - mean.double().view(1, -1, 1, 1)).abs()
+                * 2
+                * grad_var.double().abs().view(1, -1, 1, 1)
+                + grad_mean.double().abs().view(1, -1, 1, 1)
+            ) / count
+            assert_within(
+                "grad_y", result, expected, elementwise_bound(expected, mag, y.dtype, y.dtype)
+            )

@@ -5,6 +5,7 @@ the fast CPU kernels (csrc/cpu/) and, through them, the GPU ones.
 Every function takes the op's arguments and returns float64 results (the
 running statistics: their new values), whatever the inputs' dtypes.
 """
+
 import torch
 
 
@@ -77,5 +78,7 @@ def bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps):
 def bn_update_running_stats(running_mean, running_var, mean, var, count, momentum):
     """The new running mean and variance (unbiased batch variance), as nn.BatchNorm2d."""
     unbias = count / (count - 1)
-    return ((1 - momentum) * running_mean.double() + momentum * mean.double(),
-            (1 - momentum) * running_var.double() + momentum * unbias * var.double())
+    return (
+        (1 - momentum) * running_mean.double() + momentum * mean.double(),
+        (1 - momentum) * running_var.double() + momentum * unbias * var.double(),
+    )

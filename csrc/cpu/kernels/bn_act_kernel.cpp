@@ -19,8 +19,10 @@ void with_flags(bool scale, bool residual, bool relu, bool sums, const F& f) {
   with_bool(scale, [&](auto s) {
     with_bool(residual, [&](auto r) {
       with_bool(relu, [&](auto a) {
-        with_bool(sums, [&](auto m) { f(Flags<decltype(s)::value, decltype(r)::value, decltype(a)::value,
-                                              decltype(m)::value>{}); });
+        with_bool(sums, [&](auto m) {
+          f(Flags<decltype(s)::value, decltype(r)::value, decltype(a)::value,
+                  decltype(m)::value>{});
+        });
       });
     });
   });
@@ -72,7 +74,8 @@ struct Act {
       at::parallel_for(0, g.rows(), grain(C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t c = 0; c < C; c += K) {
-            forward_vec<F>(a, r * C + c, std::min(K, C - c), V::loadu(sc.data() + c), V::loadu(sh.data() + c));
+            forward_vec<F>(a, r * C + c, std::min(K, C - c), V::loadu(sc.data() + c),
+                           V::loadu(sh.data() + c));
           }
         }
       });
@@ -83,7 +86,8 @@ struct Act {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         const V sc(F::kScale ? scale[c] : A(0)), sh(F::kScale ? shift[c] : A(0));
-        for (int64_t i = 0; i < HW; i += K) forward_vec<F>(a, p * HW + i, std::min(K, HW - i), sc, sh);
+        for (int64_t i = 0; i < HW; i += K)
+          forward_vec<F>(a, p * HW + i, std::min(K, HW - i), sc, sh);
       }
     });
   }
@@ -93,7 +97,8 @@ struct Act {
   // g for n <= K elements at offset `off` (also writing grad_y and
   // grad_residual); yv receives y where the sums need it.
   template <typename F>
-  static V backward_vec(const ActBackwardArgs& a, int64_t off, int64_t n, const V& sc, const V& sh, V& yv) {
+  static V backward_vec(const ActBackwardArgs& a, int64_t off, int64_t n, const V& sc, const V& sh,
+                        V& yv) {
     V g = load(static_cast<const T*>(a.grad_out) + off, n);
     if constexpr (F::kRelu || F::kSums) yv = load(static_cast<const T*>(a.y) + off, n);
     if constexpr (F::kRelu) {
@@ -110,8 +115,9 @@ struct Act {
   // channels_last: rows [0, rows) of a block, the U vectors of channels from
   // c0 (the last one `last` channels wide); sums added to sum_gy/sum_g.
   template <typename F, int U>
-  static void rows_tile(const ActBackwardArgs& a, int64_t r0, int64_t rows, int64_t c0, int64_t last,
-                        const A* scale, const A* shift, double* sum_gy, double* sum_g) {
+  static void rows_tile(const ActBackwardArgs& a, int64_t r0, int64_t rows, int64_t c0,
+                        int64_t last, const A* scale, const A* shift, double* sum_gy,
+                        double* sum_g) {
     const int64_t C = a.g.C;
     V sc[U], sh[U], acc_gy[U], acc_g[U];
     for (int u = 0; u < U; ++u) {
@@ -174,8 +180,8 @@ struct Act {
           const int64_t width = std::min<int64_t>(kTileUnits * K, C - c0);
           const int64_t units = (width + K - 1) / K;
           with_units(units, [&](auto u) {
-            rows_tile<F, decltype(u)::value>(a, b, rows, c0, width - (units - 1) * K, sc.data(), sh.data(),
-                                             sum_gy, sum_g);
+            rows_tile<F, decltype(u)::value>(a, b, rows, c0, width - (units - 1) * K, sc.data(),
+                                             sh.data(), sum_gy, sum_g);
           });
         }
       }
@@ -185,8 +191,8 @@ struct Act {
 
   // NCHW: elements [i0, i1) of plane p of channel c; returns its sums in acc_gy/acc_g.
   template <typename F>
-  static void plane_span(const ActBackwardArgs& a, int64_t p, int64_t i0, int64_t i1, A sc, A sh, V& acc_gy,
-                         V& acc_g) {
+  static void plane_span(const ActBackwardArgs& a, int64_t p, int64_t i0, int64_t i1, A sc, A sh,
+                         V& acc_gy, V& acc_g) {
     const V scv(sc), shv(sh);
     const int64_t base = p * a.g.HW;
     for (int64_t i = i0; i < i1; i += K) {
@@ -269,7 +275,9 @@ struct Act {
   }
 
   // parallel_for grain in units of `inner` elements.
-  static int64_t grain(int64_t inner) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1)); }
+  static int64_t grain(int64_t inner) {
+    return std::max<int64_t>(1, kGrain / std::max<int64_t>(inner, 1));
+  }
 };
 
 }  // namespace

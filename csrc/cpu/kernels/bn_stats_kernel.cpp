@@ -13,7 +13,6 @@
 namespace resfast::cpu::CPU_CAPABILITY {
 namespace {
 
-
 template <typename T>
 struct Stats {
   using L = Lanes<T>;
@@ -30,9 +29,11 @@ struct Stats {
   // With kTail the last vector holds only `tail` channels (the rest read as 0,
   // with shift 0 there, so they stay 0).
   template <int U, bool kTail>
-  static void block_tile(const T* y, int64_t rows, int64_t C, const A* shift, int64_t tail, A* mean_out,
-                         A* m2_out) {
-    auto load = [&](const T* p, int u) { return kTail && u == U - 1 ? L::load(p, tail) : L::load(p); };
+  static void block_tile(const T* y, int64_t rows, int64_t C, const A* shift, int64_t tail,
+                         A* mean_out, A* m2_out) {
+    auto load = [&](const T* p, int u) {
+      return kTail && u == U - 1 ? L::load(p, tail) : L::load(p);
+    };
     // Even and odd rows in separate accumulators: two dependency chains, each
     // half as long (float rounding grows with the length of a chain).
     V sh[U], mean[U], acc[2][U];
@@ -68,8 +69,8 @@ struct Stats {
   }
 
   // Rows [r0, r1) into `state`; block_mean/block_m2 are scratch of C rounded up to K.
-  static void rows_piece(const T* y, int64_t r0, int64_t r1, int64_t C, const A* shift, A* block_mean,
-                         A* block_m2, ChannelStates& state) {
+  static void rows_piece(const T* y, int64_t r0, int64_t r1, int64_t C, const A* shift,
+                         A* block_mean, A* block_m2, ChannelStates& state) {
     for (int64_t b = r0; b < r1; b += kRowBlock) {
       const int64_t rows = std::min(kRowBlock, r1 - b);
       for (int64_t c0 = 0; c0 < C; c0 += kTileUnits * K) {
@@ -107,8 +108,8 @@ struct Stats {
 
   // Block state (mean relative to shift, m2) of `runs` runs of `len` elements,
   // run i at first + i * stride.
-  static void block_runs(const T* first, int64_t stride, int64_t runs, int64_t len, A shift, A& mean_out,
-                         A& m2_out) {
+  static void block_runs(const T* first, int64_t stride, int64_t runs, int64_t len, A shift,
+                         A& mean_out, A& m2_out) {
     const V sh(shift);
     // f(x - shift) summed over the block, two accumulators for two chains.
     auto reduce = [&](auto f) {
@@ -135,8 +136,8 @@ struct Stats {
   }
 
   // Planes [n0, n1) of channel c into `state` (C = 1).
-  static void planes_piece(const T* y, const Geometry& g, int64_t c, int64_t n0, int64_t n1, A shift,
-                           ChannelStates& state) {
+  static void planes_piece(const T* y, const Geometry& g, int64_t c, int64_t n0, int64_t n1,
+                           A shift, ChannelStates& state) {
     const int64_t HW = g.HW, stride = g.C * HW;
     const T* channel = y + c * HW;
     A mean_b = 0, m2_b = 0;
@@ -170,7 +171,8 @@ struct Stats {
     at::parallel_for(0, segments * C, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t s = i / C, c = i % C;
-        planes_piece(y, g, c, piece_begin(s, segments, N), piece_begin(s + 1, segments, N), shift[c], states[i]);
+        planes_piece(y, g, c, piece_begin(s, segments, N), piece_begin(s + 1, segments, N),
+                     shift[c], states[i]);
       }
     });
     for (int64_t c = 0; c < C; ++c) {
@@ -187,7 +189,8 @@ struct Stats {
     *var = static_cast<A>(s.m2[c] / static_cast<double>(s.n));
   }
 
-  static void finish(std::vector<ChannelStates>& states, const A* shift, int64_t C, A* mean, A* var) {
+  static void finish(std::vector<ChannelStates>& states, const A* shift, int64_t C, A* mean,
+                     A* var) {
     ChannelStates& total = states[0];
     for (size_t p = 1; p < states.size(); ++p) total.merge(states[p]);
     for (int64_t c = 0; c < C; ++c) write(total, c, shift[c], mean + c, var + c);
@@ -214,35 +217,44 @@ struct Stats {
       mu[c] = mean[c];
     }
     if (g.layout == Layout::kRows) {
-      at::parallel_for(0, g.rows(), std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const T* yr = y + r * C;
-          T* outr = out + r * C;
-          int64_t c = 0;
-          for (; c + K <= C; c += K) {
-            const V d = L::load(yr + c) - V::loadu(mu.data() + c);
-            L::store(outr + c, at::vec::fmadd(d, V::loadu(slope.data() + c), V::loadu(offset.data() + c)));
-          }
-          if (c < C) {
-            const V d = L::load(yr + c, C - c) - V::loadu(mu.data() + c);
-            L::store(outr + c, at::vec::fmadd(d, V::loadu(slope.data() + c), V::loadu(offset.data() + c)), C - c);
-          }
-        }
-      });
+      at::parallel_for(
+          0, g.rows(), std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)),
+          [&](int64_t r0, int64_t r1) {
+            for (int64_t r = r0; r < r1; ++r) {
+              const T* yr = y + r * C;
+              T* outr = out + r * C;
+              int64_t c = 0;
+              for (; c + K <= C; c += K) {
+                const V d = L::load(yr + c) - V::loadu(mu.data() + c);
+                L::store(outr + c, at::vec::fmadd(d, V::loadu(slope.data() + c),
+                                                  V::loadu(offset.data() + c)));
+              }
+              if (c < C) {
+                const V d = L::load(yr + c, C - c) - V::loadu(mu.data() + c);
+                L::store(outr + c,
+                         at::vec::fmadd(d, V::loadu(slope.data() + c), V::loadu(offset.data() + c)),
+                         C - c);
+              }
+            }
+          });
       return;
     }
     const int64_t HW = g.HW;
-    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c = p % C;
-        const V m(mu[c]), k(slope[c]), b(offset[c]);
-        const T* yp = y + p * HW;
-        T* outp = out + p * HW;
-        int64_t i = 0;
-        for (; i + K <= HW; i += K) L::store(outp + i, at::vec::fmadd(L::load(yp + i) - m, k, b));
-        if (i < HW) L::store(outp + i, at::vec::fmadd(L::load(yp + i, HW - i) - m, k, b), HW - i);
-      }
-    });
+    at::parallel_for(0, g.N * C, std::max<int64_t>(1, kGrain / std::max<int64_t>(HW, 1)),
+                     [&](int64_t p0, int64_t p1) {
+                       for (int64_t p = p0; p < p1; ++p) {
+                         const int64_t c = p % C;
+                         const V m(mu[c]), k(slope[c]), b(offset[c]);
+                         const T* yp = y + p * HW;
+                         T* outp = out + p * HW;
+                         int64_t i = 0;
+                         for (; i + K <= HW; i += K)
+                           L::store(outp + i, at::vec::fmadd(L::load(yp + i) - m, k, b));
+                         if (i < HW)
+                           L::store(outp + i, at::vec::fmadd(L::load(yp + i, HW - i) - m, k, b),
+                                    HW - i);
+                       }
+                     });
   }
 };
 

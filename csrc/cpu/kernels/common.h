@@ -4,10 +4,10 @@
 // one instruction set's code into another's.
 #pragma once
 
-#include <c10/util/Exception.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
