@@ -216,6 +216,7 @@ def main():
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--layouts", nargs="+", default=["channels_last", "nchw"])
     parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--reps", type=int, default=0, help="repetitions (default: by size, >= 15)")
     parser.add_argument(
         "--compile",
@@ -225,6 +226,8 @@ def main():
         + " (a compile per row: minutes)",
     )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
