@@ -13,9 +13,17 @@ Environment:
                             3.11 for a GPU machine's 3.12 (scripts/gpu_prepare.sh). The
                             extension's only Python API call is PyModule_Create2, which
                             the stable ABI has; libtorch_python is then not linked.
+  RESFAST_CPU_ISAS          e.g. "AVX512": build only these instruction sets of
+                            the CPU loops besides DEFAULT (quicker while iterating)
+
+The CPU loops (csrc/cpu/kernels/) are compiled once per instruction set, as
+ATen compiles its own CPU kernels: DEFAULT, plus AVX2 and AVX512 on x86-64;
+csrc/cpu/dispatch.cpp picks the one ATen uses on the running CPU.
 """
 import glob
 import os
+import platform
+import sys
 
 import torch
 from setuptools import setup
@@ -44,12 +52,34 @@ def _want_cuda():
     return torch.version.cuda is not None and CUDA_HOME is not None
 
 
+# Instruction sets of the CPU loops: (name, compiler flags), ATen's own flags
+# for its AVX2 and AVX512 kernels.
+def _cpu_isas():
+    isas = [("DEFAULT", [])]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        isas += [("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+                 ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+                             "-mf16c"])]
+    wanted = os.environ.get("RESFAST_CPU_ISAS")
+    if wanted:
+        isas = [(name, flags) for name, flags in isas
+                if name == "DEFAULT" or name in wanted.split(",")]
+    return isas
+
+
+# OpenMP, which at::parallel_for compiles to (torch's own libgomp at run time).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+
 def _extension():
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-std=c++20", "-DRESFAST_PYTHON_MODULE"]
+    # -ffp-contract=off: a*b+c rounds twice unless the code asks for an fma,
+    # whatever the instruction set, as the CUDA kernels' mul_rn do.
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off", "-DRESFAST_PYTHON_MODULE", *OPENMP]
+    cxx_flags += [f"-DRESFAST_CPU_{name}" for name, _ in _cpu_isas()]
     if not _want_cuda():
         return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
-                            py_limited_api=_limited_api())
+                            extra_link_args=OPENMP, py_limited_api=_limited_api())
 
     archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     cxx_flags += ["-DRESFAST_WITH_CUDA", f'-DRESFAST_CUDA_ARCHS="{archs}"']
@@ -63,6 +93,7 @@ def _extension():
         "resfast._C",
         cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs,
+        extra_link_args=OPENMP,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DRESFAST_WITH_CUDA",
@@ -72,11 +103,32 @@ def _extension():
     )
 
 
+class BuildWithCpuIsas(BuildExtension):
+    """Compiles csrc/cpu/kernels/*.cpp once per instruction set (its own flags,
+    CPU_CAPABILITY naming it) and links those objects into the extension."""
+
+    def build_extension(self, ext):
+        flags = ext.extra_compile_args
+        cxx = list(flags["cxx"] if isinstance(flags, dict) else flags)
+        sources = sorted(glob.glob("csrc/cpu/kernels/*.cpp"))
+        objects = []
+        # DEFAULT first: where instruction sets define the same inline function,
+        # the linker keeps the first copy, which then runs on any CPU.
+        for name, isa_flags in _cpu_isas():
+            isa_cxx = cxx + isa_flags + ["-Wno-unknown-pragmas", f"-DCPU_CAPABILITY={name}",
+                                         f"-DCPU_CAPABILITY_{name}"]
+            objects += self.compiler.compile(
+                sources, output_dir=os.path.join(self.build_temp, "cpu_" + name.lower()),
+                include_dirs=ext.include_dirs, extra_postargs={"cxx": isa_cxx, "nvcc": []})
+        ext.extra_objects = objects + list(ext.extra_objects or [])
+        super().build_extension(ext)
+
+
 os.environ.setdefault("MAX_JOBS", _max_jobs())
 
 setup(
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithCpuIsas.with_options(use_ninja=True)},
     # torch defines Py_LIMITED_API as 3.10's; a wheel built so is tagged cp310-abi3
     options={"bdist_wheel": {"py_limited_api": "cp310"}} if _limited_api() else {},
 )

@@ -8,6 +8,8 @@
 //  * `var` is the biased (population) batch variance.
 #include <torch/library.h>
 
+#include "cpu/bn_kernels.h"
+
 #ifndef RESFAST_CUDA_ARCHS
 #define RESFAST_CUDA_ARCHS ""
 #endif
@@ -48,4 +50,6 @@ TORCH_LIBRARY(resfast, m) {
       " bool[4] output_mask) -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
   // What this build contains: "cuda_archs=<list>" (empty without CUDA).
   m.def("build_info() -> str", [] { return std::string("cuda_archs=") + RESFAST_CUDA_ARCHS; });
+  // The instruction set of the CPU kernels in use: "AVX512", "AVX2" or "DEFAULT".
+  m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
 }

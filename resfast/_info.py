@@ -29,6 +29,7 @@ def info() -> dict:
     return {
         "resfast_cuda_archs": archs.replace(";", " ").split() if archs else [],
         "cuda_kernels_built": bool(archs),
+        "cpu_kernels": torch.ops.resfast.cpu_isa(),  # the instruction set of the CPU BN kernels
         "kernels": {op: backends(op) for op in OPS},
         "triton_kernels_available": kernels.triton_available(),
         "triton_interpreter": kernels.interpreting(),

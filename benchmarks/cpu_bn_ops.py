@@ -1,0 +1,263 @@
+"""The CPU BatchNorm ops against their torch composites, side by side.
+
+    python3 benchmarks/cpu_bn_ops.py              # every case, float32 and bf16, both layouts
+    python3 benchmarks/cpu_bn_ops.py --compile    # also torch.compile of the composites
+    python3 benchmarks/cpu_bn_ops.py --shapes 128x16x32x32 --dtypes float32 --reps 50
+
+Each row times resfast's ops and torch's composite of the same computation on
+the same inputs, interleaved call by call in one process (so load from other
+processes hits both alike), and prints the medians and their ratio torch /
+resfast (above 1: resfast is faster). It prints measurements only.
+
+Cases (N x C x H x W activations; BN in training mode unless said):
+  bn_train_fwd   bn_stats + bn_finalize + bn_update_running_stats_ + bn_act(relu)
+                 vs F.batch_norm(training=True) + relu_
+  bn_add_relu    the same with the residual in bn_act, vs batch_norm + add_ + relu_
+  bn_relu_bwd    bn_act_backward + bn_finalize_backward + bn_stats_backward + add
+                 vs threshold_backward + native_batch_norm_backward
+  bn_eval        bn_act(y, scale, shift, relu) vs F.batch_norm(training=False) + relu_
+  bn_stats       bn_stats vs torch.var_mean
+  bn_act_bwd     bn_act_backward (grad_y, grad_scale, grad_shift) vs its composite
+                 (threshold_backward, mul, two sums)
+"""
+
+import argparse
+import itertools
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # this checkout's resfast
+import resfast  # noqa: E402, F401  (registers the ops)
+
+ops = torch.ops.resfast
+aten = torch.ops.aten
+
+# ResNet-20 at batch 128 (32x32 input), ResNet-50 at batch 8 (224x224 input).
+SHAPES = ["128x16x32x32", "128x32x16x16", "128x64x8x8", "8x64x56x56", "8x256x56x56", "8x512x28x28"]
+EPS, MOMENTUM = 1e-5, 0.1
+
+
+def make_inputs(shape, dtype, channels_last):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    n, c, h, w = shape
+
+    def act():
+        return torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+
+    return dict(
+        y=act(),
+        res=act(),
+        grad=act(),
+        weight=torch.rand(c) + 0.5,
+        bias=torch.randn(c),
+        running_mean=torch.zeros(c),
+        running_var=torch.ones(c),
+        count=n * h * w,
+    )
+
+
+# ---- resfast: the ops as resfast.functional chains them -------------------------
+
+
+def ours_train(t, residual):
+    def run():
+        mean, var = ops.bn_stats(t["y"])
+        scale, shift = ops.bn_finalize(mean, var, t["weight"], t["bias"], EPS)
+        ops.bn_update_running_stats_(
+            t["running_mean"], t["running_var"], mean, var, t["count"], MOMENTUM
+        )
+        return ops.bn_act(t["y"], scale, shift, t["res"] if residual else None, True)
+
+    return run
+
+
+def ours_relu_bwd(t):
+    mean, var = ops.bn_stats(t["y"])
+    scale, shift = ops.bn_finalize(mean, var, t["weight"], t["bias"], EPS)
+
+    def run():
+        g_y, g_scale, g_shift, _ = ops.bn_act_backward(
+            t["grad"], t["y"], scale, shift, None, True, [True, True, True, False]
+        )
+        g_mean, g_var, g_weight, g_bias = ops.bn_finalize_backward(
+            g_scale, g_shift, mean, var, t["weight"], EPS
+        )
+        return g_y + ops.bn_stats_backward(g_mean, g_var, t["y"], mean), g_weight, g_bias
+
+    return run
+
+
+def ours_eval(t):
+    scale, shift = ops.bn_finalize(t["running_mean"], t["running_var"], t["weight"], t["bias"], EPS)
+    return lambda: ops.bn_act(t["y"], scale, shift, None, True)
+
+
+def ours_act_bwd(t):
+    scale, shift = torch.rand(t["weight"].shape) + 0.5, torch.randn(t["weight"].shape)
+    return lambda: ops.bn_act_backward(
+        t["grad"], t["y"], scale, shift, None, True, [True, True, True, False]
+    )
+
+
+# ---- torch: what torch.nn / torchvision run -------------------------------------
+
+
+def torch_train(t, residual):
+    def run():
+        out = F.batch_norm(
+            t["y"], t["running_mean"], t["running_var"], t["weight"], t["bias"], True, MOMENTUM, EPS
+        )
+        if residual:
+            out += t["res"]
+        return F.relu(out, inplace=True)
+
+    return run
+
+
+def torch_relu_bwd(t):
+    y, weight = t["y"], t["weight"]
+    out, save_mean, save_invstd = aten.native_batch_norm(
+        y,
+        weight,
+        t["bias"],
+        t["running_mean"].clone(),
+        t["running_var"].clone(),
+        True,
+        MOMENTUM,
+        EPS,
+    )
+    out = out.relu()
+
+    def run():
+        g = aten.threshold_backward(t["grad"], out, 0)
+        return aten.native_batch_norm_backward(
+            g, y, weight, None, None, save_mean, save_invstd, True, EPS, [True, True, True]
+        )
+
+    return run
+
+
+def torch_eval(t):
+    def run():
+        out = F.batch_norm(
+            t["y"],
+            t["running_mean"],
+            t["running_var"],
+            t["weight"],
+            t["bias"],
+            False,
+            MOMENTUM,
+            EPS,
+        )
+        return F.relu(out, inplace=True)
+
+    return run
+
+
+def torch_stats(t):
+    return lambda: torch.var_mean(t["y"], (0, 2, 3), correction=0)
+
+
+def torch_act_bwd(t):
+    c = t["weight"].shape[0]
+    scale, shift = torch.rand(c) + 0.5, torch.randn(c)
+    out = (t["y"] * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)).relu().to(t["y"].dtype)
+
+    def run():
+        g = aten.threshold_backward(t["grad"], out, 0)
+        return (
+            g * scale.view(1, -1, 1, 1),
+            (g * t["y"]).sum((0, 2, 3), dtype=torch.float32),
+            g.sum((0, 2, 3), dtype=torch.float32),
+        )
+
+    return run
+
+
+CASES = {
+    "bn_train_fwd": (lambda t: ours_train(t, False), lambda t: torch_train(t, False)),
+    "bn_add_relu": (lambda t: ours_train(t, True), lambda t: torch_train(t, True)),
+    "bn_relu_bwd": (ours_relu_bwd, torch_relu_bwd),
+    "bn_eval": (ours_eval, torch_eval),
+    "bn_stats": (lambda t: lambda: ops.bn_stats(t["y"]), torch_stats),
+    "bn_act_bwd": (ours_act_bwd, torch_act_bwd),
+}
+COMPILABLE = ("bn_train_fwd", "bn_add_relu", "bn_eval")
+
+
+def median_times(fns, reps, warmup=3):
+    """Median seconds per call of each fn, the calls interleaved."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shapes", nargs="+", default=SHAPES)
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--layouts", nargs="+", default=["channels_last", "nchw"])
+    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=0, help="repetitions (default: by size, >= 15)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also torch.compile the composites of "
+        + ", ".join(COMPILABLE)
+        + " (a compile per row: minutes)",
+    )
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"resfast CPU kernels {ops.cpu_isa()}"
+    )
+    print("# medians of interleaved calls; ratio = torch / resfast (> 1: resfast faster)")
+    header = (
+        f"{'case':<13} {'shape':<13} {'dtype':<8} {'layout':<13} {'resfast ms':>10} "
+        f"{'torch ms':>9} {'ratio':>6}"
+    )
+    print(header + ("  compile ms  ratio" if args.compile else ""))
+    for shape_text, dtype_name, layout in itertools.product(args.shapes, args.dtypes, args.layouts):
+        shape = tuple(int(s) for s in shape_text.split("x"))
+        reps = args.reps or max(15, min(200, int(3e8 / math.prod(shape))))
+        t = make_inputs(shape, getattr(torch, dtype_name), layout == "channels_last")
+        for case in args.cases:
+            ours_of, torch_of = CASES[case]
+            fns = [ours_of(t), torch_of(t)]
+            if args.compile and case in COMPILABLE:
+                fns.append(torch.compile(torch_of(t), dynamic=False))
+            ms = [m * 1e3 for m in median_times(fns, reps)]
+            row = (
+                f"{case:<13} {shape_text:<13} {dtype_name:<8} {layout:<13} "
+                f"{ms[0]:>10.3f} {ms[1]:>9.3f} {ms[1] / ms[0]:>6.2f}"
+            )
+            if len(ms) == 3:
+                row += f"  {ms[2]:>10.3f} {ms[2] / ms[0]:>6.2f}"
+            print(row, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+// The interface between the CPU BatchNorm ops (csrc/cpu/bn_*.cpp: checks,
+// allocation, layouts) and their vectorized loops (csrc/cpu/kernels/*.cpp).
+//
+// The loops are compiled once per instruction set (DEFAULT everywhere; AVX2
+// and AVX512 on x86-64, each in its own namespace, as ATen compiles its own
+// CPU kernels) and the ops call the set that ATen itself uses on this CPU
+// (`at::get_cpu_capability()`, which honours ATEN_CPU_CAPABILITY).
+//
+// Plain structs and pointers only: the loop files include no tensor headers.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+namespace resfast::cpu {
+
+// An activation (N, C, H, W) as the loops see it, dense in one of two layouts:
+//  kRows:   channels_last, a row-major [M = N*H*W, C] matrix;
+//  kPlanes: NCHW, N*C contiguous planes of HW elements (plane n*C + c).
+enum class Layout { kRows, kPlanes };
+
+struct Geometry {
+  int64_t N, C, HW;
+  Layout layout;
+  int64_t rows() const { return N * HW; }
+};
+
+// Per-channel vectors below are contiguous arrays of C elements of the
+// accumulation type: double for double activations, float for the others.
+
+// mean[c], var[c] (biased) of y.
+struct StatsArgs {
+  const void* y;
+  c10::ScalarType dtype;
+  Geometry g;
+  void* mean;
+  void* var;
+};
+
+// grad_y = (grad_mean + 2 (y - mean) grad_var) * inv_count.
+struct StatsBackwardArgs {
+  const void* y;
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* grad_mean;
+  const void* grad_var;
+  const void* mean;
+  double inv_count;
+  void* grad_y;
+};
+
+// out = [relu](y * scale + shift [+ residual]); scale and shift are null
+// together, residual may be null; every activation in the same layout.
+struct ActArgs {
+  const void* y;
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* scale;
+  const void* shift;
+  const void* residual;
+  bool relu;
+  void* out;
+};
+
+// g = grad_out [* (pre-activation > 0)]; grad_y = g [* scale]; grad_residual = g;
+// sum_gy[c] = sum of g * y, sum_g[c] = sum of g over channel c. Null outputs
+// are skipped; sum_gy and sum_g are null together.
+struct ActBackwardArgs {
+  const void* grad_out;
+  const void* y;
+  c10::ScalarType dtype;
+  Geometry g;
+  const void* scale;
+  const void* shift;
+  const void* residual;
+  bool relu;
+  void* grad_y;
+  void* grad_residual;
+  void* sum_gy;
+  void* sum_g;
+};
+
+struct Kernels {
+  const char* isa;
+  void (*bn_stats)(const StatsArgs&);
+  void (*bn_stats_backward)(const StatsBackwardArgs&);
+  void (*bn_act)(const ActArgs&);
+  void (*bn_act_backward)(const ActBackwardArgs&);
+};
+
+// The loops of one instruction set (defined in csrc/cpu/kernels/, inside
+// namespace resfast::cpu::ISA).
+#define RESFAST_DECLARE_CPU_KERNELS(ISA)              \
+  namespace ISA {                                     \
+  void bn_stats(const StatsArgs& a);                  \
+  void bn_stats_backward(const StatsBackwardArgs& a); \
+  void bn_act(const ActArgs& a);                      \
+  void bn_act_backward(const ActBackwardArgs& a);     \
+  }
+
+// The set this CPU runs (csrc/cpu/dispatch.cpp).
+const Kernels& kernels();
+
+}  // namespace resfast::cpu

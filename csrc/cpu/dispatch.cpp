@@ -1,0 +1,37 @@
+// Chooses the instruction set of the CPU BatchNorm loops: the one ATen uses
+// for its own CPU kernels on this machine, among those this build contains.
+#include <ATen/Version.h>
+
+#include <string>
+
+#include "bn_kernels.h"
+
+namespace resfast::cpu {
+
+RESFAST_DECLARE_CPU_KERNELS(DEFAULT)
+#ifdef RESFAST_CPU_AVX2
+RESFAST_DECLARE_CPU_KERNELS(AVX2)
+#endif
+#ifdef RESFAST_CPU_AVX512
+RESFAST_DECLARE_CPU_KERNELS(AVX512)
+#endif
+
+#define RESFAST_KERNEL_TABLE(ISA) \
+  Kernels { #ISA, &ISA::bn_stats, &ISA::bn_stats_backward, &ISA::bn_act, &ISA::bn_act_backward }
+
+const Kernels& kernels() {
+  static const Kernels chosen = [] {
+    // "AVX512", "AVX2", "DEFAULT", ... as torch.backends.cpu.get_cpu_capability().
+    const std::string capability = at::get_cpu_capability();
+#ifdef RESFAST_CPU_AVX512
+    if (capability == "AVX512") return RESFAST_KERNEL_TABLE(AVX512);
+#endif
+#ifdef RESFAST_CPU_AVX2
+    if (capability == "AVX512" || capability == "AVX2") return RESFAST_KERNEL_TABLE(AVX2);
+#endif
+    return RESFAST_KERNEL_TABLE(DEFAULT);
+  }();
+  return chosen;
+}
+
+}  // namespace resfast::cpu

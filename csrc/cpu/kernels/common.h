@@ -1,0 +1,167 @@
+// Helpers of the vectorized BatchNorm loops. Every file of csrc/cpu/kernels/
+// is compiled once per instruction set with CPU_CAPABILITY naming it, so all
+// of this lives in namespace resfast::cpu::CPU_CAPABILITY and never leaks
+// one instruction set's code into another's.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "../bn_kernels.h"
+
+namespace resfast::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// Accumulation type: double for double activations, float for the others.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// One vector of the accumulation type holds kSize elements of T; these load
+// and store them (bfloat16 and float16 converted on the fly).
+template <typename T>
+struct Lanes {
+  using A = acc_t<T>;
+  using V = Vectorized<A>;
+  static constexpr int64_t kSize = V::size();
+  static constexpr bool kReduced = at::vec::is_reduced_floating_point_v<T>;
+
+  static V load(const T* p) {
+    if constexpr (kReduced) {
+      V v;
+      at::vec::load_to_float(p, v);
+      return v;
+    } else {
+      return V::loadu(p);
+    }
+  }
+  // The first n < kSize elements; the other lanes are zero.
+  static V load(const T* p, int64_t n) {
+    if constexpr (kReduced) {
+      return std::get<0>(at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n)));
+    } else {
+      return V::loadu(p, n);
+    }
+  }
+  static void store(T* p, const V& v) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<T>(v, v).store(p, kSize);
+    } else {
+      v.store(p);
+    }
+  }
+  static void store(T* p, const V& v, int64_t n) {
+    if constexpr (kReduced) {
+      at::vec::convert_from_float<T>(v, v).store(p, n);
+    } else {
+      v.store(p, n);
+    }
+  }
+};
+
+// relu that keeps NaN (NaN < 0 is false), as at::relu does.
+template <typename A>
+Vectorized<A> relu(const Vectorized<A>& z) {
+  return Vectorized<A>::blendv(z, Vectorized<A>(0), z < Vectorized<A>(0));
+}
+
+// Calls f with std::true_type or std::false_type.
+template <typename F>
+void with_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Calls f(T{}) for the activation dtype T (float, double, bfloat16, float16;
+// check_activation lets no other through).
+template <typename F>
+void with_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kHalf:
+      return f(c10::Half{});
+    default:
+      TORCH_CHECK(false, "resfast: no CPU kernel for dtype ", dtype);
+  }
+}
+
+// Blocks of the reductions: rows of a channels_last block, elements of one
+// channel in an NCHW block. A block is reduced in the accumulation type (in
+// registers, a few chains of 32 to 64 terms) and then merged in double, so
+// float rounding is that of a short sum whatever the batch; a block is also
+// small enough for a second pass over it to find it in cache.
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kPlaneBlock = 1024;
+
+// Elements a thread should have at least before another one helps (ATen's grain).
+constexpr int64_t kGrain = 32768;
+
+// Number of pieces to split `elements` of work into: one per thread, fewer
+// for small inputs. Fixed by the thread count alone, so reductions that merge
+// per-piece partials in piece order are deterministic.
+inline int64_t num_pieces(int64_t elements, int64_t max_pieces) {
+  const int64_t by_size = std::max<int64_t>(1, elements / kGrain);
+  return std::max<int64_t>(1, std::min<int64_t>({by_size, max_pieces, at::get_num_threads()}));
+}
+
+// [begin, end) of piece p of n pieces over `total` items.
+inline int64_t piece_begin(int64_t p, int64_t n, int64_t total) { return total * p / n; }
+
+// Runs f(piece, begin, end) for `pieces` contiguous ranges of [0, total), in parallel.
+template <typename F>
+void for_each_piece(int64_t total, int64_t pieces, const F& f) {
+  at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      f(p, piece_begin(p, pieces, total), piece_begin(p + 1, pieces, total));
+    }
+  });
+}
+
+// Welford states (mean relative to a per-channel shift, sum of squared
+// deviations m2, count n) of C channels that share the count, in double.
+struct ChannelStates {
+  std::vector<double> mean, m2;
+  int64_t n = 0;
+  explicit ChannelStates(int64_t C) : mean(C, 0.0), m2(C, 0.0) {}
+
+  // Chan et al.: merge states (mean_b, m2_b) over n_b more elements per channel.
+  template <typename A>
+  void merge(const A* mean_b, const A* m2_b, int64_t n_b) {
+    if (n_b == 0) return;
+    const int64_t C = static_cast<int64_t>(mean.size());
+    const int64_t n_ab = n + n_b;
+    const double frac_b = static_cast<double>(n_b) / static_cast<double>(n_ab);
+    const double weight = static_cast<double>(n) * frac_b;  // n_a n_b / n_ab
+    for (int64_t c = 0; c < C; ++c) {
+      const double delta = static_cast<double>(mean_b[c]) - mean[c];
+      mean[c] += delta * frac_b;
+      m2[c] += static_cast<double>(m2_b[c]) + delta * delta * weight;
+    }
+    n = n_ab;
+  }
+  void merge(const ChannelStates& b) { merge(b.mean.data(), b.m2.data(), b.n); }
+};
+
+// Per-channel sums in double: the second level of every float reduction, so
+// that rounding grows with the length of a block, not of the whole batch.
+struct ChannelSums {
+  std::vector<double> gy, g;
+  explicit ChannelSums(int64_t C) : gy(C, 0.0), g(C, 0.0) {}
+};
+
+}  // namespace resfast::cpu::CPU_CAPABILITY
