@@ -31,6 +31,14 @@ Tolerances, and why:
   Where torch's mean float32 gradient error is above the floor, a gradient may
   be 4x the larger of torch's own on it and torch's mean, and our mean 3x
   torch's mean (measurements at FACTOR_FLIPS below).
+  One flip in a small tensor is a single-element jump that the floor does not
+  cover: vgg16_c_bn.features at 32x32, batch 2, has a pre-activation of 4.2e-6
+  before its ReLU 29 (channel 104, 4x4 map) in float64; resfast's float32 step
+  puts it on the other side (its BN-apply rounds differently from torch's), which
+  moves that channel's BN-bias gradient by 1.18 and no other element by more than
+  7e-5: 2.6% of the tensor's norm (with inputs of seeds 1-3, no flip, resfast's
+  errors equal torch's ~1.5e-5). So a float32 gradient whose deviation is >= 90%
+  one element is bounded without that element, in at most two tensors per step.
   Where torch's own error is above 0.5 the tensor says nothing about either
   implementation (pure rounding noise: train-mode bf16 gradients of deep nets
   at test sizes); such tensors are counted, checked for shape and finiteness,
@@ -80,6 +88,11 @@ FACTOR_FLIPS_MEAN = 3.0
 # gradients that are analytically zero, relative to the median gradient norm
 ZERO_BOUND = {torch.float64: 1e-9, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 UNINFORMATIVE = 0.5
+# a float32 gradient whose error is one element (>= 90% of the squared deviation) is one
+# ReLU flip; it is bounded without that element, and a step may show this in at most two
+# tensors (a flip in one BN channel moves that channel's weight and bias gradients)
+JUMP_SHARE = 0.9
+MAX_JUMPS = 2
 
 Config = Tuple[torch.dtype, str]  # (precision, layout "nchw" | "nhwc")
 
@@ -196,7 +209,7 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             if kind == "grads":
                 grad_errs.append((err, t_err))
                 if dtype == torch.float32:
-                    fp32_grads.append((key, err, t_err, bound))
+                    fp32_grads.append((key, err, t_err, bound, single_jump(g, w)))
                     continue
             worst[kind][0] = max(worst[kind][0], err)
             worst[kind][1] = max(worst[kind][1], t_err)
@@ -210,9 +223,13 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
                             f"{mean_ours:.3g} > {FACTOR_LOW_MEAN} x torch's own {mean_torch:.3g} + "
                             "1e-3")
         flips = dtype == torch.float32 and mean_torch > GRAD_FLOOR[dtype]
-        for key, err, t_err, bound in fp32_grads:
+        jumps = []
+        for key, err, t_err, bound, (rest_err, share) in fp32_grads:
             if flips:
                 bound = FACTOR_FLIPS * max(t_err, mean_torch)
+            if err > bound and share >= JUMP_SHARE and rest_err <= bound:
+                jumps.append(key)  # one element jumped: a ReLU flip (see the module doc)
+                err = rest_err
             worst["grads"] = [max(worst["grads"][0], err), max(worst["grads"][1], t_err)]
             if err > bound:
                 regime = f", its mean {mean_torch:.3g}: ReLU-flip regime)" if flips else ")"
@@ -222,6 +239,10 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
             failures.append(f"{_name(dtype)} {layout}: mean relative gradient error "
                             f"{mean_ours:.3g} > {FACTOR_FLIPS_MEAN} x torch's own {mean_torch:.3g} "
                             "(ReLU-flip regime)")
+        if len(jumps) > MAX_JUMPS:
+            failures.append(f"{_name(dtype)} {layout}: {len(jumps)} gradients off by a "
+                            f"single-element jump ({', '.join(jumps)}), more than one ReLU flip "
+                            f"explains")
         mode = "train" if training else "eval"
         parts = [f"{k} {v[0]:.1e}" + (f" (torch {v[1]:.1e})" if dtype != torch.float64 else "")
                  for k, v in worst.items()]
@@ -230,11 +251,25 @@ def check_equivalence(ref: nn.Module, make_ours: Callable[[], nn.Module], x: tor
                      + (f"; mean grad err {mean_ours:.1e}"
                         + (f" (torch {mean_torch:.1e})" if dtype != torch.float64 else "")
                         if grad_errs else "")
+                     + (f"; single-element jumps (ReLU flips) in {', '.join(jumps)}"
+                        if dtype == torch.float32 and jumps else "")
                      + (f"; {skipped} tensors uninformative (torch's own error > {UNINFORMATIVE})"
                         if skipped else ""))
     if failures:
         raise AssertionError(f"{label}: {len(failures)} mismatches:\n" + "\n".join(failures[:40]))
     return lines
+
+
+def single_jump(g: torch.Tensor, w: torch.Tensor) -> Tuple[float, float]:
+    """(relative error without the element that deviates most, that element's share of the
+    squared error): what a single ReLU flip looks like in a gradient tensor."""
+    d = (g.detach().double().cpu() - w.detach().double().cpu()).flatten() ** 2
+    total = d.sum().item()
+    if total == 0.0:
+        return 0.0, 0.0
+    top = d.max().item()
+    ref = w.detach().double().norm().item()
+    return ((total - top) ** 0.5 / ref if ref > 0 else 0.0), top / total
 
 
 def state_dict_layout(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
