@@ -78,7 +78,8 @@ class _Walk:
         self.reported: Set[str] = set()
 
     def keep(self, name: str, why: str, covers: str) -> None:
-        self.kept.append((name, why))
+        if not _within(name, self.reported):  # inside a block already listed: covered by it
+            self.kept.append((name, why))
         self.reported.add(covers)
 
     def module(self, m: nn.Module, name: str) -> nn.Module:
@@ -116,7 +117,7 @@ class _Walk:
             return m
         kind = block_kind(m, plan)
         why = check_behaviour(m, plan, kind)
-        label = type(m).__name__ + ("" if kind == type(m).__name__ else f" ({kind})")
+        label = type(m).__name__ + ("" if kind == type(m).__name__ else f" (shaped like a {kind})")
         if why is not None:
             self.keep(name, f"{label}: {why}", name)
             return m

@@ -94,7 +94,7 @@ class _Graph:
         self.block = block
         self.nodes = list(graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        self.x = placeholders[0] if len(placeholders) == 1 else None
+        self.x = placeholders[0] if placeholders else None
         self.placeholders = placeholders
         out = [n for n in self.nodes if n.op == "output"]
         self.out = out[0].args[0] if out and isinstance(out[0].args[0], fx.Node) else None
@@ -244,16 +244,25 @@ def _holds_conv_and_bn(m: nn.Module) -> bool:
             and any(is_fusable_bn(c) or isinstance(c, nn.BatchNorm2d) for c in children))
 
 
-def _residual_add(g: _Graph) -> Optional[fx.Node]:
-    """An add of two values that both depend on the input, anywhere in the graph."""
+def _is_residual(g: _Graph) -> bool:
+    """Whether the graph is shaped like a residual block: it ends in an add (and a
+    ReLU) of two values that both depend on the input, or it adds the input (or one
+    child applied to it) to something else anywhere."""
     if g.x is None:
-        return None
+        return False
     memo: Dict[fx.Node, bool] = {}
+    end = g.skip_identity(g.out, []) if g.out is not None else None
+    if end is not None and g.relu_input(end) is not None:
+        end = g.skip_identity(g.relu_input(end), [])
+    ops = g.add_operands(end) if end is not None else None
+    if ops and all(g.depends_on_x(a, memo) for a in ops):
+        return True
     for n in g.nodes:
         ops = g.add_operands(n)
-        if ops and all(g.depends_on_x(a, memo) for a in ops):
-            return n
-    return None
+        if ops and all(g.depends_on_x(a, memo) for a in ops) and any(
+                g.shortcut(a) is not None for a in ops):
+            return True
+    return False
 
 
 def _calls_a_conv(g: _Graph) -> bool:
@@ -278,7 +287,7 @@ def match_residual_block(block: nn.Module) -> Optional[ResidualPlan]:
         return None
     g = _Graph(block, eval_graph)
     g_train = _Graph(block, train_graph)
-    residual = [x for x in (g, g_train) if _residual_add(x) is not None and _calls_a_conv(x)]
+    residual = [x for x in (g, g_train) if _is_residual(x) and _calls_a_conv(x)]
     if not residual:
         return None
     if str(train_graph) != str(eval_graph):
