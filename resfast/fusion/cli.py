@@ -14,20 +14,22 @@ SOURCES = ("torchvision", "timm")
 
 
 class UnknownModel(ValueError):
-    pass
+    """A name fuse-report cannot build a model from (or the package it needs is missing)."""
 
 
-def _torchvision_names() -> List[str]:
-    import torchvision
-    return torchvision.models.list_models()
+_INSTALL = {"torchvision": "pip install torchvision", "timm": "pip install timm"}
 
 
-def _timm_names() -> List[str]:
+def _names(source: str) -> Optional[List[str]]:
+    """The model names of ``source``; None when the package is not installed."""
     try:
+        if source == "torchvision":
+            import torchvision
+            return torchvision.models.list_models()
         import timm
+        return timm.list_models()
     except ImportError:
-        return []
-    return timm.list_models()
+        return None
 
 
 def _build_torchvision(name: str) -> nn.Module:
@@ -40,10 +42,7 @@ def _build_torchvision(name: str) -> nn.Module:
 
 
 def _build_timm(name: str) -> nn.Module:
-    try:
-        import timm
-    except ImportError:
-        raise UnknownModel("timm models need the timm package: pip install timm") from None
+    import timm
     return timm.create_model(name, pretrained=False)
 
 
@@ -55,17 +54,19 @@ def build_model(name: str) -> nn.Module:
     if source and source not in SOURCES:
         raise UnknownModel(f"unknown source {source!r} in {name!r}: use "
                            + " or ".join(f"{s}:NAME" for s in SOURCES))
-    tv = _torchvision_names() if source in ("", "torchvision") else []
-    tm = _timm_names() if source in ("", "timm") and bare not in tv else []
-    if bare in tv:
-        build = _build_torchvision
-    elif bare in tm:
-        build = _build_timm
-    else:
-        close = difflib.get_close_matches(bare, sorted(set(tv + tm)), n=5)
+    names = {s: _names(s) for s in ((source,) if source else SOURCES)}
+    build = None
+    for s, builder in (("torchvision", _build_torchvision), ("timm", _build_timm)):
+        if bare in (names.get(s) or ()):
+            build = builder
+            break
+    if build is None:
+        known = sorted({n for ns in names.values() for n in ns or ()})
+        close = difflib.get_close_matches(bare, known, n=5)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        where = source or "torchvision or timm"
-        raise UnknownModel(f"no {where} model named {bare!r}{hint}")
+        missing = [f"{s} is not installed ({_INSTALL[s]})" for s, ns in names.items() if ns is None]
+        raise UnknownModel(f"no {source or 'torchvision or timm'} model named {bare!r}{hint}"
+                           + "".join(f"; {m}" for m in missing))
     try:
         with torch.device("meta"):
             return build(bare)
@@ -106,11 +107,11 @@ def fuse_report_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = build_model(args.name)
+        if args.frozen_bn:
+            freeze_batch_norm(model)
     except UnknownModel as e:
         print(f"resfast fuse-report: error: {e}", file=sys.stderr)
         return 2
-    if args.frozen_bn:
-        freeze_batch_norm(model)
     print(f"{args.name}" + (" with FrozenBatchNorm2d" if args.frozen_bn else ""))
     fuse(model, inplace=True, report=True)
     return 0
