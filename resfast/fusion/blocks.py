@@ -24,7 +24,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..nn.fusable import conv_problem, has_hooks, is_frozen_bn, is_fusable_bn, is_identity
+from ..nn.fusable import (
+    bn_channels,
+    conv_problem,
+    has_hooks,
+    is_frozen_bn,
+    is_fusable_bn,
+    is_identity,
+)
 from ..nn.residual import (
     ConvBN,
     FusedResidualBlock,
@@ -131,12 +138,13 @@ class _Graph:
                 return node.args[0], node.args[1]
         return None
 
-    def skip_identity(self, node: fx.Node, seen: List[fx.Node]) -> fx.Node:
+    def skip_identity(self, node: fx.Node, seen: List[fx.Node], check: bool = True) -> fx.Node:
         while True:
             m = self.module(node)
             if m is None or not is_identity(m) or self.one_input(node) is None:
                 return node
-            self.single_use(node)
+            if check:
+                self.single_use(node)
             seen.append(node)
             node = node.args[0]
 
@@ -209,16 +217,17 @@ class _Graph:
             raise NotFusable("no conv -> BN on one side of the add")
         return steps[::-1], seen
 
-    def shortcut(self, node: fx.Node) -> Optional[Tuple[Optional[str], List[fx.Node]]]:
+    def shortcut(self, node: fx.Node, check: bool = True
+                 ) -> Optional[Tuple[Optional[str], List[fx.Node]]]:
         """(None, nodes) for the identity, (path, nodes) for one child applied to
         the input; None when ``node`` is neither."""
         seen: List[fx.Node] = []
-        node = self.skip_identity(node, seen)
+        node = self.skip_identity(node, seen, check)
         if node is self.x:
             return None, seen
         inp = self.one_input(node)
         if (self.module(node) is not None and inp is not None
-                and self.skip_identity(inp, seen) is self.x and len(node.users) == 1):
+                and self.skip_identity(inp, seen, check) is self.x and len(node.users) == 1):
             return node.target, seen + [node]
         return None
 
@@ -251,16 +260,16 @@ def _is_residual(g: _Graph) -> bool:
     if g.x is None:
         return False
     memo: Dict[fx.Node, bool] = {}
-    end = g.skip_identity(g.out, []) if g.out is not None else None
+    end = g.skip_identity(g.out, [], check=False) if g.out is not None else None
     if end is not None and g.relu_input(end) is not None:
-        end = g.skip_identity(g.relu_input(end), [])
+        end = g.skip_identity(g.relu_input(end), [], check=False)
     ops = g.add_operands(end) if end is not None else None
     if ops and all(g.depends_on_x(a, memo) for a in ops):
         return True
     for n in g.nodes:
         ops = g.add_operands(n)
         if ops and all(g.depends_on_x(a, memo) for a in ops) and any(
-                g.shortcut(a) is not None for a in ops):
+                g.shortcut(a, check=False) is not None for a in ops):
             return True
     return False
 
@@ -395,8 +404,8 @@ def _input_channels(block: nn.Module, plan: ResidualPlan) -> int:
     for m in block.get_submodule(step.path):
         if isinstance(m, nn.Conv2d):
             return m.in_channels
-        if hasattr(m, "num_features"):
-            return m.num_features
+        if is_fusable_bn(m):
+            return bn_channels(m)
     raise NotFusable(f"cannot tell the input channels of {step.path}")
 
 

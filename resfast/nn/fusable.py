@@ -16,7 +16,7 @@ from ..functional import BatchNormArgs
 
 __all__ = ["has_hooks", "check_fusable_conv", "check_fusable_bn", "conv_problem",
            "is_fusable_conv", "conv_args", "is_plain_bn", "is_frozen_bn", "is_fusable_bn",
-           "bn_args", "is_plain_relu", "is_identity"]
+           "bn_channels", "bn_args", "is_plain_relu", "is_identity"]
 
 
 def has_hooks(m: nn.Module) -> bool:
@@ -108,6 +108,11 @@ def is_frozen_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
 
 def is_fusable_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
     return is_plain_bn(m, channels) or is_frozen_bn(m, channels)
+
+
+def bn_channels(m: nn.Module) -> int:
+    """The channels of a BatchNorm that :func:`is_fusable_bn` accepts."""
+    return m.num_features if isinstance(m, nn.BatchNorm2d) else m.weight.shape[0]
 
 
 def bn_args(m: nn.Module) -> BatchNormArgs:

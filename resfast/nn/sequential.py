@@ -69,7 +69,7 @@ def fusion_plan(modules) -> List[Step]:
                 plan.append(Step("bn_relu", (i, i + 1)))
                 i, pending = i + 2, True
                 continue
-            if nxt is not None and is_fusable_conv(nxt) and nxt.in_channels == m.num_features:
+            if nxt is not None and is_fusable_conv(nxt) and is_fusable_bn(m, nxt.in_channels):
                 plan.append(Step("bn", (i,)))
                 i, pending = i + 1, True
                 continue

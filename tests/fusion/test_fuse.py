@@ -312,3 +312,28 @@ def test_fuse_gpu(name, training):
     x = torch.randn(8, 3, 224, 224)
     check_equivalence(ref, lambda: fuse(ref), x, training=training, device="cuda",
                       label=f"fused {name}", configs=[(F32, "nhwc"), (BF16, "nhwc")])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(training):
+    """A fused model (timm's blocks, FrozenBatchNorm2d, a Sequential branch) compiles
+    without a graph break and computes what it computes eagerly."""
+    from tests.support import residual_blocks as rb
+
+    def model():
+        torch.manual_seed(0)
+        return rb.randomize_norms_(nn.Sequential(
+            rb.timm_basic_avg_down(3, 8, 2), rb.torchvision_frozen_bottleneck(8, 2),
+            rb.SequentialBody(8, 8))).train(training)
+
+    eager, src = fuse(model()), fuse(model())
+    compiled = torch.compile(src, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    out_e, out_c = eager(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), src.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), src.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=name)
