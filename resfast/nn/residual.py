@@ -12,7 +12,7 @@ Fused, each BN + ReLU is applied while the next conv loads its input, and the
 last BN together with the residual add and the ReLU, in one pass.
 """
 import copy
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -125,7 +125,7 @@ class FusedResidualBlock(nn.Module):
         return f"{self._kind}, fused from {self._fused_from}"
 
 
-def chain_kernel_sizes(block: nn.Module, steps: Tuple[Step, ...]) -> Optional[Tuple[int, ...]]:
+def chain_kernel_sizes(block: nn.Module, steps: Tuple[Step, ...]) -> Tuple[int, ...]:
     """The kernel sizes of the convs of a chain, in order."""
     sizes = []
     for step in steps:
