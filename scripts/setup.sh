@@ -13,8 +13,8 @@ PY=${PYTHON:-python3}
 if ! $PY -c "import torch, torchvision" 2>/dev/null; then
   $PY -m pip install -q "torch==${TORCH_VERSION:-2.14.1}" "torchvision==${TORCHVISION_VERSION:-0.29.1}"
 fi
-$PY -m pip install -q setuptools wheel ninja pybind11 cmake numpy tqdm matplotlib pytest pytest-benchmark \
-  mlxtend
+# The build's own tools (it runs without build isolation, against the installed torch).
+$PY -m pip install -q setuptools wheel ninja pybind11 cmake
 
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   # nvcc on PATH may be a wrapper script; its dry run names the real toolkit root.
@@ -22,5 +22,7 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   export CUDA_HOME
 fi
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-$PY -m pip install -q --no-deps --no-build-isolation -e .
+# resfast with what pyproject.toml declares for it and its tests (timm, ruff ...); the
+# torch installed above satisfies its torch requirement, so pip fetches no other.
+$PY -m pip install -q --no-build-isolation -e ".[test]"
 $PY -m resfast info
