@@ -6,8 +6,6 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as TF
-from timm.layers import BlurPool2d, DropBlock2d, DropPath
-from timm.models import resnet as timm_resnet
 from torch import nn
 
 import resfast
@@ -16,6 +14,10 @@ from resfast.fusion.blocks import NotFusable, match_residual_block
 from resfast.nn import FusedResidualBlock
 from resfast.nn.residual import ConvBN, SequentialStep
 from tests.support import residual_blocks as rb
+
+rb.import_timm()
+from timm.layers import BlurPool2d, DropBlock2d, DropPath  # noqa: E402
+from timm.models import resnet as timm_resnet  # noqa: E402
 
 # ---- recognised -------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ on a representative few by default and on all of them with --run-slow."""
 import warnings
 
 import pytest
-import timm
 import torch
 import torchvision
 from torch import nn
@@ -20,7 +19,9 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 import resfast
 from resfast.fusion import fused_modules, unfused_modules
 from tests.support.equivalence import check_equivalence, fill_, meta_build
-from tests.support.residual_blocks import randomize_norms_
+from tests.support.residual_blocks import import_timm, randomize_norms_
+
+timm = import_timm()
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 STEM = ("conv1", "Conv2d: runs in the forward of ResNet, which resfast does not rewrite")

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import timm
 import torch
 import torchvision
 from torch import nn
@@ -14,6 +13,9 @@ from resfast.__main__ import main
 from resfast.fusion import fused_modules, report, unfused_modules
 from resfast.fusion.cli import build_model, freeze_batch_norm
 from tests.support.equivalence import meta_build
+from tests.support.residual_blocks import import_timm
+
+timm = import_timm()
 
 REPO = Path(__file__).resolve().parents[2]
 

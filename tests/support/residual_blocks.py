@@ -101,13 +101,26 @@ def torchvision_frozen_bottleneck(cin, planes, stride=1):
     return Bottleneck(cin, planes, stride, ds, norm_layer=FrozenBatchNorm2d)
 
 
+def import_timm(module="timm"):
+    """timm, or a skip of the test that needs it: the GPU machine (and check_gpu_stack.sh,
+    its CI twin) has no timm."""
+    import pytest
+    return pytest.importorskip(module, reason="timm is not installed (pip install -e '.[test]')")
+
+
+def _timm_resnet():
+    return import_timm("timm.models.resnet")
+
+
 def timm_basic_avg_down(cin, planes, stride=2):
     """timm's BasicBlock with the average-pool downsample of its ``*d`` ResNets."""
-    from timm.models.resnet import BasicBlock, downsample_avg
+    resnet = _timm_resnet()
+    BasicBlock, downsample_avg = resnet.BasicBlock, resnet.downsample_avg
     return BasicBlock(cin, planes, stride, downsample_avg(cin, planes, 1, stride))
 
 
 def timm_bottleneck(cin, planes, stride=1):
-    from timm.models.resnet import Bottleneck, downsample_conv
+    resnet = _timm_resnet()
+    Bottleneck, downsample_conv = resnet.Bottleneck, resnet.downsample_conv
     ds = downsample_conv(cin, planes * 4, 1, stride) if stride != 1 or cin != planes * 4 else None
     return Bottleneck(cin, planes, stride, ds)
