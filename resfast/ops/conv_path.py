@@ -4,20 +4,38 @@ Both paths keep the fused BatchNorm kernels around the GEMM; they differ in
 where the prologue and the statistics happen (see ``resfast.ops.conv2d_bn``).
 Neither wins everywhere, so the choice is made per problem, by measurement,
 the way ``torch.backends.cudnn.benchmark`` picks cuDNN's algorithms: the first
-call of a shape times every path on the real arguments and remembers the
+call of a problem times every path on the real arguments and remembers the
 fastest for the rest of the process.
+
+The measurement: each path first runs WARMUP + 1 times untimed (Triton compiles,
+cuDNN picks its algorithms, the clocks ramp up), then ROUNDS timed runs per path,
+alternating which path goes first, and the medians decide. A path that raises
+(a Triton tile that does not fit a smaller GPU's shared memory, no CUDA kernel image
+for this GPU) is left out with a warning; only when every path raises does the
+error propagate. Under ``torch.distributed`` the ranks' times are all-reduced
+(maximum) before the choice, so every rank takes the same path: this assumes that
+the ranks meet the same new problems in the same order, as DistributedDataParallel's
+do; where they do not, set ``RESFAST_CONV_PATH``.
+
+float32 precision follows torch's own convolutions (:func:`allow_tf32`); it is part
+of the problem key, as are the layouts of every tensor the paths read.
 
 ``RESFAST_CONV_PATH`` = ``auto`` (the default: measure), ``triton`` or ``cudnn``
 forces one path. Without a CUDA device, or while a CUDA graph is being
 captured (timing would break the capture), ``auto`` takes Triton unmeasured.
 """
+import math
 import os
+import statistics
+import warnings
 from typing import Callable, Dict, Hashable, Tuple
 
 import torch
 
 PATHS = ("triton", "cudnn")
 _DEFAULT = "triton"
+WARMUP = 2
+ROUNDS = 5
 _chosen: Dict[Hashable, str] = {}
 
 
@@ -28,19 +46,59 @@ def mode() -> str:
     return m
 
 
-def _cuda_time_ms(fn: Callable[[], object], reps: int = 3) -> float:
-    fn()  # compile / autotune / allocate outside the timed region
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
+def allow_tf32() -> bool:
+    """Whether torch lets its own float32 convolutions on the GPU use TF32: the cuDNN path
+    then does, and the Triton path is told to. Resolved as torch resolves it: the
+    convolution setting, else cuDNN's, else the global one (``fp32_precision``, "none"
+    meaning "ask the parent"); torch without that API has only ``cudnn.allow_tf32``."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is None or not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for precision in (conv.fp32_precision, torch.backends.cudnn.fp32_precision,
+                      torch.backends.fp32_precision):
+        if precision != "none":
+            return precision == "tf32"
+    return False
 
 
-def choose(key: Hashable, impls: Dict[str, Callable], args: Tuple, device: torch.device,
-           timer: Callable[[Callable[[], object]], float] = _cuda_time_ms) -> str:
+def _cuda_time_ms(runs: Dict[str, Callable[[], object]]) -> Dict[str, float]:
+    """The median time of each run in milliseconds, on the current device: WARMUP untimed
+    calls of every run first, then ROUNDS rounds of one timed call each, alternating the
+    order so that no path is always the one timed after an idle gap."""
+    for run in runs.values():
+        for _ in range(WARMUP):
+            run()
+    names = list(runs)
+    events = []
+    for r in range(ROUNDS):
+        for name in names if r % 2 == 0 else names[::-1]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runs[name]()
+            end.record()
+            events.append((name, start, end))
+    torch.cuda.synchronize()
+    samples = {name: [] for name in names}
+    for name, start, end in events:
+        samples[name].append(start.elapsed_time(end))
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _same_on_every_rank(times: Dict[str, float], device: torch.device) -> Dict[str, float]:
+    """Each path's time as the slowest rank measured it (a path that failed anywhere is inf
+    everywhere), so that every rank of a distributed job chooses alike."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return times
+    names = sorted(times)
+    on = device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
+    t = torch.tensor([times[n] for n in names], dtype=torch.float64, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(names, t.tolist()))
+
+
+def choose(key: Hashable, impls: Dict[str, Callable], args: Tuple, device: torch.device) -> str:
     """The name of the path (a key of ``impls``) to run ``args`` with."""
     m = mode()
     if m != "auto":
@@ -49,9 +107,30 @@ def choose(key: Hashable, impls: Dict[str, Callable], args: Tuple, device: torch
         return _chosen[key]
     if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return _DEFAULT
-    times = {name: timer(lambda f=f: f(*args)) for name, f in impls.items()}
-    _chosen[key] = min(times, key=times.get)
-    return _chosen[key]
+    with torch.cuda.device(device):
+        runs, errors = {}, {}
+        for name, impl in impls.items():
+            try:
+                impl(*args)  # the first call: compiles, and shows whether the path runs at all
+            except Exception as e:  # whatever it is, the other path may run
+                errors[name] = e
+                warnings.warn(f"resfast.conv2d_bn: the {name} path cannot run {key}: "
+                              f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
+            else:
+                runs[name] = (lambda impl=impl: impl(*args))
+        times = dict.fromkeys(errors, math.inf)
+        if len(runs) > 1:
+            times.update(_cuda_time_ms(runs))
+        else:
+            times.update(dict.fromkeys(runs, 0.0))
+        times = _same_on_every_rank(times, device)
+    best = min(impls, key=lambda name: times[name])
+    if math.isinf(times[best]):
+        if errors:
+            raise next(iter(errors.values()))
+        raise RuntimeError(f"resfast.conv2d_bn: no path runs {key} on every rank")
+    _chosen[key] = best
+    return best
 
 
 def chosen_paths() -> Dict[Hashable, str]:
