@@ -12,10 +12,10 @@ cuDNN picks its algorithms, the clocks ramp up), then ROUNDS timed runs per path
 alternating which path goes first, and the medians decide. A path that raises
 (a Triton tile that does not fit a smaller GPU's shared memory, no CUDA kernel image
 for this GPU) is left out with a warning; only when every path raises does the
-error propagate. Under ``torch.distributed`` the ranks' times are all-reduced
-(maximum) before the choice, so every rank takes the same path: this assumes that
-the ranks meet the same new problems in the same order, as DistributedDataParallel's
-do; where they do not, set ``RESFAST_CONV_PATH``.
+error propagate. Under ``torch.distributed`` every rank takes the same path: the
+first rank to finish measuring a problem publishes its choice in the job's store,
+and the others take it. That needs no collective, so a rank that meets a problem
+alone (rank 0 evaluating, say) never waits for the others.
 
 float32 precision follows torch's own convolutions (:func:`allow_tf32`); it is part
 of the problem key, as are the layouts of every tensor the paths read.
@@ -24,7 +24,7 @@ of the problem key, as are the layouts of every tensor the paths read.
 forces one path. Without a CUDA device, or while a CUDA graph is being
 captured (timing would break the capture), ``auto`` takes Triton unmeasured.
 """
-import math
+import hashlib
 import os
 import statistics
 import warnings
@@ -84,18 +84,21 @@ def _cuda_time_ms(runs: Dict[str, Callable[[], object]]) -> Dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def _same_on_every_rank(times: Dict[str, float], device: torch.device) -> Dict[str, float]:
-    """Each path's time as the slowest rank measured it (a path that failed anywhere is inf
-    everywhere), so that every rank of a distributed job chooses alike."""
+def _agreed(key: Hashable, choice: str, runnable) -> str:
+    """The path every rank of a distributed job takes for key: the first rank's choice,
+    through the job's key-value store (compare_set keeps the first value written). A path
+    that another rank chose but that cannot run here leaves this rank with its own."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return times
-    names = sorted(times)
-    on = device if "nccl" in str(dist.get_backend()) else torch.device("cpu")
-    t = torch.tensor([times[n] for n in names], dtype=torch.float64, device=on)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return dict(zip(names, t.tolist()))
+        return choice
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    # the same name on every rank: devices by type (each rank has its own cuda:N)
+    shared = tuple(k.type if isinstance(k, torch.device) else k for k in key)
+    name = "resfast/conv_path/" + hashlib.sha1(repr(shared).encode()).hexdigest()
+    agreed = _get_default_store().compare_set(name, "", choice).decode()
+    return agreed if agreed in runnable else choice
 
 
 def choose(key: Hashable, impls: Dict[str, Callable], args: Tuple, device: torch.device) -> str:
@@ -118,19 +121,11 @@ def choose(key: Hashable, impls: Dict[str, Callable], args: Tuple, device: torch
                               f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=2)
             else:
                 runs[name] = (lambda impl=impl: impl(*args))
-        times = dict.fromkeys(errors, math.inf)
-        if len(runs) > 1:
-            times.update(_cuda_time_ms(runs))
-        else:
-            times.update(dict.fromkeys(runs, 0.0))
-        times = _same_on_every_rank(times, device)
-    best = min(impls, key=lambda name: times[name])
-    if math.isinf(times[best]):
-        if errors:
+        if not runs:
             raise next(iter(errors.values()))
-        raise RuntimeError(f"resfast.conv2d_bn: no path runs {key} on every rank")
-    _chosen[key] = best
-    return best
+        times = _cuda_time_ms(runs) if len(runs) > 1 else dict.fromkeys(runs, 0.0)
+    _chosen[key] = _agreed(key, min(times, key=times.get), runs)
+    return _chosen[key]
 
 
 def chosen_paths() -> Dict[Hashable, str]:
