@@ -1,4 +1,4 @@
-"""`resfast` command line: info, summary, train, reproduce, bench."""
+"""`resfast` command line: info, summary, fuse-report, train, reproduce, bench."""
 import sys
 
 USAGE = """usage: resfast COMMAND [ARGS]
@@ -6,6 +6,7 @@ USAGE = """usage: resfast COMMAND [ARGS]
 commands:
   info                what was built: CUDA archs, kernels, versions, the GPU
   summary NAME        layers, output shapes, parameters and multiply-adds of a model
+  fuse-report NAME    what resfast.fuse fuses in a torchvision or timm model, and why not the rest
   train [OPTIONS]     train a network end to end (resfast train --help)
   reproduce WHAT      reproduce a paper's experiment (resfast reproduce degradation)
   bench [OPTIONS]     throughput against torch eager and torch.compile (resfast bench --help)
@@ -26,6 +27,12 @@ def _summary(argv):
     return summary_main(argv)
 
 
+def _fuse_report(argv):
+    from resfast.fusion.cli import fuse_report_main
+
+    return fuse_report_main(argv)
+
+
 def _train(argv):
     from resfast.train import train_main
 
@@ -44,8 +51,8 @@ def _bench(argv):
     return bench_main(argv)
 
 
-COMMANDS = {"info": _info, "summary": _summary, "train": _train, "reproduce": _reproduce,
-            "bench": _bench}
+COMMANDS = {"info": _info, "summary": _summary, "fuse-report": _fuse_report, "train": _train,
+            "reproduce": _reproduce, "bench": _bench}
 
 
 def main(argv=None):

@@ -46,6 +46,15 @@ class BatchNormArgs(NamedTuple):
                    getattr(bn, "stats_reducer", None))
 
 
+def constant_batch_norm(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
+                        eps: float) -> BatchNormArgs:
+    """A BatchNorm whose statistics and affine are constants, in training mode too
+    (torchvision's ``FrozenBatchNorm2d``): ``(x - mean) / sqrt(var + eps) * weight
+    + bias``. It folds into the conv like eval-mode BN and updates nothing;
+    gradients reach the tensors that require them (usually none of these)."""
+    return BatchNormArgs(weight, bias, mean, var, None, training=False, momentum=None, eps=eps)
+
+
 class Pending(NamedTuple):
     """The activation ``relu(y * scale + shift)`` (``relu`` optional), not yet computed."""
 

@@ -12,40 +12,7 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..functional import BatchNormArgs
-
-
-def check_fusable_conv(conv: nn.Module, name: str = "conv") -> None:
-    """Raise ValueError unless ``conv`` is a Conv2d the fused kernel computes."""
-    if not isinstance(conv, nn.Conv2d):
-        raise ValueError(f"{name} must be an nn.Conv2d, got {type(conv).__name__}")
-    k = conv.kernel_size
-    problems = []
-    if k[0] != k[1]:
-        problems.append(f"non-square kernel {k}")
-    if conv.stride[0] != conv.stride[1] or conv.stride[0] not in (1, 2):
-        problems.append(f"stride {conv.stride}")
-    if isinstance(conv.padding, str) or conv.padding[0] != conv.padding[1]:
-        problems.append(f"padding {conv.padding}")
-    if conv.dilation != (1, 1):
-        problems.append(f"dilation {conv.dilation}")
-    if conv.groups != 1:
-        problems.append(f"groups={conv.groups}")
-    if conv.padding_mode != "zeros":
-        problems.append(f"padding_mode={conv.padding_mode!r}")
-    if problems:
-        raise ValueError(f"{name} cannot be fused: " + ", ".join(problems))
-
-
-def check_fusable_bn(bn: nn.Module, channels: int, name: str = "bn") -> None:
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise ValueError(f"{name} must be an nn.BatchNorm2d, got {type(bn).__name__}")
-    if bn.num_features != channels:
-        raise ValueError(f"{name} has {bn.num_features} features but the conv gives {channels} "
-                         "channels")
-
-
-def _conv_args(conv: nn.Conv2d):
-    return dict(stride=conv.stride[0], padding=conv.padding[0])
+from .fusable import check_fusable_bn, check_fusable_conv, conv_args
 
 
 class Conv2dBNReLU(nn.Module):
@@ -76,7 +43,7 @@ class Conv2dBNReLU(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv_bn_relu(x, self.conv.weight, self.conv.bias, BatchNormArgs.of(self.bn),
-                              relu=self.relu, **_conv_args(self.conv))
+                              relu=self.relu, **conv_args(self.conv))
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -113,7 +80,7 @@ class BNReLUConv2d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.bn_relu_conv(x, BatchNormArgs.of(self.bn), self.conv.weight, self.conv.bias,
-                              **_conv_args(self.conv))
+                              **conv_args(self.conv))
 
 
 def _shortcut(x: Tensor, downsample: Optional[nn.Module],

@@ -3,55 +3,19 @@
 The plan (:func:`fusion_plan`) groups runs of ``Conv2d -> BatchNorm2d -> ReLU``
 (also ``Conv2d -> BatchNorm2d``, ``Conv2d -> ReLU`` and ``BatchNorm2d -> ReLU``)
 into fused steps; everything else runs as it is. The VGG networks' ``features``
-are one, and ``resfast.fuse`` makes users' Sequentials into them. The
-predicates here (:func:`conv_problem`, :func:`is_plain_bn` ...) say what the
-fused ops can take in place of a torch.nn module.
+are one, and ``resfast.fuse`` makes users' Sequentials into them. What counts
+as a fusable conv, BatchNorm (``nn.BatchNorm2d`` or torchvision's
+``FrozenBatchNorm2d``) or ReLU is decided in :mod:`.fusable`.
 """
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import functional as F
-from ..functional import BatchNormArgs
-from .layers import check_fusable_conv
+from .fusable import bn_args, conv_args, is_fusable_bn, is_fusable_conv, is_plain_relu
 
-__all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS",
-           "has_hooks", "conv_problem", "is_fusable_conv", "is_plain_bn", "is_plain_relu"]
-
-
-# ---- what can be fused --------------------------------------------------------------
-
-def has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
-def conv_problem(m: nn.Module, name: str = "conv") -> Optional[str]:
-    """Why ``m`` cannot run as a fused conv (None: it can)."""
-    if not isinstance(m, nn.Conv2d) or type(m).forward is not nn.Conv2d.forward:
-        return f"{name} is a {type(m).__name__}, not a plain nn.Conv2d"
-    if has_hooks(m):
-        return f"{name} has hooks"
-    try:
-        check_fusable_conv(m, name)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def is_fusable_conv(m: nn.Module) -> bool:
-    return conv_problem(m) is None
-
-
-def is_plain_bn(m: nn.Module, channels: Optional[int] = None) -> bool:
-    return (isinstance(m, nn.BatchNorm2d) and type(m).forward is nn.BatchNorm2d.forward
-            and not has_hooks(m)
-            and (channels is None or m.num_features == channels))
-
-
-def is_plain_relu(m: nn.Module) -> bool:
-    return type(m) is nn.ReLU and not has_hooks(m)
+__all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS"]
 
 
 # ---- the plan of a Sequential -------------------------------------------------------
@@ -83,7 +47,7 @@ def fusion_plan(modules) -> List[Step]:
         m = mods[i]
         nxt = mods[i + 1] if i + 1 < n else None
         if is_fusable_conv(m):
-            if nxt is not None and is_plain_bn(nxt, m.out_channels):
+            if nxt is not None and is_fusable_bn(nxt, m.out_channels):
                 if i + 2 < n and is_plain_relu(mods[i + 2]):
                     plan.append(Step("conv_bn_relu", (i, i + 1, i + 2)))
                     i += 3
@@ -100,12 +64,12 @@ def fusion_plan(modules) -> List[Step]:
                 plan.append(Step("conv", (i,)))
                 i, pending = i + 1, False
                 continue
-        elif is_plain_bn(m):
+        elif is_fusable_bn(m):
             if nxt is not None and is_plain_relu(nxt):
                 plan.append(Step("bn_relu", (i, i + 1)))
                 i, pending = i + 2, True
                 continue
-            if nxt is not None and is_fusable_conv(nxt) and nxt.in_channels == m.num_features:
+            if nxt is not None and is_fusable_conv(nxt) and is_fusable_bn(m, nxt.in_channels):
                 plan.append(Step("bn", (i,)))
                 i, pending = i + 1, True
                 continue
@@ -130,14 +94,13 @@ def run_plan(modules, plan: List[Step], x):
         kind, idx = step
         if kind.startswith("conv"):
             conv = modules[idx[0]]
-            args = dict(stride=conv.stride[0], padding=conv.padding[0])
             if kind.startswith("conv_bn"):
-                h = F.conv_bn_pending(h, conv.weight, conv.bias, BatchNormArgs.of(modules[idx[1]]),
-                                      relu=kind == "conv_bn_relu", **args)
+                h = F.conv_bn_pending(h, conv.weight, conv.bias, bn_args(modules[idx[1]]),
+                                      relu=kind == "conv_bn_relu", **conv_args(conv))
             else:
-                h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **args)
+                h = F.conv2d(h, conv.weight, conv.bias, relu=kind == "conv_relu", **conv_args(conv))
         elif kind.startswith("bn"):
-            h = F.batch_norm_pending(F.materialize(h), BatchNormArgs.of(modules[idx[0]]),
+            h = F.batch_norm_pending(F.materialize(h), bn_args(modules[idx[0]]),
                                      relu=kind == "bn_relu")
         else:
             h = modules[idx[0]](F.materialize(h))

@@ -3,7 +3,9 @@
 After fusing, the state_dict is the same (keys and values), the model computes
 the same function (outputs, every gradient, BN running statistics: see
 tests/support/equivalence.py for the tolerances), what was fused is listed,
-and what cannot be fused is left as it was.
+and what cannot be fused is left as it was. timm's models, FrozenBatchNorm2d
+and torchvision's detection and segmentation models: test_models.py; how blocks
+are recognised: test_blocks.py; the report and the CLI: test_report.py.
 """
 import subprocess
 import sys
@@ -14,23 +16,25 @@ import torch
 import torch.nn.functional as TF
 import torchvision
 from torch import nn
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resfast
-from resfast import nn as rnn
-from resfast.fusion import fuse, fused_modules
-from resfast.nn import FusedSequential, fusion_plan
+from resfast.fusion import fuse, fused_modules, unfused_modules
+from resfast.nn import FusedResidualBlock, FusedSequential, fusion_plan
 from tests.support.equivalence import build, check_equivalence, fill_, meta_build
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _same_state(a: nn.Module, b: nn.Module):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
     for k in sa:
-        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+        assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape, k
+        assert sa[k].device.type == "meta" or torch.equal(sa[k], sb[k]), k
+
+
+DOWNSAMPLE = "Sequential(conv_bn x1)"
 
 
 # ---- torchvision -----------------------------------------------------------------------
@@ -43,10 +47,13 @@ def test_resnet18_fused_and_equivalent():
     _same_state(fused, ref)
     listed = dict(fused_modules(fused))
     blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
-    assert listed == {"": "ResNet stem (conv1 -> bn1 -> relu)", **{b: "BasicBlock" for b in blocks}}
-    assert all(isinstance(fused.get_submodule(b), rnn.BasicBlock) for b in blocks)
-    # the blocks share the child modules of the model they came from (no copies)
+    assert listed == {"": "ResNet stem (conv1 -> bn1 -> relu)", **{b: "BasicBlock" for b in blocks},
+                      **{f"layer{i}.0.downsample": DOWNSAMPLE for i in (2, 3, 4)}}
+    assert unfused_modules(fused) == []
+    assert all(isinstance(fused.get_submodule(b), FusedResidualBlock) for b in blocks)
+    # the blocks run the torchvision block's own children (no copies), which keep their names
     assert fused.layer2[0].downsample[0] is fused.get_submodule("layer2.0.downsample.0")
+    assert fused.layer2[0].residual_plan.shortcut == "downsample"
     x = torch.randn(2, 3, 64, 64)
     check_equivalence(ref, lambda: fuse(ref), x, training=True, label="fused resnet18",
                       configs=[(F64, "nchw"), (BF16, "nhwc")])
@@ -61,6 +68,7 @@ def test_resnet50_fused_and_equivalent():
     _same_state(fused, ref)
     kinds = [k for _, k in fused_modules(fused)]
     assert kinds.count("Bottleneck") == 16 and kinds[0].startswith("ResNet stem")
+    assert unfused_modules(fused) == []
     x = torch.randn(2, 3, 64, 64)
     check_equivalence(ref, lambda: fuse(ref), x, training=True, configs=[(F64, "nchw")],
                       label="fused resnet50")
@@ -92,19 +100,15 @@ def test_vgg_plans(name, plan):
 
 
 def test_unfusable_torchvision_models_left_as_they_were(capsys):
-    # grouped 3x3 convs (ResNeXt) and FrozenBatchNorm2d are not fused; the stem still is
-    # (their downsample Sequentials, Conv2d -> BatchNorm2d, still are)
+    # grouped 3x3 convs (ResNeXt) keep the blocks as they were; the stem and the downsample
+    # Sequentials (Conv2d -> BatchNorm2d) are still fused
     resnext = fuse(meta_build(torchvision.models.resnext50_32x4d), report=True)
     assert fused_modules(resnext) == [("", "ResNet stem (conv1 -> bn1 -> relu)")] + [
-        (f"layer{i}.0.downsample", "Sequential(conv_bn x1)") for i in range(1, 5)]
-    assert (type(resnext.layer1[0]).__name__ == "Bottleneck"
-            and not isinstance(resnext.layer1[0], rnn.Bottleneck))
+        (f"layer{i}.0.downsample", DOWNSAMPLE) for i in range(1, 5)]
+    assert type(resnext.layer1[0]) is torchvision.models.resnet.Bottleneck
     out = capsys.readouterr().out
     assert "kept   layer1.0: Bottleneck: conv2 cannot be fused: groups=32" in out
-    frozen = fuse(meta_build(lambda: torchvision.models.resnet18(norm_layer=FrozenBatchNorm2d)),
-                  report=True)
-    assert [k for _, k in fused_modules(frozen)] == []
-    assert "bn1 is not a plain nn.BatchNorm2d" in capsys.readouterr().out
+    assert len(unfused_modules(resnext)) == 16
     # wide ResNets are ordinary bottlenecks with wider 3x3s
     wide = fuse(meta_build(torchvision.models.wide_resnet50_2))
     assert [k for _, k in fused_modules(wide)].count("Bottleneck") == 16
@@ -153,11 +157,20 @@ class CifarBottleneck(nn.Module):
 
 
 class NoFinalReLU(CifarBlock):
-    """Same children as a BasicBlock, another function: must not be fused."""
+    """Same children as a BasicBlock, another function (no ReLU after the add): fused
+    as what it computes."""
 
     def forward(self, x):
         out = TF.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out)) + self.shortcut(x)
+
+
+class ScaledBranch(CifarBlock):
+    """Same children as a BasicBlock, plus a multiplication: must not be fused."""
+
+    def forward(self, x):
+        out = TF.relu(self.bn1(self.conv1(x)))
+        return TF.relu(0.5 * self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class HandWritten(nn.Module):
@@ -166,7 +179,7 @@ class HandWritten(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
                                   nn.ReLU(inplace=True))
         self.blocks = nn.Sequential(CifarBlock(16, 16), CifarBlock(16, 32, 2), NoFinalReLU(32, 32),
-                                    CifarBottleneck(32, 8))
+                                    ScaledBranch(32, 32), CifarBottleneck(32, 8))
         self.mixed = nn.Sequential(
             nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),  # 0-1 conv_relu
             nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 1),  # 2-3 bn_relu, 4 conv
@@ -201,19 +214,27 @@ def test_hand_written_model(capsys):
         "stem": "Sequential(conv_bn_relu x1)",
         "blocks.0": "BasicBlock",
         "blocks.1": "BasicBlock",
-        "blocks.3": "Bottleneck",
+        "blocks.1.shortcut": DOWNSAMPLE,
+        "blocks.2": "BasicBlock without a ReLU after the add",
+        "blocks.4": "Bottleneck",
+        "blocks.4.downsample": DOWNSAMPLE,
         "mixed": "Sequential(conv_relu x1, bn_relu x3, conv x1, conv_bn x1)",
     }
-    assert "kept   blocks.2: BasicBlock: looks like a BasicBlock but does not compute" in out
+    assert unfused_modules(fused) == [
+        ("blocks.3", "ScaledBranch: mul() in the residual branch computes something besides conv, "
+                     "BN and ReLU"),
+        ("mixed.5", "Conv2d: the conv cannot be fused: groups=4"),
+        ("mixed.11", "Conv2d: the conv has hooks")]
+    assert "kept   blocks.3: ScaledBranch: mul() in the residual branch" in out
     assert [(s.kind, s.index) for s in fusion_plan(fused.mixed)] == [
         ("conv_relu", (0, 1)), ("bn_relu", (2, 3)), ("conv", (4,)), ("module", (5,)),
         ("bn_relu", (6, 7)),
         ("conv_bn", (8, 9)), ("module", (10,)), ("module", (11,)), ("bn_relu", (12, 13))]
-    assert type(fused.blocks[2]) is NoFinalReLU
-    # the shortcut keeps its name in the state_dict; the identity one is the empty Sequential
+    assert type(fused.blocks[3]) is ScaledBranch
+    # the children keep their names; the identity shortcut (an empty Sequential) is skipped
     assert "blocks.1.shortcut.0.weight" in fused.state_dict()
-    assert (fused.blocks[0].downsample is None
-            and fused.blocks[1].downsample is fused.blocks[1].shortcut)
+    assert fused.blocks[0].residual_plan.shortcut is None
+    assert fused.blocks[1].residual_plan.shortcut == "shortcut"
     # the hooked conv ran as a module, so its hook still fires
     calls.clear()
     fused(torch.randn(2, 3, 16, 16))
@@ -243,14 +264,14 @@ def test_fused_sequential_keeps_the_input_layout():
 def test_inplace_idempotent_and_top_level_block():
     model = _hand_written([])
     same = fuse(model, inplace=True)
-    assert same is model and isinstance(model.blocks[0], rnn.BasicBlock)
+    assert same is model and isinstance(model.blocks[0], FusedResidualBlock)
     before = fused_modules(model)
     again = fuse(model)
     assert fused_modules(again) == before
     # a block given as the model itself is replaced (use the return value)
     block = fill_(torchvision.models.resnet.BasicBlock(8, 8))
     fused = fuse(block)
-    assert isinstance(fused, rnn.BasicBlock) and fused_modules(fused) == [("", "BasicBlock")]
+    assert isinstance(fused, FusedResidualBlock) and fused_modules(fused) == [("", "BasicBlock")]
     x = torch.randn(2, 8, 6, 6)
     block.eval(), fused.eval()
     torch.testing.assert_close(fused(x), block(x), rtol=1e-5, atol=1e-5)
@@ -275,6 +296,7 @@ def test_fused_torchvision_resnet_pickles(tmp_path):
         f"m = torch.load({str(path)!r}, weights_only=False)\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r})\n"
         "assert type(m).__name__ == '_FusedTorchvisionResNet', type(m)\n"
+        "assert type(m.layer1[0]).__name__ == 'FusedResidualBlock', type(m.layer1[0])\n"
         "with torch.no_grad(): torch.testing.assert_close(m(x), y)\n"
         "print('ok')\n")
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
@@ -290,3 +312,28 @@ def test_fuse_gpu(name, training):
     x = torch.randn(8, 3, 224, 224)
     check_equivalence(ref, lambda: fuse(ref), x, training=training, device="cuda",
                       label=f"fused {name}", configs=[(F32, "nhwc"), (BF16, "nhwc")])
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_compile_fullgraph(training):
+    """A fused model (timm's blocks, FrozenBatchNorm2d, a Sequential branch) compiles
+    without a graph break and computes what it computes eagerly."""
+    from tests.support import residual_blocks as rb
+
+    def model():
+        torch.manual_seed(0)
+        return rb.randomize_norms_(nn.Sequential(
+            rb.timm_basic_avg_down(3, 8, 2), rb.torchvision_frozen_bottleneck(8, 2),
+            rb.SequentialBody(8, 8))).train(training)
+
+    eager, src = fuse(model()), fuse(model())
+    compiled = torch.compile(src, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    out_e, out_c = eager(x), compiled(x)
+    torch.testing.assert_close(out_c, out_e)
+    out_e.square().sum().backward()
+    out_c.square().sum().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), src.parameters()):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), src.buffers()):
+        torch.testing.assert_close(b_c, b_e, msg=name)
