@@ -3,9 +3,12 @@ when a CUDA toolkit and a CUDA build of torch are present.
 
 Environment:
   RESFAST_SKIP_CUDA=1       build the CPU part only
-  TORCH_CUDA_ARCH_LIST      CUDA archs to build for (default "9.0"); never
-                            derived from the local GPU, so a GPU-less machine
-                            builds the same extension
+  TORCH_CUDA_ARCH_LIST      CUDA archs to build for. Default: the visible GPU's arch
+                            when there is one, else DEFAULT_ARCHS, the GPUs people
+                            train on (A100, A10/RTX 30, L40S/RTX 40, H100/H200) plus
+                            PTX for newer ones; no GPU is ever required. On a GPU the
+                            build has no image for, the ops fall back to ATen with
+                            one warning (csrc/cuda/fallback.h)
   CUDA_HOME                 the toolkit root
   MAX_JOBS                  parallel compile jobs (default: from cores and memory)
   RESFAST_PY_LIMITED_API=1  build against Python's stable ABI (resfast/_C.abi3.so): one
@@ -30,7 +33,7 @@ from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_ARCHS = "9.0"
+DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _max_jobs():
@@ -44,6 +47,26 @@ def _max_jobs():
 
 def _limited_api():
     return os.environ.get("RESFAST_PY_LIMITED_API", "0") == "1"
+
+
+def cuda_archs():
+    """TORCH_CUDA_ARCH_LIST if set; else the visible GPU's arch ("8.6"); else DEFAULT_ARCHS."""
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs:
+        return archs
+    try:
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"{major}.{minor}"
+    except RuntimeError:  # a driver too old for this torch, a GPU in a bad state: no GPU here
+        pass
+    return DEFAULT_ARCHS
+
+
+# nvcc flags. No --use_fast_math: it flushes denormals to zero and makes division and
+# square roots approximate in the BatchNorm statistics, finalize and backward kernels,
+# whose results must match torch's within a small multiple of its own rounding error.
+NVCC_FLAGS = ["-O3", "-std=c++20", "-DRESFAST_WITH_CUDA", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def _want_cuda():
@@ -81,7 +104,8 @@ def _extension():
         return CppExtension("resfast._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                             extra_link_args=OPENMP, py_limited_api=_limited_api())
 
-    archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    archs = cuda_archs()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's build helpers compile for
     cxx_flags += ["-DRESFAST_WITH_CUDA", f'-DRESFAST_CUDA_ARCHS="{archs}"']
     include_dirs = []
     # ATen's CUDA headers pull in cuBLAS, which pip's wheels keep outside the toolkit.
@@ -91,13 +115,12 @@ def _extension():
         include_dirs.append(os.path.abspath(nvidia_include))
     return CUDAExtension(
         "resfast._C",
-        cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+        cpu_sources + sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp")),
         include_dirs=include_dirs,
         extra_link_args=OPENMP,
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DRESFAST_WITH_CUDA",
-                     "--expt-relaxed-constexpr", "-lineinfo"],
+            "nvcc": NVCC_FLAGS,
         },
         py_limited_api=_limited_api(),
     )
@@ -124,11 +147,13 @@ class BuildWithCpuIsas(BuildExtension):
         super().build_extension(ext)
 
 
-os.environ.setdefault("MAX_JOBS", _max_jobs())
-
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildWithCpuIsas.with_options(use_ninja=True)},
-    # torch defines Py_LIMITED_API as 3.10's; a wheel built so is tagged cp310-abi3
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if _limited_api() else {},
-)
+# pip's build backend and `python setup.py` both run this file as __main__; the tests load
+# it under another name to check cuda_archs() and NVCC_FLAGS without building.
+if __name__ == "__main__":
+    os.environ.setdefault("MAX_JOBS", _max_jobs())
+    setup(
+        ext_modules=[_extension()],
+        cmdclass={"build_ext": BuildWithCpuIsas.with_options(use_ninja=True)},
+        # torch defines Py_LIMITED_API as 3.10's; a wheel built so is tagged cp310-abi3
+        options={"bdist_wheel": {"py_limited_api": "cp310"}} if _limited_api() else {},
+    )

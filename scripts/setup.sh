@@ -4,8 +4,8 @@
 # Installs torch first (the CUDA 13 build, which can compile .cu files even
 # without a GPU), then builds resfast._C against it without build isolation, so
 # pip never fetches a second torch. The CUDA kernels are built when a toolkit
-# is found (RESFAST_SKIP_CUDA=1 skips them), for TORCH_CUDA_ARCH_LIST (default
-# 9.0), never for the local GPU.
+# is found (RESFAST_SKIP_CUDA=1 skips them), for TORCH_CUDA_ARCH_LIST (default:
+# setup.py's, the visible GPU's arch or, without one, 8.0 8.6 8.9 9.0+PTX).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -21,7 +21,6 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null; then
   CUDA_HOME=$(cd "$(nvcc --dryrun -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p' | head -1)" && pwd)
   export CUDA_HOME
 fi
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 # resfast with what pyproject.toml declares for it and its tests (timm, ruff ...); the
 # torch installed above satisfies its torch requirement, so pip fetches no other.
 $PY -m pip install -q --no-build-isolation -e ".[test]"

@@ -40,3 +40,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_float32_convolutions():
+    """float32 results are held to float64 references at 2e-5, which TF32 does not meet;
+    torch lets cuDNN's float32 convolutions use TF32 by default, and resfast's conv follows
+    torch's setting on both its GPU paths. So TF32 is off in every test, unless the test
+    turns it on (tests/ops/test_conv2d_bn_gpu_paths.py does, to check that it is followed)."""
+    before = torch._C._get_cudnn_allow_tf32()
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = before

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fallback.h"
 #include "vec.cuh"
 
 namespace resfast::cuda {
@@ -103,9 +104,9 @@ __global__ __launch_bounds__(kThreads) void bn_act_backward_kernel(
 #pragma unroll
           for (int i = 0; i < VEC; ++i) z[i] += res[i];
         }
-        // A product, not a select, as the reference computes g * (z > 0).
+        // torch's threshold_backward: 0 where z <= 0, the gradient elsewhere (NaN z too).
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) gv[i] *= z[i] > A(0) ? A(1) : A(0);
+        for (int i = 0; i < VEC; ++i) gv[i] = z[i] <= A(0) ? A(0) : gv[i];
       }
       if (grad_y) {
         if (scale) {
@@ -204,6 +205,7 @@ __global__ __launch_bounds__(kThreads) void column_sum_kernel(const A* __restric
 at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                        const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu) {
   check_bn_act_inputs(y, scale, shift, residual);
+  if (!use_kernels(y.device())) return aten_fallback::bn_act(y, scale, shift, residual, relu);
   at::Tensor out = at::empty_like(y);
   const int64_t C = y.size(1);
   if (y.numel() == 0) return out;
@@ -240,6 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     std::array<bool, 4> output_mask) {
   check_bn_act_inputs(y, scale, shift, residual);
   check_same_as(grad_out, y, "grad_out", "y");
+  if (!use_kernels(y.device())) {
+    return aten_fallback::bn_act_backward(grad_out, y, scale, shift, residual, relu, output_mask);
+  }
   const auto dt = stats_dtype(y);
   const int64_t C = y.size(1);
   const bool sums = scale.has_value() && (output_mask[1] || output_mask[2]);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fallback.h"
 #include "vec.cuh"
 
 namespace resfast::cuda {
@@ -72,12 +73,9 @@ __global__ __launch_bounds__(kChannelThreads) void bn_update_running_stats_kerne
 
 unsigned channel_blocks(int64_t C) { return static_cast<unsigned>((C + kChannelThreads - 1) / kChannelThreads); }
 
-// Per-channel vectors of a float32/float64 computation: `t` as dtype `dt`, contiguous.
-at::Tensor channel_input(const at::Tensor& t, int64_t C, const at::Tensor& ref, const char* name,
-                         at::ScalarType dt) {
-  check_channel_vector(t, C, ref, name);
-  return t.to(dt).contiguous();
-}
+// Per-channel vectors (checked by the op) of a float32/float64 computation: `t` as dtype `dt`,
+// contiguous.
+at::Tensor channel_input(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
 
 // float32 and float64 compute in their own dtype; float16 and bfloat16 in float32.
 at::ScalarType compute_dtype(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
@@ -85,16 +83,15 @@ at::ScalarType compute_dtype(at::ScalarType dt) { return dt == at::kDouble ? at:
 std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(const at::Tensor& mean, const at::Tensor& var,
                                                     const std::optional<at::Tensor>& weight,
                                                     const std::optional<at::Tensor>& bias, double eps) {
-  TORCH_CHECK_VALUE(mean.dim() == 1 && var.sizes() == mean.sizes(), "mean and var must be 1-D of equal size, got ",
-                    mean.sizes(), " and ", var.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(mean.scalar_type()), "mean must be floating point, got ", mean.scalar_type());
+  check_finalize_inputs(mean, var, weight, bias);
+  if (!use_kernels(mean.device())) return aten_fallback::bn_finalize(mean, var, weight, bias, eps);
   const int64_t C = mean.size(0);
   const auto dt = mean.scalar_type();
   const auto ct = compute_dtype(dt);
-  const at::Tensor mu = channel_input(mean, C, mean, "mean", ct);
-  const at::Tensor v = channel_input(var, C, mean, "var", ct);
-  const at::Tensor w = weight ? channel_input(*weight, C, mean, "weight", ct) : at::Tensor();
-  const at::Tensor b = bias ? channel_input(*bias, C, mean, "bias", ct) : at::Tensor();
+  const at::Tensor mu = channel_input(mean, ct);
+  const at::Tensor v = channel_input(var, ct);
+  const at::Tensor w = weight ? channel_input(*weight, ct) : at::Tensor();
+  const at::Tensor b = bias ? channel_input(*bias, ct) : at::Tensor();
   at::Tensor scale = at::empty({C}, mean.options().dtype(ct));
   at::Tensor shift = at::empty({C}, mean.options().dtype(ct));
   if (C > 0) {
@@ -113,16 +110,18 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cuda(const at::Tensor& mean, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_backward_cuda(
     const at::Tensor& grad_scale, const at::Tensor& grad_shift, const at::Tensor& mean, const at::Tensor& var,
     const std::optional<at::Tensor>& weight, double eps) {
-  TORCH_CHECK_VALUE(mean.dim() == 1, "mean must be 1-D, got ", mean.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(mean.scalar_type()), "mean must be floating point, got ", mean.scalar_type());
+  check_finalize_backward_inputs(grad_scale, grad_shift, mean, var, weight);
+  if (!use_kernels(mean.device())) {
+    return aten_fallback::bn_finalize_backward(grad_scale, grad_shift, mean, var, weight, eps);
+  }
   const int64_t C = mean.size(0);
   const auto dt = mean.scalar_type();
   const auto ct = compute_dtype(dt);
-  const at::Tensor gs = channel_input(grad_scale, C, mean, "grad_scale", ct);
-  const at::Tensor gsh = channel_input(grad_shift, C, mean, "grad_shift", ct);
-  const at::Tensor mu = channel_input(mean, C, mean, "mean", ct);
-  const at::Tensor v = channel_input(var, C, mean, "var", ct);
-  const at::Tensor w = weight ? channel_input(*weight, C, mean, "weight", ct) : at::Tensor();
+  const at::Tensor gs = channel_input(grad_scale, ct);
+  const at::Tensor gsh = channel_input(grad_shift, ct);
+  const at::Tensor mu = channel_input(mean, ct);
+  const at::Tensor v = channel_input(var, ct);
+  const at::Tensor w = weight ? channel_input(*weight, ct) : at::Tensor();
   at::Tensor grad_mean = at::empty({C}, mean.options().dtype(ct));
   at::Tensor grad_var = at::empty({C}, mean.options().dtype(ct));
   at::Tensor grad_weight = at::empty({C}, mean.options().dtype(ct));
@@ -144,20 +143,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_backward_
 
 void bn_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                                   const at::Tensor& var, int64_t count, double momentum) {
-  TORCH_CHECK_VALUE(count > 1, "Expected more than 1 value per channel when training, got ", count);
-  TORCH_CHECK_VALUE(running_mean.dim() == 1, "running_mean must be 1-D, got ", running_mean.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(running_mean.scalar_type()), "running_mean must be floating point, got ",
-                    running_mean.scalar_type());
+  check_running_stats_inputs(running_mean, running_var, mean, var, count);
   const int64_t C = running_mean.size(0);
-  check_channel_vector(running_var, C, running_mean, "running_var");
-  check_channel_vector(mean, C, running_mean, "mean");
-  check_channel_vector(var, C, running_mean, "var");
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   const auto rt = running_mean.scalar_type();
-  if (running_var.scalar_type() != rt || !running_mean.is_contiguous() || !running_var.is_contiguous()) {
-    // Uncommon layouts: the CPU implementation's tensor arithmetic.
-    running_mean.mul_(1.0 - momentum).add_(mean.to(rt), momentum);
-    running_var.mul_(1.0 - momentum).add_(var.to(running_var.scalar_type()), momentum * unbias);
+  if (running_var.scalar_type() != rt || !running_mean.is_contiguous() || !running_var.is_contiguous() ||
+      !use_kernels(running_mean.device())) {
+    // Uncommon layouts, or no kernel image: tensor arithmetic
+    aten_fallback::bn_update_running_stats_(running_mean, running_var, mean, var, count, momentum);
     return;
   }
   if (C == 0) return;

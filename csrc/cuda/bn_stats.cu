@@ -5,9 +5,11 @@
 // kernel merges the blocks' partials. Deterministic; no E[y^2] - E[y]^2.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fallback.h"
 #include "vec.cuh"
 
 namespace resfast::cuda {
@@ -167,10 +169,10 @@ __global__ __launch_bounds__(kThreads) void bn_stats_backward_kernel(const T* __
 // ---- Host side --------------------------------------------------------------
 
 std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y) {
-  check_activation(y, "y");
+  check_stats_input(y);
+  if (!use_kernels(y.device())) return aten_fallback::bn_stats(y);
   const int64_t C = y.size(1);
-  const int64_t M = y.size(0) * y.size(2) * y.size(3);
-  TORCH_CHECK_VALUE(M > 0, "y must have at least one element per channel, got shape ", y.sizes());
+  const int64_t M = count_per_channel(y);
   const auto dt = stats_dtype(y);
   at::Tensor mean = at::empty({C}, y.options().dtype(dt));
   at::Tensor var = at::empty({C}, y.options().dtype(dt));
@@ -204,13 +206,11 @@ std::tuple<at::Tensor, at::Tensor> bn_stats_cuda(const at::Tensor& y) {
 
 at::Tensor bn_stats_backward_cuda(const at::Tensor& grad_mean, const at::Tensor& grad_var, const at::Tensor& y,
                                   const at::Tensor& mean) {
-  check_activation(y, "y");
+  check_stats_backward_inputs(grad_mean, grad_var, y, mean);
+  if (!use_kernels(y.device())) return aten_fallback::bn_stats_backward(grad_mean, grad_var, y, mean);
   const int64_t C = y.size(1);
-  check_channel_vector(grad_mean, C, y, "grad_mean");
-  check_channel_vector(grad_var, C, y, "grad_var");
-  check_channel_vector(mean, C, y, "mean");
-  // For a dense y this is the layout of empty_like(y), which the CPU and fake implementations return.
-  at::Tensor grad_y = at::empty(y.sizes(), y.options().memory_format(y.suggest_memory_format()));
+  // As the CPU and fake implementations: y's own strides when it is dense (a permuted y too).
+  at::Tensor grad_y = at::empty_like(y);
   if (y.numel() == 0) return grad_y;
   const int64_t M = y.numel() / C;
   const c10::cuda::CUDAGuard guard(y.device());

@@ -65,15 +65,19 @@ class LaunchOptions(NamedTuple):
         return {k: v for k, v in self._asdict().items() if v is not None}
 
 
-def dot_config(dtype: torch.dtype) -> DotConfig:
+def dot_config(dtype: torch.dtype, allow_tf32: bool = False) -> DotConfig:
     """Accumulate in float32 (float64 for float64). Operands stay in the input
-    dtype: bf16/fp16 on tensor cores (wgmma on sm_90), float32 and float64 as
-    IEEE (no tf32), so float32 results match float32 references. The
-    interpreter computes half-type dots wrongly: there the operands are the
-    accumulator dtype."""
+    dtype: bf16/fp16 on tensor cores (wgmma on sm_90); float32 as TF32 on tensor
+    cores where torch allows TF32 for its own convolutions (``allow_tf32``, which
+    the op reads from torch's settings), else as IEEE float32, so that float32
+    results match float32 references; float64 as float64. The interpreter
+    computes half-type dots wrongly: there the operands are the accumulator dtype."""
     acc = _TL_DTYPE[stats_dtype(dtype)]
     operand = acc if interpreting() else _TL_DTYPE[dtype]
-    return DotConfig(operand, acc, "ieee" if dtype == torch.float32 else None)
+    precision = None
+    if dtype == torch.float32:
+        precision = "tf32" if allow_tf32 else "ieee"
+    return DotConfig(operand, acc, precision)
 
 
 def tile_cap(dtype: torch.dtype) -> int:
@@ -82,8 +86,31 @@ def tile_cap(dtype: torch.dtype) -> int:
     return 128 if dtype.itemsize <= 2 else 64
 
 
+# The smallest K block a tl.dot takes. A tap with fewer input channels than this
+# (the 7x7 stem's 3 RGB channels) would leave most of every K block zero (13 of
+# 16: ~5x the MMA work), so such convolutions reduce over the taps folded into
+# K instead: one flat index (kh, kw, ci) per column of the A tile.
+MIN_BLOCK_K = 16
+
+
+def fold_taps(ci: int) -> bool:
+    """Whether the GEMMs reduce over the flat (kh, kw, ci) index instead of tap by tap."""
+    return ci < MIN_BLOCK_K
+
+
+def group_m() -> int:
+    """Row tiles per group of the forward and dgrad grids: a group's programs sweep
+    every column tile of GROUP_M row tiles before the next group starts, so those
+    rows of x (or grad_y) are read from DRAM once and then from L2, not once per
+    column tile. 8 x 128 rows of 64-256 channels is 128-512 KiB of bf16, well within
+    L2. Under the interpreter 2, so that the tests' few row tiles still form
+    several groups, the last one partial."""
+    return 2 if interpreting() else 8
+
+
 def gemm_tiles(n_cols: int, n_red: int, dtype: torch.dtype) -> GemmTiles:
-    """Tiles for a GEMM with ``n_cols`` output columns and ``n_red`` channels reduced per tap.
+    """Tiles for a GEMM with ``n_cols`` output columns and ``n_red`` values reduced
+    per K step (the channels of a tap, or every (kh, kw, ci) when taps are folded).
 
     On the GPU: ``tile_cap``-row tiles, channel blocks as wide as the channels
     (16..cap output columns, 16..cap/2 reduced). Under the interpreter the
@@ -91,28 +118,28 @@ def gemm_tiles(n_cols: int, n_red: int, dtype: torch.dtype) -> GemmTiles:
     shapes at a few programs while still spanning several row tiles.
     """
     if interpreting():
-        return GemmTiles(32, 16, 16)
+        return GemmTiles(32, 16, MIN_BLOCK_K)
     cap = tile_cap(dtype)
     return GemmTiles(cap, min(cap, max(16, triton.next_power_of_2(n_cols))),
-                     min(cap // 2, max(16, triton.next_power_of_2(n_red))))
+                     min(cap // 2, max(MIN_BLOCK_K, triton.next_power_of_2(n_red))))
 
 
-def wgrad_tiles(co: int, ci: int, dtype: torch.dtype) -> WgradTiles:
-    """(Co, Ci) tiles per tap as wide as the channels (16..cap), half-cap output
-    pixels per step; under the interpreter the smallest legal ones."""
+def wgrad_tiles(co: int, n_cols: int, dtype: torch.dtype) -> WgradTiles:
+    """(Co, columns) tiles of the weight gradient, the columns being one tap's Ci
+    channels or the folded (kh, kw, ci) index, as wide as those (16..cap); half-cap
+    output pixels per step. Under the interpreter the smallest legal ones."""
     if interpreting():
-        return WgradTiles(32, 16, 16)
+        return WgradTiles(32, 16, MIN_BLOCK_K)
     cap = tile_cap(dtype)
     return WgradTiles(cap // 2, min(cap, max(16, triton.next_power_of_2(co))),
-                      min(cap, max(16, triton.next_power_of_2(ci))))
+                      min(cap, max(MIN_BLOCK_K, triton.next_power_of_2(n_cols))))
 
 
-def wgrad_rows_per_split(tiles: WgradTiles, co: int, ci: int, m: int, taps: int,
-                         device: torch.device) -> int:
+def wgrad_rows_per_split(tiles: WgradTiles, n_tiles: int, m: int, device: torch.device) -> int:
     """Output pixels each wgrad program reduces: the m pixels are split so that
-    (tiles x splits) programs fill the GPU, 4 per SM; partial sums are added on
-    the host. Under the interpreter two splits per tile, so the merge runs."""
-    n_tiles = triton.cdiv(co, tiles.block_co) * taps * triton.cdiv(ci, tiles.block_ci)
+    (n_tiles weight tiles x splits) programs fill the GPU, 4 per SM; the partial
+    sums are then added by one small kernel. Under the interpreter two splits per
+    tile, so that the sum runs."""
     if interpreting():
         target_programs = 2 * n_tiles
     else:
@@ -120,6 +147,22 @@ def wgrad_rows_per_split(tiles: WgradTiles, co: int, ci: int, m: int, taps: int,
     row_blocks = triton.cdiv(m, tiles.block_m)
     splits = max(1, min(row_blocks, triton.cdiv(target_programs, n_tiles)))
     return triton.cdiv(row_blocks, splits) * tiles.block_m
+
+
+class ReduceTiles(NamedTuple):
+    """Blocks of the small kernels that finish a conv: BLOCK_T per-tile statistics
+    of BLOCK_C channels per step (merge), BLOCK elements per program (partial sums)."""
+
+    block_t: int
+    block_c: int
+    block: int
+
+
+def reduce_tiles() -> ReduceTiles:
+    """64 tiles x 32 channels per merge step (8 KiB of float32 in flight per
+    program), 1024 elements per partial-sum program; under the interpreter 4 x 16
+    and 256, so that the tests' few tiles and channels still take several steps."""
+    return ReduceTiles(4, 16, 256) if interpreting() else ReduceTiles(64, 32, 1024)
 
 
 def launch_options(tile_elems: int, dtype: torch.dtype) -> LaunchOptions:

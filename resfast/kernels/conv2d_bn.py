@@ -6,8 +6,8 @@ Forward (one kernel, ``_conv2d_bn_forward_kernel``), a GEMM of
     a = [relu](x * in_scale + in_shift)      prologue, applied while x is loaded;
                                              padded taps are 0 *after* it
     y = conv2d(a, weight, stride, padding) + bias,  [relu(y)] with out_relu
-    per-tile (mean, M2) of y per channel     epilogue, merged on the host by
-                                             Chan's formula into mean and biased var
+    per-tile (mean, M2) of y per channel     epilogue, merged by Chan's formula into the
+                                             mean and biased var (resfast.kernels.partials)
 
 Backward, with g = grad_y * [y > 0] + (grad_mean + 2 (y - mean) grad_var) / count
 formed while grad_y is loaded (never materialized):
@@ -15,13 +15,33 @@ formed while grad_y is loaded (never materialized):
     grad_a       ``_conv2d_bn_dgrad_kernel``: GEMM of (input pixels) x (K*K*Co) by
                  (K*K*Co) x Ci; output pixel (ih + padding - kh) / stride where divisible
     grad_weight  ``_conv2d_bn_wgrad_kernel``: GEMM of g^T by a (a recomputed from x) and
-    grad_bias    column sums of g, split over output pixels into partials summed on the host
+    grad_bias    column sums of g, split over output pixels into partials that one small
+                 kernel sums into the weight's dtype and layout
+
+The K dimension runs tap by tap, a block of channels at a time; with fewer input
+channels than the smallest K block (the 7x7 stem over RGB) the taps are folded into K
+instead (``FLAT_K``: one (kh, kw, ci) index per column), so no K block is mostly zeros.
+ReLU follows torch: NaN passes the forward, and the backward keeps the gradient
+wherever y is not <= 0 (as ``threshold_backward``), NaN y included.
 
 Elementwise math (prologue, g, epilogue, statistics) runs in the accumulator dtype,
 float32 (float64 for float64 input). ``tl.dot`` gets operands in the input dtype
-(bf16/fp16 on tensor cores, float32 as IEEE fp32, float64 as float64), except under the
-Triton interpreter, which computes bfloat16 wrongly: there half types stay float32.
+(bf16/fp16 on tensor cores, float32 as IEEE fp32 or TF32 as torch's settings allow,
+float64 as float64), except under the Triton interpreter, which computes bfloat16 wrongly:
+there half types stay float32. Without a prologue (or a gradient transform) a tile goes
+from memory to the dot as loaded, which lets the compiler keep it in shared memory.
 Tiles, warps, pipeline depths and dot precision: :mod:`resfast.kernels.configs`.
+
+The weight is read where it is, at its strides, with the input channels innermost (a
+channels_last weight, or any 1x1 one; others are made channels_last first): no GEMM-layout
+copy per call, and nothing cached that an in-place update through ``.data`` (which does
+not bump the version counter) could leave stale. Only the folded-tap forward copies its
+(small) weight into a (K*K*Ci) x Co matrix, whose rows load as aligned vectors.
+
+The kernels are launched directly (``kernel[grid](...)``) from inside the op, under a
+guard that makes x's GPU the current device: the op is opaque to torch.compile, so
+``torch.library.wrap_triton``'s tracing machinery would only add Python work and a global
+table entry per launch.
 
 float64 is test-only here: the op keeps float64 on ATen (tensor cores have no float64
 path worth a kernel, and ATen keeps gradcheck exact), so it never launches these kernels
@@ -29,15 +49,25 @@ in float64. The variant stays because the kernel tests (tests/kernels/test_conv2
 compare its index logic with float64 references at rounding level, 1e-12, where a wrong
 mask or offset cannot hide in float32 noise, and the sm_90 compile test covers it.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from ..dtypes import stats_dtype
 from . import interpreting
-from .configs import dot_config, gemm_tiles, launch_options, wgrad_rows_per_split, wgrad_tiles
+from .configs import (
+    dot_config,
+    fold_taps,
+    gemm_tiles,
+    group_m,
+    launch_options,
+    wgrad_rows_per_split,
+    wgrad_tiles,
+)
+from .partials import merge_tile_stats, sum_bias_partials, sum_weight_partials
 
 _CL = torch.channels_last
 # float64: tests only (see above)
@@ -55,47 +85,103 @@ def _split_pixel(rows, H, W):
 
 
 @triton.jit
-def _load_input_tile(x_ptr, scale_ptr, shift_ptr, n, ih, iw, row_ok, ci, H, W, Ci,
-                     HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    """a[pixel, ci] = [relu](x * scale + shift) at input pixels (n, ih, iw); 0 outside the image."""
-    ci_ok = ci < Ci
+def _grouped_tile(pid, n_rows, n_cols, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid: programs take GROUP_M row tiles through every
+    column tile before the next group starts, so those rows are re-read from L2."""
+    per_group = GROUP_M * n_cols
+    first_row = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(n_rows - first_row, GROUP_M)
+    in_group = pid % per_group
+    return first_row + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _relu(v):
+    """max(v, 0) keeping NaN, as torch.relu does (tl.maximum's default turns NaN into 0)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE: tl.constexpr, STRIDE: tl.constexpr,
+              PAD: tl.constexpr):
+    """Offsets and mask of x at (output pixels n, oh, ow) x (channels ci) through one tap."""
+    ih = oh * STRIDE - PAD + tap // KSIZE
+    iw = ow * STRIDE - PAD + tap % KSIZE
     pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-    mask = pix_ok[:, None] & ci_ok[None, :]
     base = ((n.to(tl.int64) * H + ih) * W + iw) * Ci
-    a = tl.load(x_ptr + base[:, None] + ci[None, :], mask=mask, other=0.0).to(ACC_DTYPE)
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + ci, mask=ci_ok, other=0.0).to(ACC_DTYPE)
-        shift = tl.load(shift_ptr + ci, mask=ci_ok, other=0.0).to(ACC_DTYPE)
-        a = a * scale[None, :] + shift[None, :]
-    if IN_RELU:
-        a = tl.maximum(a, 0.0)
-    # the shift would make padding nonzero: zero it after the prologue
-    return tl.where(mask, a, 0.0)
+    return base[:, None] + ci[None, :], pix_ok[:, None] & (ci < Ci)[None, :]
+
+
+@triton.jit
+def _flat_tile(n, oh, ow, row_ok, kidx, H, W, Ci, KSIZE: tl.constexpr, STRIDE: tl.constexpr,
+               PAD: tl.constexpr):
+    """Offsets, mask and channel of x at (output pixels n, oh, ow) x (folded reduction
+    indices kidx = (kh * KSIZE + kw) * Ci + ci)."""
+    tap = kidx // Ci
+    ci = kidx - tap * Ci
+    kh = tap // KSIZE
+    kw = tap - kh * KSIZE
+    ih0 = oh * STRIDE - PAD
+    iw0 = ow * STRIDE - PAD
+    ih = ih0[:, None] + kh[None, :]
+    iw = iw0[:, None] + kw[None, :]
+    ok = (row_ok[:, None] & (kidx < KSIZE * KSIZE * Ci)[None, :] & (ih >= 0) & (ih < H)
+          & (iw >= 0) & (iw < W))
+    # ((n H + ih) W + iw) Ci + ci, split into a per-row and a per-column term
+    row_base = ((n.to(tl.int64) * H + ih0) * W + iw0) * Ci
+    return row_base[:, None] + ((kh * W + kw) * Ci + ci)[None, :], ok, ci
+
+
+@triton.jit
+def _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci, ci_ok,
+                HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                OUT_DTYPE: tl.constexpr):
+    """a = [relu](x * scale[ci] + shift[ci]) at offs, 0 where masked (padding), in OUT_DTYPE."""
+    if HAS_AFFINE or IN_RELU:
+        a = tl.load(x_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_AFFINE:
+            scale = tl.load(scale_ptr + ci, mask=ci_ok, other=0.0).to(ACC_DTYPE)
+            shift = tl.load(shift_ptr + ci, mask=ci_ok, other=0.0).to(ACC_DTYPE)
+            a = a * scale[None, :] + shift[None, :]
+        if IN_RELU:
+            a = _relu(a)
+        # the shift would make padding nonzero: zero it after the prologue
+        tile = tl.where(mask, a, 0.0).to(OUT_DTYPE)
+    else:
+        # nothing to apply: straight from memory to the dot, the padding being the load's 0
+        tile = tl.load(x_ptr + offs, mask=mask, other=0.0).to(OUT_DTYPE)
+    return tile
 
 
 @triton.jit
 def _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, rows, row_ok, co, Co, count,
                    HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr,
-                   OUT_RELU: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                   OUT_RELU: tl.constexpr, ACC_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr,
                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Effective output gradient g[row, co] (see module doc); 0 where masked."""
+    """Effective output gradient g[row, co] (see module doc) in OUT_DTYPE; 0 where masked."""
     co_ok = co < Co
     mask = row_ok[:, None] & co_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * Co + co[None, :]
-    g = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
-    if OUT_RELU or HAS_GVAR:
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-    if HAS_GY:
-        g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        if OUT_RELU:
-            g = tl.where(y > 0, g, 0.0)
-    if HAS_GMEAN:
-        g += tl.load(gmean_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :] / count
-    if HAS_GVAR:
-        mean = tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)
-        gvar = tl.load(gvar_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)
-        g += 2.0 * (y - mean[None, :]) * (gvar / count)[None, :]
-    return tl.where(mask, g, 0.0)
+    if HAS_GY and not (OUT_RELU or HAS_GMEAN or HAS_GVAR):
+        # grad_y as it is: straight from memory to the dot
+        tile = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(OUT_DTYPE)
+    else:
+        g = tl.zeros((BLOCK_R, BLOCK_C), ACC_DTYPE)
+        if OUT_RELU or HAS_GVAR:
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_GY:
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            if OUT_RELU:
+                # torch's threshold_backward: 0 where y <= 0, the gradient elsewhere (NaN y too)
+                g = tl.where(y <= 0, 0.0, g)
+        if HAS_GMEAN:
+            g += tl.load(gmean_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :] / count
+        if HAS_GVAR:
+            mean = tl.load(mean_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)
+            gvar = tl.load(gvar_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)
+            g += 2.0 * (y - mean[None, :]) * (gvar / count)[None, :]
+        tile = tl.where(mask, g, 0.0).to(OUT_DTYPE)
+    return tile
 
 
 @triton.jit
@@ -116,40 +202,58 @@ def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
 @triton.jit
 def _conv2d_bn_forward_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
-    H, W, Ci, OH, OW, Co, M,
+    H, W, Ci, OH, OW, Co, M, w_s_co, w_s_kh, w_s_kw,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
-    OUT_RELU: tl.constexpr, STATS: tl.constexpr,
+    OUT_RELU: tl.constexpr, STATS: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M output pixels) x (BLOCK_N output channels) tile of y; w is (K*K*Ci, Co)."""
-    pid_m = tl.program_id(0)
+    """One (BLOCK_M output pixels) x (BLOCK_N output channels) tile of y.
+
+    w[co, ci, kh, kw] is at w_ptr + co * w_s_co + kh * w_s_kh + kw * w_s_kw + ci, or with
+    FLAT_K at w_ptr + ((kh * KSIZE + kw) * Ci + ci) * Co + co (a (K*K*Ci) x Co matrix).
+    """
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(Co, BLOCK_N),
+                                 GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     n, oh, ow = _split_pixel(rows, OH, OW)
-    co = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Co
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
-    n_cblocks = tl.cdiv(Ci, BLOCK_K)
-    # one flat loop over (tap, channel block): the software pipeliner sees all iterations
-    for kk in range(KSIZE * KSIZE * n_cblocks):
-        tap = kk // n_cblocks
-        ci = (kk - tap * n_cblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ih = oh * STRIDE - PAD + tap // KSIZE
-        iw = ow * STRIDE - PAD + tap % KSIZE
-        a = _load_input_tile(x_ptr, scale_ptr, shift_ptr, n, ih, iw, row_ok, ci, H, W, Ci,
-                             HAS_AFFINE, IN_RELU, ACC_DTYPE)
-        w = tl.load(w_ptr + (tap * Ci + ci)[:, None] * Co + co[None, :],
-                    mask=(ci < Ci)[:, None] & co_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
-                     out_dtype=ACC_DTYPE)
+    if FLAT_K:
+        n_red = KSIZE * KSIZE * Ci
+        for k0 in range(0, n_red, BLOCK_K):
+            kidx = k0 + tl.arange(0, BLOCK_K)
+            k_ok = kidx < n_red
+            offs, mask, ci = _flat_tile(n, oh, ow, row_ok, kidx, H, W, Ci, KSIZE, STRIDE, PAD)
+            a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci, k_ok, HAS_AFFINE,
+                            IN_RELU, ACC_DTYPE, DOT_DTYPE)
+            w = tl.load(w_ptr + kidx[:, None] * Co + co[None, :],
+                        mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
+    else:
+        n_cblocks = tl.cdiv(Ci, BLOCK_K)
+        # one flat loop over (tap, channel block): the software pipeliner sees all iterations
+        for kk in range(KSIZE * KSIZE * n_cblocks):
+            tap = kk // n_cblocks
+            ci = (kk - tap * n_cblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD)
+            a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci, ci < Ci, HAS_AFFINE,
+                            IN_RELU, ACC_DTYPE, DOT_DTYPE)
+            w_tap = (tap // KSIZE) * w_s_kh + (tap % KSIZE) * w_s_kw
+            w = tl.load(w_ptr + w_tap + ci[:, None] + co[None, :] * w_s_co,
+                        mask=(ci < Ci)[:, None] & co_ok[None, :], other=0.0)
+            acc = tl.dot(a, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+                         out_dtype=ACC_DTYPE)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(ACC_DTYPE)[None, :]
     if OUT_RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = _relu(acc)
     y = acc.to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + rows.to(tl.int64)[:, None] * Co + co[None, :], y,
              mask=row_ok[:, None] & co_ok[None, :])
@@ -162,17 +266,20 @@ def _conv2d_bn_forward_kernel(
 @triton.jit
 def _conv2d_bn_dgrad_kernel(
     gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, w_ptr, ga_ptr,
-    H, W, Ci, OH, OW, Co, M_in, count,
+    H, W, Ci, OH, OW, Co, M_in, count, w_s_co, w_s_kh, w_s_kw,
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """One (BLOCK_M input pixels) x (BLOCK_N input channels) tile of grad_a; w is (K*K*Co, Ci)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One (BLOCK_M input pixels) x (BLOCK_N input channels) tile of grad_a; w as in the
+    forward kernel, read as the (K*K*Co) x Ci matrix."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M_in, BLOCK_M), tl.cdiv(Ci, BLOCK_N),
+                                 GROUP_M)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M_in
     n, ih, iw = _split_pixel(rows, H, W)
-    ci = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_ok = ci < Ci
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), ACC_DTYPE)
@@ -192,10 +299,11 @@ def _conv2d_bn_dgrad_kernel(
                & (oh < OH) & (ow < OW))
         g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, (n * OH + oh) * OW + ow,
                            hit, co, Co, count, HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE,
-                           BLOCK_M, BLOCK_K)
-        w = tl.load(w_ptr + (tap * Co + co)[:, None] * Ci + ci[None, :],
+                           DOT_DTYPE, BLOCK_M, BLOCK_K)
+        w_tap = (tap // KSIZE) * w_s_kh + (tap % KSIZE) * w_s_kw
+        w = tl.load(w_ptr + w_tap + co[:, None] * w_s_co + ci[None, :],
                     mask=(co < Co)[:, None] & ci_ok[None, :], other=0.0)
-        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
+        acc = tl.dot(g, w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION,
                      out_dtype=ACC_DTYPE)
 
     tl.store(ga_ptr + rows.to(tl.int64)[:, None] * Ci + ci[None, :],
@@ -209,21 +317,30 @@ def _conv2d_bn_wgrad_kernel(
     KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
-    WANT_W: tl.constexpr, WANT_B: tl.constexpr,
+    WANT_W: tl.constexpr, WANT_B: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
-    """Partial grad_weight[co, tap, ci] (and grad_bias[co]) over one split of the output pixels.
+    """Partial grad_weight[co, (kh, kw, ci)] (and grad_bias[co]) over one split of the output
+    pixels.
 
-    Grid: (Co blocks, taps x Ci blocks, splits); partials are (splits, Co, K*K*Ci) and
-    (splits, Co). grad_bias comes from the programs of the first (tap, Ci block) only.
+    Grid: (Co blocks, column blocks, splits), the columns being a tap's Ci blocks in turn, or
+    blocks of the folded (kh, kw, ci) index with FLAT_K; partials are (splits, Co, K*K*Ci)
+    and (splits, Co). grad_bias comes from the programs of the first column block only.
     """
     co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     pid_k = tl.program_id(1)
     split = tl.program_id(2)
-    n_cblocks = tl.cdiv(Ci, BLOCK_CI)
-    tap = pid_k // n_cblocks
-    ci = (pid_k - tap * n_cblocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    kkci = KSIZE * KSIZE * Ci
+    if FLAT_K:
+        col = pid_k * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        col_ok = col < kkci
+    else:
+        n_cblocks = tl.cdiv(Ci, BLOCK_CI)
+        tap = pid_k // n_cblocks
+        ci = (pid_k - tap * n_cblocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+        col = tap * Ci + ci
+        col_ok = ci < Ci
 
     acc_w = tl.zeros((BLOCK_CO, BLOCK_CI), ACC_DTYPE)
     acc_b = tl.zeros((BLOCK_CO,), ACC_DTYPE)
@@ -232,23 +349,27 @@ def _conv2d_bn_wgrad_kernel(
         rows = r0 + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         g = _load_grad_out(gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, rows, row_ok, co, Co, M,
-                           HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE, BLOCK_M, BLOCK_CO)
+                           HAS_GY, HAS_GMEAN, HAS_GVAR, OUT_RELU, ACC_DTYPE, ACC_DTYPE, BLOCK_M,
+                           BLOCK_CO)
         if WANT_W:
             n, oh, ow = _split_pixel(rows, OH, OW)
-            ih = oh * STRIDE - PAD + tap // KSIZE
-            iw = ow * STRIDE - PAD + tap % KSIZE
-            a = _load_input_tile(x_ptr, scale_ptr, shift_ptr, n, ih, iw, row_ok, ci, H, W, Ci,
-                                 HAS_AFFINE, IN_RELU, ACC_DTYPE)
-            acc_w = tl.dot(tl.trans(g.to(DOT_DTYPE)), a.to(DOT_DTYPE), acc_w,
-                           input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+            if FLAT_K:
+                offs, mask, ci_of_col = _flat_tile(n, oh, ow, row_ok, col, H, W, Ci, KSIZE,
+                                                   STRIDE, PAD)
+            else:
+                offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD)
+                ci_of_col = ci
+            a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci_of_col, col_ok,
+                            HAS_AFFINE, IN_RELU, ACC_DTYPE, DOT_DTYPE)
+            acc_w = tl.dot(tl.trans(g.to(DOT_DTYPE)), a, acc_w, input_precision=DOT_PRECISION,
+                           out_dtype=ACC_DTYPE)
         if WANT_B:
             acc_b += tl.sum(g, axis=0)
 
     co_ok = co < Co
     if WANT_W:
-        kkci = KSIZE * KSIZE * Ci
-        offs = (split * Co + co).to(tl.int64)[:, None] * kkci + (tap * Ci + ci)[None, :]
-        tl.store(gw_part_ptr + offs, acc_w, mask=co_ok[:, None] & (ci < Ci)[None, :])
+        offs = (split * Co + co).to(tl.int64)[:, None] * kkci + col[None, :]
+        tl.store(gw_part_ptr + offs, acc_w, mask=co_ok[:, None] & col_ok[None, :])
     if WANT_B:
         tl.store(gb_part_ptr + split * Co + co, acc_b, mask=co_ok & (pid_k == 0))
 
@@ -276,29 +397,40 @@ def _check_preconditions(x: Tensor, weight: Tensor, **others) -> None:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
 
-def _merge_tile_stats(part_mean: Tensor, part_m2: Tensor, m: int,
-                      block_m: int) -> tuple[Tensor, Tensor]:
-    """Chan's parallel merge of per-tile (mean, M2) into the mean and biased variance over m rows.
+def _on_device(device: torch.device):
+    """Makes ``device`` current for the launches: Triton launches on the current device,
+    which need not be the tensors' (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    All tiles are merged at once: mean = sum(n_i mean_i) / m and
-    M2 = sum(M2_i) + sum(n_i (mean_i - mean)^2); only deviations are squared, so a large
-    |mean| does not cancel the variance away.
-    """
-    starts = torch.arange(part_mean.shape[0], device=part_mean.device,
-                          dtype=part_mean.dtype) * block_m
-    counts = (m - starts).clamp(max=block_m)[:, None]
-    mean = (counts * part_mean).sum(0) / m
-    m2 = part_m2.sum(0) + (counts * (part_mean - mean) ** 2).sum(0)
-    return mean, m2 / m
+
+def _vector(t: Tensor | None) -> Tensor | None:
+    """A per-channel vector as the kernels index it (element c at offset c): gradients such as
+    that of ``mean.sum()`` arrive as stride-0 views of one element."""
+    return None if t is None else t.contiguous()
+
+
+def _weight_with_strides(weight: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """The weight with its input channels innermost (as is, when they are: channels_last, or
+    1x1), and its (co, kh, kw) strides."""
+    if weight.stride(1) != 1:
+        weight = weight.contiguous(memory_format=_CL)
+    return weight, (weight.stride(0), weight.stride(2), weight.stride(3))
+
+
+def _flat_weight(weight: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """The weight as the (K*K*Ci) x Co matrix the folded-tap GEMM reads, its rows aligned
+    vectors: a copy, of at most 15 K^2 Co values (taps are folded only below 16 channels)."""
+    co, ci, k, _ = weight.shape
+    return weight.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous(), (0, 0, 0)
 
 
 def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
                              in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
-                             stride: int, padding: int, stats: bool,
-                             out_relu: bool) -> tuple[Tensor, Tensor, Tensor]:
+                             stride: int, padding: int, stats: bool, out_relu: bool,
+                             allow_tf32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var), y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride,
     padding) + bias) in channels_last, with the per-channel mean and biased variance of y when
-    stats (else empty)."""
+    stats (else empty). float32 dots run as TF32 with ``allow_tf32``."""
     _check_preconditions(x, weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
@@ -312,26 +444,30 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
                                                     y.new_empty((0,), dtype=sdt))
 
     x = x.contiguous(memory_format=_CL)
-    w_gemm = weight.permute(2, 3, 1, 0).reshape(k * k * ci, co).contiguous()  # [(kh, kw, ci), co]
-    tiles = gemm_tiles(co, ci, x.dtype)
+    bias, in_scale, in_shift = _vector(bias), _vector(in_scale), _vector(in_shift)
+    flat = fold_taps(ci)
+    weight, w_strides = _flat_weight(weight) if flat else _weight_with_strides(weight)
+    tiles = gemm_tiles(co, k * k * ci if flat else ci, x.dtype)
     tiles_m = triton.cdiv(m, tiles.block_m)
     if stats:
         part_mean = torch.empty((tiles_m, co), dtype=sdt, device=x.device)
         part_m2 = torch.empty_like(part_mean)
     else:
         part_mean = part_m2 = y  # never read or written
-    grid = (tiles_m, triton.cdiv(co, tiles.block_n))
-    wrap_triton(_conv2d_bn_forward_kernel)[grid](
-        x, w_gemm, y if bias is None else bias, y if in_scale is None else in_scale,
-        y if in_shift is None else in_shift, y, part_mean, part_m2,
-        h, w, ci, oh, ow, co, m,
-        KSIZE=k, STRIDE=stride, PAD=padding,
-        HAS_BIAS=bias is not None, HAS_AFFINE=in_scale is not None, IN_RELU=in_relu,
-        OUT_RELU=out_relu, STATS=stats, **dot_config(x.dtype).constexprs(), **tiles.constexprs(),
-        **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
-    if not stats:
-        return y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt)
-    mean, var = _merge_tile_stats(part_mean, part_m2, m, tiles.block_m)
+    grid = (tiles_m * triton.cdiv(co, tiles.block_n),)
+    with _on_device(x.device):
+        _conv2d_bn_forward_kernel[grid](
+            x, weight, y if bias is None else bias, y if in_scale is None else in_scale,
+            y if in_shift is None else in_shift, y, part_mean, part_m2,
+            h, w, ci, oh, ow, co, m, *w_strides,
+            KSIZE=k, STRIDE=stride, PAD=padding,
+            HAS_BIAS=bias is not None, HAS_AFFINE=in_scale is not None, IN_RELU=in_relu,
+            OUT_RELU=out_relu, STATS=stats, FLAT_K=flat, GROUP_M=group_m(),
+            **dot_config(x.dtype, allow_tf32).constexprs(), **tiles.constexprs(),
+            **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
+        if not stats:
+            return y, y.new_empty((0,), dtype=sdt), y.new_empty((0,), dtype=sdt)
+        mean, var = merge_tile_stats(part_mean, part_m2, m, tiles.block_m)
     return y, mean, var
 
 
@@ -339,9 +475,11 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
                               grad_var: Tensor | None, x: Tensor, weight: Tensor, y: Tensor | None,
                               mean: Tensor | None, in_scale: Tensor | None, in_shift: Tensor | None,
                               in_relu: bool, stride: int, padding: int, out_relu: bool,
-                              output_mask: list[bool]) -> tuple[Tensor, Tensor, Tensor]:
+                              output_mask: list[bool],
+                              allow_tf32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the
-    prologue output a (not x); unselected outputs of output_mask are empty (0,) tensors."""
+    prologue output a (not x), in channels_last; grad_weight like ``empty_like(weight)``.
+    Unselected outputs of output_mask are empty (0,) tensors, a new one each."""
     _check_preconditions(x, weight, in_scale=in_scale, in_shift=in_shift, grad_y=grad_y, y=y,
                          grad_mean=grad_mean, grad_var=grad_var, mean=mean)
     if y is None and (out_relu or grad_var is not None):
@@ -352,41 +490,44 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
     co, k = weight.shape[0], weight.shape[2]
     oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
     want_a, want_w, want_b = (bool(b) for b in output_mask)
-    empty = x.new_empty((0,))
     m = n * oh * ow
     if m == 0:
         return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL) if want_a
-                else empty, torch.zeros_like(weight) if want_w else empty,
-                weight.new_zeros((co,)) if want_b else empty)
+                else x.new_empty((0,)), torch.zeros_like(weight) if want_w else x.new_empty((0,)),
+                weight.new_zeros((co,)) if want_b else x.new_empty((0,)))
 
     x = x.contiguous(memory_format=_CL)
     grads = dict(
         gy_ptr=x if grad_y is None else grad_y.contiguous(memory_format=_CL),
         y_ptr=x if y is None else y.contiguous(memory_format=_CL),
-        gmean_ptr=x if grad_mean is None else grad_mean,
-        gvar_ptr=x if grad_var is None else grad_var, mean_ptr=x if grad_var is None else mean,
+        gmean_ptr=x if grad_mean is None else _vector(grad_mean),
+        gvar_ptr=x if grad_var is None else _vector(grad_var),
+        mean_ptr=x if grad_var is None else _vector(mean),
         HAS_GY=grad_y is not None, HAS_GMEAN=grad_mean is not None, HAS_GVAR=grad_var is not None,
         OUT_RELU=out_relu)
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, **dot_config(x.dtype).constexprs())
-    grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else empty
-    grad_w, grad_b = (_wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w,
-                             want_b)
-                      if want_w or want_b else (None, None))
-    return grad_a, grad_w if want_w else empty, grad_b if want_b else empty
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding,
+                **dot_config(x.dtype, allow_tf32).constexprs())
+    with _on_device(x.device):
+        grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else x.new_empty((0,))
+        grad_w, grad_b = (_wgrad(x, weight, _vector(in_scale), _vector(in_shift), in_relu, oh, ow,
+                                 grads, conv, want_w, want_b)
+                          if want_w or want_b else (None, None))
+    return (grad_a, grad_w if want_w else x.new_empty((0,)),
+            grad_b if want_b else x.new_empty((0,)))
 
 
 def _dgrad(x, weight, oh, ow, grads, conv) -> Tensor:
     n, ci, h, w = x.shape
-    co, k = weight.shape[0], weight.shape[2]
+    co = weight.shape[0]
     grad_a = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_CL)
-    w_gemm = weight.permute(2, 3, 0, 1).reshape(k * k * co, ci).contiguous()  # [(kh, kw, co), ci]
+    weight, w_strides = _weight_with_strides(weight)
     tiles = gemm_tiles(ci, co, x.dtype)
     m_in = n * h * w
-    grid = (triton.cdiv(m_in, tiles.block_m), triton.cdiv(ci, tiles.block_n))
-    wrap_triton(_conv2d_bn_dgrad_kernel)[grid](
-        w_ptr=w_gemm, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in,
-        count=n * oh * ow,
-        **grads, **conv, **tiles.constexprs(),
+    grid = (triton.cdiv(m_in, tiles.block_m) * triton.cdiv(ci, tiles.block_n),)
+    _conv2d_bn_dgrad_kernel[grid](
+        w_ptr=weight, ga_ptr=grad_a, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M_in=m_in,
+        count=n * oh * ow, w_s_co=w_strides[0], w_s_kh=w_strides[1], w_s_kw=w_strides[2],
+        GROUP_M=group_m(), **grads, **conv, **tiles.constexprs(),
         **launch_options(tiles.block_m * tiles.block_n, x.dtype).kwargs())
     return grad_a
 
@@ -395,24 +536,26 @@ def _wgrad(x, weight, in_scale, in_shift, in_relu, oh, ow, grads, conv, want_w, 
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
     m = n * oh * ow
-    tiles = wgrad_tiles(co, ci, x.dtype)
-    rows_per_split = wgrad_rows_per_split(tiles, co, ci, m, k * k, x.device)
+    flat = fold_taps(ci)
+    tiles = wgrad_tiles(co, k * k * ci if flat else ci, x.dtype)
+    col_blocks = (triton.cdiv(k * k * ci, tiles.block_ci) if flat
+                  else k * k * triton.cdiv(ci, tiles.block_ci))
+    # without grad_weight only the first column block of programs is needed, for the bias
+    col_blocks = col_blocks if want_w else 1
+    co_blocks = triton.cdiv(co, tiles.block_co)
+    rows_per_split = wgrad_rows_per_split(tiles, co_blocks * col_blocks, m, x.device)
     splits = triton.cdiv(m, rows_per_split)
     acc_dtype = stats_dtype(x.dtype)
     gw_part = torch.empty((splits, co, k * k * ci) if want_w else (0,), dtype=acc_dtype,
                           device=x.device)
     gb_part = torch.empty((splits, co) if want_b else (0,), dtype=acc_dtype, device=x.device)
-    # without grad_weight only the first (tap, Ci block) column of programs is needed, for the bias
-    k_tiles = k * k * triton.cdiv(ci, tiles.block_ci) if want_w else 1
-    grid = (triton.cdiv(co, tiles.block_co), k_tiles, splits)
-    wrap_triton(_conv2d_bn_wgrad_kernel)[grid](
+    _conv2d_bn_wgrad_kernel[(co_blocks, col_blocks, splits)](
         x_ptr=x, scale_ptr=x if in_scale is None else in_scale,
         shift_ptr=x if in_shift is None else in_shift,
         gw_part_ptr=gw_part, gb_part_ptr=gb_part, H=h, W=w, Ci=ci, OH=oh, OW=ow, Co=co, M=m,
         HAS_AFFINE=in_scale is not None, IN_RELU=in_relu, WANT_W=want_w, WANT_B=want_b,
-        rows_per_split=rows_per_split, **grads, **conv, **tiles.constexprs(),
+        FLAT_K=flat, rows_per_split=rows_per_split, **grads, **conv, **tiles.constexprs(),
         **launch_options(tiles.block_co * tiles.block_ci, x.dtype).kwargs())
-    grad_w = (gw_part.sum(0).view(co, k, k, ci).permute(0, 3, 1, 2).to(weight.dtype).contiguous()
-              if want_w else None)
-    grad_b = gb_part.sum(0).to(weight.dtype) if want_b else None
+    grad_w = sum_weight_partials(gw_part, weight) if want_w else None
+    grad_b = sum_bias_partials(gb_part, weight.dtype) if want_b else None
     return grad_w, grad_b

@@ -193,7 +193,7 @@ def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, paddin
         x = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
         in_scale, in_shift, in_relu = None, None, False
     return triton_conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                                    stats, out_relu)
+                                    stats, out_relu, allow_tf32=_tf32(weight))
 
 
 def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
@@ -206,7 +206,8 @@ def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, 
         in_scale, in_shift, in_relu = None, None, False
     grad_a, grad_w, grad_b = triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y,
                                                        mean, in_scale, in_shift, in_relu, stride,
-                                                       padding, out_relu, output_mask)
+                                                       padding, out_relu, output_mask,
+                                                       allow_tf32=_tf32(weight))
     return grad_a.to(x_dtype), grad_w, grad_b
 
 
@@ -237,8 +238,8 @@ def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding
 def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
                     stride, padding, out_relu, output_mask):
     g = torch.zeros_like(y) if grad_y is None else grad_y.to(y.dtype)
-    if out_relu:
-        g = g * (y > 0)
+    if out_relu:  # relu's own backward: 0 where y <= 0, the gradient elsewhere (NaN y too)
+        g = torch.ops.aten.threshold_backward(g, y, 0)
     if grad_mean is not None or grad_var is not None:
         gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
         gv = torch.zeros_like(mean) if grad_var is None else grad_var
@@ -249,8 +250,21 @@ def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, i
         [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
             else x.new_empty((0,)),
-            grad_w.to(weight.dtype) if output_mask[1] else x.new_empty((0,)),
+            _like(weight, grad_w) if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
+
+
+def _like(weight, t):
+    """t as ``torch.empty_like(weight)`` would hold it (dtype and strides, what the fake
+    promises); cuDNN returns a weight's gradient in the layout it chose for the GEMM."""
+    if t.dtype == weight.dtype and t.stride() == weight.stride():
+        return t
+    return torch.empty_like(weight).copy_(t)
+
+
+def _tf32(weight) -> bool:
+    """Whether a float32 GEMM may use TF32 (torch's setting for its own convolutions)."""
+    return weight.dtype == torch.float32 and conv_path.allow_tf32()
 
 
 def _on_reference(x) -> bool:
@@ -260,8 +274,9 @@ def _on_reference(x) -> bool:
 
 
 def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu):
-    return (x.device, tuple(x.shape), x.dtype, weight.dtype, tuple(weight.shape),
-            x.is_contiguous(memory_format=_CL),
+    """What decides which path is faster (and what it computes: TF32 or IEEE float32)."""
+    return (x.device, tuple(x.shape), x.stride(), x.dtype, weight.dtype, tuple(weight.shape),
+            weight.stride(), _tf32(weight),
             bias is not None, in_scale is not None, in_relu, stride, padding, stats, out_relu)
 
 
@@ -284,8 +299,8 @@ def _backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in
         return conv2d_bn_backward_reference
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
             padding, out_relu, output_mask)
-    key = ("backward", grad_mean is not None or grad_var is not None,
-           tuple(output_mask)) + _problem(
+    key = ("backward", grad_mean is not None or grad_var is not None, tuple(output_mask),
+           None if grad_y is None else (grad_y.dtype, grad_y.stride())) + _problem(
         x, weight, None, in_scale, in_relu, stride, padding, False, out_relu)
     return _BACKWARD[conv_path.choose(key, _BACKWARD, args, x.device)]
 

@@ -10,6 +10,7 @@ runs it and checks the lines.
 """
 import json
 import os
+import re
 import sys
 import time
 
@@ -30,6 +31,10 @@ KERNELS = ("forward", "dgrad", "wgrad")
 DTYPES = ("bf16", "fp16", "fp32", "fp64")
 VARIANTS = [f"{kernel}-{dtype}-{shape[0]}" for kernel in KERNELS for dtype in DTYPES
             for shape in SHAPES]
+# The small kernels that finish a conv (resfast/kernels/partials.py): the merge of the
+# statistics (float32 / float64 partials) and the sum of wgrad partials into each dtype.
+FINISHING = ["merge-fp32", "merge-fp64", "sum-fp32-bf16", "sum-fp32-fp16", "sum-fp32-fp32",
+             "sum-fp64-fp64"]
 SM90_SHARED_BYTES = 227 * 1024  # the most shared memory one block can opt into on an H100
 
 
@@ -62,24 +67,31 @@ def _compile(variant: str) -> dict:
     dtype = next(t for t, name in names.items() if name == dtype_name)
     stats_name = names[stats_dtype(dtype)]
     conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
+    flat = configs.fold_taps(ci)
+    n_red = k * k * ci if flat else ci  # what one K step of the forward and wgrad reduces
     if kernel_name == "forward":
-        fn, tiles = K._conv2d_bn_forward_kernel, configs.gemm_tiles(co, ci, dtype)
+        fn, tiles = K._conv2d_bn_forward_kernel, configs.gemm_tiles(co, n_red, dtype)
         tile = tiles.block_m * tiles.block_n
+        layout = dict(FLAT_K=flat, GROUP_M=configs.group_m())
     elif kernel_name == "dgrad":
         fn, tiles = K._conv2d_bn_dgrad_kernel, configs.gemm_tiles(ci, co, dtype)
         tile = tiles.block_m * tiles.block_n
+        layout = dict(GROUP_M=configs.group_m())
     else:
-        fn, tiles = K._conv2d_bn_wgrad_kernel, configs.wgrad_tiles(co, ci, dtype)
+        fn, tiles = K._conv2d_bn_wgrad_kernel, configs.wgrad_tiles(co, n_red, dtype)
         tile = tiles.block_co * tiles.block_ci
+        layout = dict(FLAT_K=flat)
     blocks = tiles.constexprs()
-    constexprs = dict(conv, **_flags(kernel_name, kind), **blocks)
+    constexprs = dict(conv, **_flags(kernel_name, kind), **blocks, **layout)
     # per-channel vectors and partial sums are in the statistics dtype, tensors in the input dtype
     stats_ptrs = {"scale_ptr", "shift_ptr", "part_mean_ptr", "part_m2_ptr", "gmean_ptr", "gvar_ptr",
                   "mean_ptr", "gw_part_ptr", "gb_part_ptr"}
     out_side = (side + 2 * (k // 2) - k) // stride + 1
     ints = dict(H=side, W=side, Ci=ci, OH=out_side, OW=out_side, Co=co, M=BATCH * out_side ** 2,
                 M_in=BATCH * side ** 2, count=BATCH * out_side ** 2,
-                rows_per_split=blocks["BLOCK_M"] * 8)  # a whole number of row blocks
+                rows_per_split=blocks["BLOCK_M"] * 8,  # a whole number of row blocks
+                # a channels_last weight, as the launchers pass it
+                w_s_co=k * k * ci, w_s_kh=k * ci, w_s_kw=ci)
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
@@ -100,12 +112,43 @@ def _compile(variant: str) -> dict:
     compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs,
                                         attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=options)
+    ttgir = compiled.asm["ttgir"]
     return dict(variant=variant, ok=True, seconds=round(time.perf_counter() - start, 2),
                 shared=compiled.metadata.shared, num_warps=compiled.metadata.num_warps,
                 cubin_bytes=len(compiled.asm["cubin"]),
-                wgmma="warp_group_dot" in compiled.asm["ttgir"],
-                async_copies=compiled.asm["ttgir"].count("async_copy_global_to_local"),
+                wgmma="warp_group_dot" in ttgir,
+                # wgmma's A operand read from shared memory (a memdesc), not from registers
+                a_from_shared=bool(re.search(r"warp_group_dot [^\n]*\} : !ttg\.memdesc", ttgir)),
+                async_copies=ttgir.count("async_copy_global_to_local"),
                 blocks=blocks, options=options)
+
+
+def _compile_finishing(variant: str) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import resfast.kernels.partials as P
+    from resfast.kernels import configs
+
+    kind, part, *out = variant.split("-")
+    tiles = configs.reduce_tiles()
+    if kind == "merge":
+        fn = P._merge_tile_stats_kernel
+        signature = dict(part_mean_ptr=f"*{part}", part_m2_ptr=f"*{part}", mean_ptr=f"*{part}",
+                         var_ptr=f"*{part}", M="i32", Co="i32", n_tiles="i32")
+        constexprs = dict(ROWS_PER_TILE=128, BLOCK_T=tiles.block_t, BLOCK_C=tiles.block_c)
+    else:
+        fn = P._sum_partials_kernel
+        signature = dict(part_ptr=f"*{part}", out_ptr=f"*{out[0]}", splits="i32", n="i32",
+                         Ci="i32", s_co="i32", s_ci="i32", s_kh="i32", s_kw="i32")
+        constexprs = dict(KSIZE=3, BLOCK=tiles.block)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    signature = {name: signature[name] for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    return dict(variant=variant, ok=True, shared=compiled.metadata.shared,
+                cubin_bytes=len(compiled.asm["cubin"]))
 
 
 def main(variants) -> int:
@@ -115,7 +158,8 @@ def main(variants) -> int:
         return 2
     for variant in variants:
         try:
-            line = _compile(variant)
+            line = (_compile_finishing(variant) if variant.split("-")[0] in ("merge", "sum")
+                    else _compile(variant))
         except Exception as e:  # reported per variant; the test names it
             line = dict(variant=variant, ok=False, error=f"{type(e).__name__}: {e}"[:2000])
         print(json.dumps(line), flush=True)
@@ -123,4 +167,4 @@ def main(variants) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or VARIANTS))
+    sys.exit(main(sys.argv[1:] or VARIANTS + FINISHING))

@@ -400,3 +400,92 @@ def test_bad_inputs_raise_like_cpu():
         ops.bn_act_backward(y.half(), y, scale, shift, None, True, [True, True, True, True])
     with pytest.raises(ValueError, match="must be on"):
         ops.bn_act(y, scale.cpu(), shift.cpu(), None, True)
+
+
+# ---- NaN and Inf as torch's ReLU ----------------------------------------------------------
+
+SPECIALS = torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 2.0])
+
+
+def _cycled(values, shape):
+    n = torch.Size(shape).numel()
+    return values.repeat(n // values.numel() + 1)[:n].view(shape)
+
+
+@pytest.mark.parametrize("kernels", ["cuda", "aten"])
+def test_relu_nan_and_inf_as_torch(monkeypatch, kernels):
+    """relu(NaN) is NaN; the backward is torch's threshold_backward: 0 where the activation is
+    <= 0 whatever the gradient (NaN, Inf), the gradient where it is NaN. Scale 2, shift 0 and
+    a zero residual keep every product exact."""
+    if kernels == "aten":
+        monkeypatch.setenv("RESFAST_CUDA_KERNELS", "aten")
+    shape = (2, 8, 3, 3)
+    y = layout(_cycled(SPECIALS, shape), "nhwc").cuda()
+    grad_out = layout(_cycled(torch.tensor([1.0, float("nan"), float("inf"), -3.0, 0.5]), shape),
+                      "nhwc").cuda()
+    scale = torch.full((8,), 2.0, device="cuda")
+    shift = torch.zeros(8, device="cuda")
+    res = torch.zeros_like(y)
+    out = ops.bn_act(y, scale, shift, res, True)
+    act = torch.relu(y * 2)
+    torch.testing.assert_close(out, act, equal_nan=True, rtol=0, atol=0)
+    grad_y, _, _, grad_res = ops.bn_act_backward(grad_out, y, scale, shift, res, True,
+                                                 [True, False, False, True])
+    want = torch.ops.aten.threshold_backward(grad_out, act, 0)
+    torch.testing.assert_close(grad_res, want, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(grad_y, want * 2, equal_nan=True, rtol=0, atol=0)
+
+
+# ---- bn_stats_backward keeps y's layout -------------------------------------------------
+
+def test_stats_backward_keeps_a_permuted_layout():
+    """A dense y in neither NCHW nor NHWC order: grad_y gets y's strides (empty_like), as on
+    the CPU and in the fake."""
+    y = torch.randn(2, 7, 5, 3, device="cuda").permute(0, 2, 1, 3)  # memory order N, H, C, W
+    mean, grad_mean, grad_var = (torch.randn(5, device="cuda") for _ in range(3))
+    out = ops.bn_stats_backward(grad_mean, grad_var, y, mean)
+    ref = ops.bn_stats_backward(cpu(grad_mean), cpu(grad_var), cpu(y), cpu(mean))
+    assert out.stride() == y.stride() == ref.stride()
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-6, rtol=1e-5)
+
+
+# ---- the ATen fallback (a GPU the build has no kernel image for) ------------------------
+
+def _ran_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+@pytest.mark.parametrize("fmt", LAYOUTS)
+@pytest.mark.parametrize("dtype,atol,rtol", [DTYPES[0], DTYPES[2]])
+def test_aten_fallback(monkeypatch, fmt, dtype, atol, rtol):
+    """RESFAST_CUDA_KERNELS=aten runs the ops as the ATen compositions a GPU without a kernel
+    image gets: checked against the CPU ops as the kernels are, every op and flag."""
+    shape = (3, 63, 5, 5)
+    y = make(shape, dtype, fmt)
+    assert "aten::var_mean" not in _ran_ops(lambda: ops.bn_stats(y))
+    monkeypatch.setenv("RESFAST_CUDA_KERNELS", "aten")
+    assert "aten::var_mean" in _ran_ops(lambda: ops.bn_stats(y))
+    for use_scale, use_res, relu in itertools.product([False, True], repeat=3):
+        test_bn_act(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu)
+        test_bn_act_backward(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu)
+    test_bn_stats(shape, fmt, dtype, atol, rtol)
+    test_bn_stats_backward(shape, fmt, dtype, atol, rtol)
+    test_empty_batch(fmt, dtype, atol, rtol)
+    sdt = stats_dtype(dtype)
+    for use_weight, use_bias in itertools.product([False, True], repeat=2):
+        test_bn_finalize(63, sdt, use_weight, use_bias)
+    test_bn_update_running_stats(63, dtype, sdt, False)
+
+
+def test_kernels_run_on_this_gpu():
+    """This build has an image for the GPU at hand (its arch is among the default archs, or
+    the build took the visible GPU's): no fallback, no warning."""
+    import warnings
+
+    y = make((2, 8, 4, 4), torch.float32, "nhwc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.bn_act(y, None, None, None, True)
+    assert "aten::relu" not in _ran_ops(lambda: ops.bn_act(y, None, None, None, True))

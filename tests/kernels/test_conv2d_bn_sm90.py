@@ -12,7 +12,9 @@ fits an H100's shared memory, its loads are software-pipelined (asynchronous
 copies to shared memory: otherwise each tile waits for its loads; whether a
 load can be depends on those hints), and half-precision dots become Hopper's
 warpgroup MMA (wgmma), float32 and float64 ones do not (IEEE float32 and
-float64 have no wgmma form).
+float64 have no wgmma form), and where a forward has no prologue to apply (the plain
+1x1 and the stem) the MMA reads x's tile from shared memory, not from registers. The
+small kernels that finish a conv (statistics merge, sum of wgrad partials) compile too.
 """
 import json
 import os
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.kernels.conv2d_bn_sm90 import SM90_SHARED_BYTES, VARIANTS
+from tests.kernels.conv2d_bn_sm90 import FINISHING, SM90_SHARED_BYTES, VARIANTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -60,7 +62,20 @@ def test_compiles_for_sm90(compiled, variant):
         f"{variant} needs {result['shared']} bytes of shared memory, an H100 block has "
         f"{SM90_SHARED_BYTES} (tiles {result['blocks']}, {result['options']})")
     assert result["async_copies"] > 0, f"{variant}: no load is pipelined (tiles {result['blocks']})"
-    half = variant.split("-")[1] in ("bf16", "fp16")
+    kernel, dtype, shape = variant.split("-", 2)
+    half = dtype in ("bf16", "fp16")
     assert result["wgmma"] == half, (
         f"{variant}: {'no' if half else 'a'} warpgroup MMA in the compiled kernel (tiles "
         f"{result['blocks']})")
+    if half and kernel == "forward" and not shape.endswith("-fused"):
+        # nothing to apply to x: its tile goes from memory to shared memory to the MMA,
+        # without the round trip through registers that a prologue needs
+        assert result["a_from_shared"], f"{variant}: the MMA takes x's tile from registers"
+
+
+@pytest.mark.parametrize("variant", FINISHING)
+def test_finishing_kernels_compile_for_sm90(compiled, variant):
+    result = compiled.get(variant)
+    assert result is not None, f"{variant}: no result from tests/kernels/conv2d_bn_sm90.py"
+    assert result["ok"], f"{variant} does not compile for sm_90: {result['error']}"
+    assert result["cubin_bytes"] > 0 and result["shared"] <= SM90_SHARED_BYTES
