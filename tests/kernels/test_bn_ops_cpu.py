@@ -724,7 +724,8 @@ def test_each_instruction_set(capability, tmp_path):
             y, scale, shift, res, relu, centre = args
             expected = ref.bn_act(*args)
             mag = magnitude(y, scale, shift, res, centre)
-            assert_within("out", result, expected, elementwise_bound(expected, mag, y.dtype, y.dtype))
+            bound = elementwise_bound(expected, mag, y.dtype, y.dtype)
+            assert_within("out", result, expected, bound)
         elif name == "bn_act_backward":
             check_act_backward(*args[:7], ours=result, centre=args[7])
         else:
