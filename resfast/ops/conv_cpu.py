@@ -109,7 +109,10 @@ def _scaled_epilogue(weight, bias, scale, shift, centre, pack):
 def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual):
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
-    target = ("onednn", stride, padding, tuple(a.shape[1:]))
+    # packed for the full input shape, batch included: oneDNN picks its kernel (and so its
+    # summation order) by shape, and a weight packed for another batch would give results
+    # that depend on the calls before this one
+    target = ("onednn", stride, padding, tuple(a.shape))
     pack = _pack(stride, padding, a.shape)
     if residual is not None:
         residual = residual.to(weight.dtype)

@@ -175,3 +175,16 @@ def test_entries_die_with_their_weights():
     import gc
     gc.collect()
     assert key not in fold._entries
+
+
+def test_results_do_not_depend_on_earlier_calls():
+    """A fold packed for another batch size is not reused: oneDNN picks its kernel
+    (its summation order) by shape, so the same input gives the same bits however
+    the weight was used before (fuse() probes blocks at batch 2; a pickled model
+    must compute in a fresh process what it computed here)."""
+    ours = _module("cpu")
+    fresh = copy.deepcopy(ours)
+    x1 = _x("cpu", 1)
+    with torch.no_grad():
+        ours(_x("cpu", 2))
+        assert torch.equal(ours(x1), fresh(x1))
