@@ -103,13 +103,16 @@ inline void check_running_stats_inputs(const at::Tensor& running_mean,
 
 // The inputs of bn_act / bn_act_backward.
 inline void check_bn_act_inputs(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                         const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual) {
+                         const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual,
+                         const std::optional<at::Tensor>& centre) {
   check_activation(y, "y");
   TORCH_CHECK_VALUE(scale.has_value() == shift.has_value(), "scale and shift must be given together");
+  TORCH_CHECK_VALUE(!centre || scale, "centre needs scale and shift");
   if (scale) {
     check_channel_vector(*scale, y.size(1), y, "scale");
     check_channel_vector(*shift, y.size(1), y, "shift");
   }
+  if (centre) check_channel_vector(*centre, y.size(1), y, "centre");
   if (residual) check_same_as(*residual, y, "residual", "y");
 }
 

@@ -41,13 +41,21 @@ TORCH_LIBRARY(resfast, m) {
   m.def(
       "bn_update_running_stats_(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
       " int count, float momentum) -> ()");
-  // out = [relu](y * scale + shift [+ residual]); scale/shift are absent together.
-  m.def("bn_act(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu) -> Tensor");
+  // out = [relu]((y - centre) * scale + shift [+ residual]); scale/shift are absent together,
+  // centre (default 0) only comes with them. BatchNorm passes its mean as the centre, so that
+  // grad_scale = sum(g * (y - mean)) is reduced without cancelling digits (it would be
+  // sum(g * y) - mean * sum(g) otherwise: all digits lost when |mean| >> std).
+  m.def(
+      "bn_act(Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu,"
+      " Tensor? centre=None) -> Tensor");
   // The ReLU mask is recomputed from the inputs. output_mask selects
   // (grad_y, grad_scale, grad_shift, grad_residual); unselected outputs are empty.
+  // grad_scale = sum(g * (y - centre)), grad_shift = sum(g); the centre's own gradient,
+  // -scale * grad_shift, is left to the caller.
   m.def(
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu,"
-      " bool[4] output_mask) -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
+      " bool[4] output_mask, Tensor? centre=None)"
+      " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
   // What this build contains: "cuda_archs=<list>" (empty without CUDA).
   m.def("build_info() -> str", [] { return std::string("cuda_archs=") + RESFAST_CUDA_ARCHS; });
   // The instruction set of the CPU kernels in use: "AVX512", "AVX2" or "DEFAULT".

@@ -8,9 +8,18 @@ training mode they are updated in place exactly as ``nn.BatchNorm2d`` does
 ``num_batches_tracked``).
 
 Training mode needs the statistics of a conv's output before it can normalize
-it, so the building block is a *pending* activation ``relu(y * scale + shift)``
-(:class:`Pending`): the next conv applies it while loading its input, or
-:func:`finish` applies it together with the residual add.
+it, so the building block is a *pending* activation
+``relu((y - centre) * scale + shift)`` (:class:`Pending`): the next conv applies
+it while loading its input, or :func:`finish` applies it together with the
+residual add. BatchNorm's pending activation has centre = mean, scale =
+gamma / std and shift = beta: its backward then reduces the gradient of gamma
+as sum(g * (y - mean)) / std, as torch.nn does, where the uncentred
+sum(g * y) - mean * sum(g) would lose every digit when |mean| >> std.
+
+In eval mode BN is folded into the conv (once per weight version,
+:mod:`resfast.ops.fold`) with the ReLU, and a residual where one is added, in
+the same call; the gradients of gamma and beta are still reduced from the
+normalized activation (``resfast::conv2d_bn``'s epilogue).
 """
 from typing import Callable, NamedTuple, Optional, Tuple
 
@@ -19,6 +28,7 @@ from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
 from .dtypes import stats_dtype
+from .ops import fold as _fold
 
 ops = torch.ops.resfast
 
@@ -56,12 +66,14 @@ def constant_batch_norm(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
 
 
 class Pending(NamedTuple):
-    """The activation ``relu(y * scale + shift)`` (``relu`` optional), not yet computed."""
+    """The activation ``relu((y - centre) * scale + shift)`` (``relu`` optional;
+    centre 0 when None), not yet computed."""
 
     y: Tensor
     scale: Optional[Tensor]
     shift: Optional[Tensor]
     relu: bool
+    centre: Optional[Tensor] = None
 
 
 # ---- autocast and checks ------------------------------------------------------
@@ -77,6 +89,16 @@ def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
 
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
     return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
+
+
+def _cast_param(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """A parameter in autocast's dtype; where no gradient flows, the same cast
+    tensor while the parameter is unchanged, so that the eval-mode fold cache
+    (keyed by the weight it is given) keeps hitting under autocast."""
+    if (t is None or dtype is None or t.dtype == dtype or torch.compiler.is_compiling()
+            or (torch.is_grad_enabled() and t.requires_grad)):
+        return _cast(t, dtype)
+    return _fold.cast(t, dtype)
 
 
 def _check_input(x, name="x"):
@@ -113,8 +135,17 @@ def _conv_dtype(x: Tensor, weight: Tensor):
 
 # ---- BatchNorm pieces -----------------------------------------------------------
 
+def _centred(mean: Tensor, var: Tensor, bn: BatchNormArgs):
+    """(scale, shift, centre) = (gamma / sqrt(var + eps), beta, mean): BN as
+    (v - centre) * scale + shift. bn_finalize with a zero mean gives exactly that
+    scale and shift, and its backward the gradients of var, gamma and beta; that
+    of the mean comes from the centre."""
+    scale, shift = ops.bn_finalize(torch.zeros_like(var), var, bn.weight, bn.bias, bn.eps)
+    return scale, shift, mean
+
+
 def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs):
-    """Scale and shift from batch statistics; updates the running statistics."""
+    """(scale, shift, centre) from batch statistics; updates the running statistics."""
     if bn.stats_reducer is not None:
         mean, var, count = bn.stats_reducer(mean, var, count)
     if bn.running_mean is not None and bn.training:
@@ -128,12 +159,12 @@ def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs)
                 momentum = 1.0 / float(bn.num_batches_tracked)
         ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean.detach(), var.detach(),
                                      count, momentum)
-    return ops.bn_finalize(mean, var, bn.weight, bn.bias, bn.eps)
+    return _centred(mean, var, bn)
 
 
 def _running_scale_shift(bn: BatchNormArgs, dtype):
-    return ops.bn_finalize(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias,
-                           bn.eps)
+    """(scale, shift, centre) from the running statistics."""
+    return _centred(bn.running_mean.to(dtype), bn.running_var.to(dtype), bn)
 
 
 def _uses_batch_stats(bn: BatchNormArgs) -> bool:
@@ -143,11 +174,12 @@ def _uses_batch_stats(bn: BatchNormArgs) -> bool:
 # ---- convs ------------------------------------------------------------------------
 
 def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
-                    stride: int = 1, padding: int = 0, relu: bool = True) -> Pending:
+                    stride: int = 1, padding: int = 0, relu: bool = True,
+                    residual: Optional[Tensor] = None) -> Pending:
     """conv -> BN (-> ReLU), left pending in training mode; in eval mode BN is
     folded into the conv and the result is complete (scale/shift None, the ReLU
-    in the conv's epilogue). Pass ``relu=False`` and give the ReLU to
-    :func:`finish` when a residual is added before it.
+    in the conv's epilogue). ``residual`` (eval mode only: training mode gives it
+    to :func:`finish`) is added before the ReLU in the same call.
     ``x`` may itself be a :class:`Pending`, applied in this conv's prologue."""
     pending_in = x if isinstance(x, Pending) else None
     src = pending_in.y if pending_in else x
@@ -160,20 +192,54 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
     _check_bn(bn, weight.shape[0], src.device)
     dtype = _conv_dtype(src, weight)
     src = _cast(src, dtype)
-    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift,
-                                   pending_in.relu) if pending_in else (None, None, False)
+    in_scale, in_shift, in_relu, in_centre = (
+        (pending_in.scale, pending_in.shift, pending_in.relu, pending_in.centre) if pending_in
+        else (None, None, False, None))
     if _uses_batch_stats(bn):
+        if residual is not None:
+            raise ValueError("in training mode the residual is added by finish(), after the "
+                             "batch statistics")
         y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
-                                     in_shift, in_relu, stride, padding, True, False)
-        scale, shift = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
-        return Pending(y, scale, shift, relu)
-    # eval: fold BN into the conv, one pass with the ReLU in the epilogue.
-    scale, shift = _running_scale_shift(bn, stats_dtype(src))
-    folded_w = (weight.to(scale.dtype) * scale.view(-1, 1, 1, 1)).to(dtype)
-    folded_b = shift if bias is None else shift + bias.to(scale.dtype) * scale
-    y, _, _ = ops.conv2d_bn(src, folded_w, folded_b.to(dtype), in_scale, in_shift, in_relu, stride,
-                            padding, False, relu)
+                                     in_shift, in_relu, stride, padding, True, False, in_centre)
+        scale, shift, centre = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
+        return Pending(y, scale, shift, relu, centre)
+    # eval: BN is the conv's epilogue, folded into its weights (cached), with the residual
+    # and the ReLU: one oneDNN call on the CPU.
+    scale, shift, centre = _running_scale_shift(bn, stats_dtype(src))
+    if residual is not None:
+        _check_residual(residual, src.device)
+        residual = _cast(residual, dtype)
+    y, _, _ = ops.conv2d_bn(src, _cast_param(weight, dtype), _cast_param(bias, dtype), in_scale,
+                            in_shift, in_relu, stride, padding, False, relu, in_centre, scale,
+                            shift, centre, residual)
     return Pending(y, None, None, False)
+
+
+def _check_residual(residual, device):
+    _check_input(residual, "residual")
+    if residual.device != device:
+        raise ValueError(f"residual is on {residual.device} but the branch output is on {device}")
+
+
+def conv_bn_add_relu(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs,
+                     residual: Tensor, *, stride: int = 1, padding: int = 0,
+                     relu: bool = True) -> Tensor:
+    """``relu(bn(conv2d(x)) + residual)``, a residual block's last conv: in
+    training mode the BN, the add and the ReLU are one pass after the conv's
+    statistics; in eval mode all of it is one folded conv."""
+    if _uses_batch_stats(bn):
+        return finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding,
+                                      relu=False), residual, relu=relu)
+    src = x.y if isinstance(x, Pending) else x
+    _check_input(src)
+    _check_residual(residual, src.device)
+    out_shape = (src.shape[0], weight.shape[0], (src.shape[2] + 2 * padding - weight.shape[2])
+                 // stride + 1, (src.shape[3] + 2 * padding - weight.shape[3]) // stride + 1)
+    if tuple(residual.shape) != out_shape:
+        raise ValueError(f"residual shape {tuple(residual.shape)} differs from the branch "
+                         f"output {out_shape}")
+    return conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding, relu=relu,
+                           residual=residual).y
 
 
 def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] = None) -> Tensor:
@@ -191,7 +257,7 @@ def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] =
         residual = _cast(residual, p.y.dtype)
     if p.scale is None and residual is None and not relu:
         return p.y
-    return ops.bn_act(p.y, p.scale, p.shift, residual, relu)
+    return ops.bn_act(p.y, p.scale, p.shift, residual, relu, p.centre)
 
 
 def materialize(h) -> Tensor:
@@ -219,10 +285,10 @@ def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
     _check_bn(bn, x.shape[1], x.device)
     if _uses_batch_stats(bn):
         mean, var = ops.bn_stats(x)
-        scale, shift = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
+        scale, shift, centre = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
     else:
-        scale, shift = _running_scale_shift(bn, stats_dtype(x))
-    return Pending(x, scale, shift, relu)
+        scale, shift, centre = _running_scale_shift(bn, stats_dtype(x))
+    return Pending(x, scale, shift, relu, centre)
 
 
 def bn_add_relu(y: Tensor, residual: Tensor, bn: BatchNormArgs, *, relu: bool = True) -> Tensor:
@@ -248,7 +314,7 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
                          "input channels")
     # x stays in its own precision: the prologue normalizes it before rounding.
     y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale,
-                            pending.shift, True, stride, padding, False, False)
+                            pending.shift, True, stride, padding, False, False, pending.centre)
     return _like_input(y, x)
 
 
@@ -264,10 +330,11 @@ def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
         raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} "
                          "input channels")
     dtype = _conv_dtype(src, weight)
-    in_scale, in_shift, in_relu = (pending_in.scale, pending_in.shift,
-                                   pending_in.relu) if pending_in else (None, None, False)
+    in_scale, in_shift, in_relu, in_centre = (
+        (pending_in.scale, pending_in.shift, pending_in.relu, pending_in.centre) if pending_in
+        else (None, None, False, None))
     y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale,
-                            in_shift, in_relu, stride, padding, False, relu)
+                            in_shift, in_relu, stride, padding, False, relu, in_centre)
     return _like_input(y, src)
 
 
@@ -291,8 +358,9 @@ def basic_block(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: Batc
     The first BN + ReLU is applied in the second conv's prologue and the second
     BN in the add + ReLU. ``shortcut`` defaults to x (identity)."""
     h = conv_bn_pending(x, w1, None, bn1, stride=stride, padding=1, relu=True)
-    out = conv_bn_pending(h, w2, None, bn2, stride=1, padding=1, relu=False)
-    return _like_input(finish(out, x if shortcut is None else shortcut, relu=True), x)
+    out = conv_bn_add_relu(h, w2, None, bn2, x if shortcut is None else shortcut, stride=1,
+                           padding=1)
+    return _like_input(out, x)
 
 
 def bottleneck(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: BatchNormArgs,
@@ -302,8 +370,9 @@ def bottleneck(x: Tensor, w1: Tensor, bn1: BatchNormArgs, w2: Tensor, bn2: Batch
     BN + ReLU applied in the next conv's prologue, the last BN in the add + ReLU."""
     h = conv_bn_pending(x, w1, None, bn1, stride=1, padding=0, relu=True)
     h = conv_bn_pending(h, w2, None, bn2, stride=stride, padding=1, relu=True)
-    out = conv_bn_pending(h, w3, None, bn3, stride=1, padding=0, relu=False)
-    return _like_input(finish(out, x if shortcut is None else shortcut, relu=True), x)
+    out = conv_bn_add_relu(h, w3, None, bn3, x if shortcut is None else shortcut, stride=1,
+                           padding=0)
+    return _like_input(out, x)
 
 
 def projection(x: Tensor, weight: Tensor, bn: BatchNormArgs, *, stride: int) -> Tensor:

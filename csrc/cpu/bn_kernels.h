@@ -50,22 +50,24 @@ struct StatsBackwardArgs {
   void* grad_y;
 };
 
-// out = [relu](y * scale + shift [+ residual]); scale and shift are null
-// together, residual may be null; every activation in the same layout.
+// out = [relu]((y - centre) * scale + shift [+ residual]); scale, shift and
+// centre are null together, residual may be null; every activation in the
+// same layout.
 struct ActArgs {
   const void* y;
   c10::ScalarType dtype;
   Geometry g;
   const void* scale;
   const void* shift;
+  const void* centre;
   const void* residual;
   bool relu;
   void* out;
 };
 
 // g = grad_out [* (pre-activation > 0)]; grad_y = g [* scale]; grad_residual = g;
-// sum_gy[c] = sum of g * y, sum_g[c] = sum of g over channel c. Null outputs
-// are skipped; sum_gy and sum_g are null together.
+// sum_gy[c] = sum of g * (y - centre), sum_g[c] = sum of g over channel c.
+// Null outputs are skipped; sum_gy and sum_g are null together.
 struct ActBackwardArgs {
   const void* grad_out;
   const void* y;
@@ -73,6 +75,7 @@ struct ActBackwardArgs {
   Geometry g;
   const void* scale;
   const void* shift;
+  const void* centre;
   const void* residual;
   bool relu;
   void* grad_y;

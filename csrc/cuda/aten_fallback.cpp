@@ -26,6 +26,13 @@ at::ScalarType compute_dtype(at::ScalarType dt) {
   return dt == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// y - centre in the statistics dtype (y itself, upcast, without a centre)
+at::Tensor centred(const at::Tensor& y, const std::optional<at::Tensor>& centre,
+                   at::ScalarType dt) {
+  at::Tensor z = y.to(dt);
+  return centre ? z - per_channel(*centre, dt) : z;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& y) {
@@ -84,9 +91,10 @@ void bn_update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var,
 
 at::Tensor bn_act(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& shift,
-                  const std::optional<at::Tensor>& residual, bool relu) {
+                  const std::optional<at::Tensor>& residual, bool relu,
+                  const std::optional<at::Tensor>& centre) {
   const auto dt = stats_dtype(y);
-  at::Tensor z = y.to(dt);
+  at::Tensor z = centred(y, centre, dt);
   if (scale) z = z * per_channel(*scale, dt) + per_channel(*shift, dt);
   if (residual) z = z + residual->to(dt);
   if (relu) z = at::relu(z);
@@ -96,12 +104,13 @@ at::Tensor bn_act(const at::Tensor& y, const std::optional<at::Tensor>& scale,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, const std::optional<at::Tensor>& centre) {
   const auto dt = stats_dtype(y);
+  const at::Tensor yc = centred(y, centre, dt);
   const bool sums = scale.has_value() && (output_mask[1] || output_mask[2]);
   at::Tensor g = grad_out.to(dt);
   if (relu) {
-    at::Tensor z = y.to(dt);
+    at::Tensor z = yc;
     if (scale) z = z * per_channel(*scale, dt) + per_channel(*shift, dt);
     if (residual) z = z + residual->to(dt);
     // torch's threshold_backward: 0 where z <= 0, the gradient elsewhere (NaN z too)
@@ -111,7 +120,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
   at::Tensor grad_y = output_mask[0]
                           ? stored_like(y, scale ? g * per_channel(*scale, dt) : g)
                           : at::empty({0}, y.options());
-  at::Tensor grad_scale = output_mask[1] && sums ? channel_sum(g * y.to(dt))
+  at::Tensor grad_scale = output_mask[1] && sums ? channel_sum(g * yc)
                                                  : at::empty({0}, y.options().dtype(dt));
   at::Tensor grad_shift =
       output_mask[2] && sums ? channel_sum(g) : at::empty({0}, y.options().dtype(dt));

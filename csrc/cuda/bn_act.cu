@@ -17,22 +17,25 @@ namespace {
 
 // ---- Kernels ----------------------------------------------------------------
 
-// out = [relu](y * scale + shift [+ residual]); scale/shift/residual may be null.
+// out = [relu]((y - centre) * scale + shift [+ residual]); scale/shift/residual may be
+// null, centre too (then 0).
 template <typename T, int VEC>
 __global__ __launch_bounds__(kThreads) void bn_act_kernel(const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
                                                           const acc_t<T>* __restrict__ shift,
+                                                          const acc_t<T>* __restrict__ centre,
                                                           const T* __restrict__ residual, T* __restrict__ out,
                                                           int64_t M, int64_t C, bool relu) {
   using A = acc_t<T>;
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= C / VEC) return;
   const int64_t c0 = g * VEC;
-  A sc[VEC] = {}, sh[VEC] = {};
+  A sc[VEC] = {}, sh[VEC] = {}, cc[VEC] = {};
   if (scale) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) {
       sc[i] = scale[c0 + i];
       sh[i] = shift[c0 + i];
+      cc[i] = centre ? centre[c0 + i] : A(0);
     }
   }
   const int64_t stride = static_cast<int64_t>(gridDim.y) * blockDim.y;
@@ -42,7 +45,7 @@ __global__ __launch_bounds__(kThreads) void bn_act_kernel(const T* __restrict__ 
     load_vec<VEC>(y + off, z);
     if (scale) {
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) z[i] = z[i] * sc[i] + sh[i];
+      for (int i = 0; i < VEC; ++i) z[i] = (z[i] - cc[i]) * sc[i] + sh[i];
     }
     if (residual) {
       A res[VEC];
@@ -60,13 +63,14 @@ __global__ __launch_bounds__(kThreads) void bn_act_kernel(const T* __restrict__ 
 }
 
 // g = grad_out [* (pre-activation > 0)]; grad_y = g [* scale]; grad_residual = g;
-// partial_gy[blockIdx.y, c] = sum(g * y), partial_g[blockIdx.y, c] = sum(g) over
+// partial_gy[blockIdx.y, c] = sum(g * (y - centre)), partial_g[blockIdx.y, c] = sum(g) over
 // this block's rows. Null outputs are skipped; the partial sums are computed
 // when partial_g is not null (then partial_gy is not null either).
 template <typename T, int VEC>
 __global__ __launch_bounds__(kThreads) void bn_act_backward_kernel(
     const T* __restrict__ grad_out, const T* __restrict__ y, const acc_t<T>* __restrict__ scale,
-    const acc_t<T>* __restrict__ shift, const T* __restrict__ residual, bool relu, T* __restrict__ grad_y,
+    const acc_t<T>* __restrict__ shift, const acc_t<T>* __restrict__ centre, const T* __restrict__ residual,
+    bool relu, T* __restrict__ grad_y,
     T* __restrict__ grad_residual, acc_t<T>* __restrict__ partial_gy, acc_t<T>* __restrict__ partial_g, int64_t M,
     int64_t C) {
   using A = acc_t<T>;
@@ -79,12 +83,13 @@ __global__ __launch_bounds__(kThreads) void bn_act_backward_kernel(
   for (int i = 0; i < VEC; ++i) sum_gy[i] = sum_g[i] = A(0);
 
   if (active) {
-    A sc[VEC] = {}, sh[VEC] = {};
+    A sc[VEC] = {}, sh[VEC] = {}, cc[VEC] = {};
     if (scale) {
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         sc[i] = scale[c0 + i];
         sh[i] = shift[c0 + i];
+        cc[i] = centre ? centre[c0 + i] : A(0);
       }
     }
     const bool need_y = relu || sums;
@@ -93,7 +98,11 @@ __global__ __launch_bounds__(kThreads) void bn_act_backward_kernel(
       const int64_t off = r * C + c0;
       A gv[VEC], yv[VEC] = {};
       load_vec<VEC>(grad_out + off, gv);
-      if (need_y) load_vec<VEC>(y + off, yv);
+      if (need_y) {
+        load_vec<VEC>(y + off, yv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) yv[i] -= cc[i];  // y - centre (cc is 0 without scale)
+      }
       if (relu) {
         A z[VEC];
 #pragma unroll
@@ -203,9 +212,10 @@ __global__ __launch_bounds__(kThreads) void column_sum_kernel(const A* __restric
 // ---- Host side --------------------------------------------------------------
 
 at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& scale,
-                       const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu) {
-  check_bn_act_inputs(y, scale, shift, residual);
-  if (!use_kernels(y.device())) return aten_fallback::bn_act(y, scale, shift, residual, relu);
+                       const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu,
+                       const std::optional<at::Tensor>& centre) {
+  check_bn_act_inputs(y, scale, shift, residual, centre);
+  if (!use_kernels(y.device())) return aten_fallback::bn_act(y, scale, shift, residual, relu, centre);
   at::Tensor out = at::empty_like(y);
   const int64_t C = y.size(1);
   if (y.numel() == 0) return out;
@@ -217,6 +227,7 @@ at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& sca
   at::Tensor out_rows = rows_for(out);
   const at::Tensor sc = scale ? scale->to(dt).contiguous() : at::Tensor();
   const at::Tensor sh = shift ? shift->to(dt).contiguous() : at::Tensor();
+  const at::Tensor cc = centre ? centre->to(dt).contiguous() : at::Tensor();
   const at::Tensor res = residual ? rows_of(*residual) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -229,7 +240,8 @@ at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& sca
     const bool vec = C % V == 0 && aligned16(yp) && aligned16(op) && (!rp || aligned16(rp));
     auto kernel = vec ? bn_act_kernel<scalar_t, V> : bn_act_kernel<scalar_t, 1>;
     const Tile t = make_tile(M, vec ? C / V : C, resident_blocks(kernel));
-    kernel<<<grid_of(t), block_of(t), 0, stream>>>(yp, ptr_or_null<A>(sc), ptr_or_null<A>(sh), rp, op, M, C, relu);
+    kernel<<<grid_of(t), block_of(t), 0, stream>>>(yp, ptr_or_null<A>(sc), ptr_or_null<A>(sh), ptr_or_null<A>(cc), rp,
+                                                   op, M, C, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   finish_rows(out, out_rows);
@@ -239,11 +251,12 @@ at::Tensor bn_act_cuda(const at::Tensor& y, const std::optional<at::Tensor>& sca
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu,
-    std::array<bool, 4> output_mask) {
-  check_bn_act_inputs(y, scale, shift, residual);
+    std::array<bool, 4> output_mask, const std::optional<at::Tensor>& centre) {
+  check_bn_act_inputs(y, scale, shift, residual, centre);
   check_same_as(grad_out, y, "grad_out", "y");
   if (!use_kernels(y.device())) {
-    return aten_fallback::bn_act_backward(grad_out, y, scale, shift, residual, relu, output_mask);
+    return aten_fallback::bn_act_backward(grad_out, y, scale, shift, residual, relu, output_mask,
+                                          centre);
   }
   const auto dt = stats_dtype(y);
   const int64_t C = y.size(1);
@@ -269,6 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
   const at::Tensor res_rows = relu && residual ? rows_of(*residual) : at::Tensor();
   const at::Tensor sc = scale ? scale->to(dt).contiguous() : at::Tensor();
   const at::Tensor sh = shift ? shift->to(dt).contiguous() : at::Tensor();
+  const at::Tensor cc = centre ? centre->to(dt).contiguous() : at::Tensor();
   at::Tensor gy_rows = output_mask[0] ? rows_for(grad_y) : at::Tensor();
   at::Tensor gr_rows = output_mask[3] ? rows_for(grad_residual) : at::Tensor();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -289,8 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward_cuda(
     at::Tensor partial = sums ? at::empty({2, static_cast<int64_t>(t.gy), C}, y.options().dtype(dt)) : at::Tensor();
     A* p_gy = sums ? partial.mutable_data_ptr<A>() : nullptr;
     A* p_g = sums ? p_gy + static_cast<int64_t>(t.gy) * C : nullptr;
-    kernel<<<grid_of(t), block_of(t), 0, stream>>>(gop, yp, ptr_or_null<A>(sc), ptr_or_null<A>(sh), rp, relu, gyp,
-                                                   grp, p_gy, p_g, M, C);
+    kernel<<<grid_of(t), block_of(t), 0, stream>>>(gop, yp, ptr_or_null<A>(sc), ptr_or_null<A>(sh),
+                                                   ptr_or_null<A>(cc), rp, relu, gyp, grp, p_gy, p_g, M, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (sums) {
       const Tile t2 = make_tile(t.gy, C, /*max_blocks=*/1, /*max_tx=*/8);

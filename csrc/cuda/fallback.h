@@ -35,10 +35,11 @@ void bn_update_running_stats_(at::Tensor& running_mean, at::Tensor& running_var,
                               double momentum);
 at::Tensor bn_act(const at::Tensor& y, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& shift,
-                  const std::optional<at::Tensor>& residual, bool relu);
+                  const std::optional<at::Tensor>& residual, bool relu,
+                  const std::optional<at::Tensor>& centre);
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_act_backward(
     const at::Tensor& grad_out, const at::Tensor& y, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& shift, const std::optional<at::Tensor>& residual, bool relu,
-    std::array<bool, 4> output_mask);
+    std::array<bool, 4> output_mask, const std::optional<at::Tensor>& centre);
 
 }  // namespace resfast::aten_fallback

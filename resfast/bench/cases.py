@@ -5,6 +5,13 @@ provider times.
 Sizes:
   full      ResNet-50 layer shapes at batch 128 for ops and blocks, networks at
             batch 256 (224x224; 32x32 for the CIFAR resnet56). For a GPU.
+  cpu       what a CPU user runs (issue 11), float32: the ops and blocks at
+            ResNet-20's first stage (32x32x16, batch 128) and ResNet-50's first
+            stage (56x56, batch 8); ResNet-20 training (batch 128, 32x32, NCHW
+            and channels_last), ResNet-50 training (batch 8, 112x112) and
+            ResNet-50 / VGG-11-BN inference (batch 8, 224x224), channels_last.
+            Providers are timed interleaved, round by round, so that load from
+            other processes falls on all of them alike.
   cpu-tiny  the same cases at tiny shapes (batch 2-4, 8x8 maps; networks as
             thin twins, widths / 8, at 32x32, in two of the four
             configurations), so the whole suite runs on a CPU in CI.
@@ -51,7 +58,7 @@ from .. import nn as rnn
 from ..twin import torch_twin
 from . import baselines
 
-SIZES = ("cpu-tiny", "full")
+SIZES = ("cpu-tiny", "cpu", "full")
 GROUPS = ("ops", "blocks", "models")
 MODES = ("train", "eval")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,7 +118,31 @@ def _conv(name, mode, batch, c, hw, cout, k, stride=1, relu=True):
                 (("cout", cout), ("k", k), ("stride", stride), ("relu", relu)))
 
 
+# --size cpu: float32 only; the networks' layouts as issue 11 states its targets
+_CL = (("fp32", "channels_last"),)
+_BOTH = (("fp32", "nchw"), ("fp32", "channels_last"))
+
+
+def _cpu_op_cases() -> List[Case]:
+    def conv(*args, **kw):
+        return dataclasses.replace(_conv(*args, **kw), configs=_BOTH)
+    cases = []
+    for mode in MODES:
+        cases += [conv("conv3x3_bn_relu-32x32x16", mode, 128, 16, 32, 16, 3),
+                  conv("conv3x3_bn_relu-56x56x64", mode, 8, 64, 56, 64, 3),
+                  conv("conv1x1_bn_relu-56x56x256to64", mode, 8, 256, 56, 64, 1)]
+    cases += [Case(f"bn_add_relu-{hw}x{hw}x{c}", "ops", "bn_add_relu", "train", n, (c, hw, hw),
+                   bound="memory", configs=_BOTH)
+              for n, c, hw in ((128, 16, 32), (8, 256, 56))]
+    cases += [Case(f"bn_relu_conv3x3-{hw}x{hw}x{c}", "ops", "bn_relu_conv", "train", n,
+                   (c, hw, hw), (("cout", c), ("k", 3), ("stride", 1)), configs=_BOTH)
+              for n, c, hw in ((128, 16, 32), (8, 64, 56))]
+    return cases
+
+
 def _op_cases(size: str) -> List[Case]:
+    if size == "cpu":
+        return _cpu_op_cases()
     if size == "full":  # ResNet-50 layer shapes, batch 128
         n = 128
         cases = [
@@ -147,6 +178,13 @@ def _op_cases(size: str) -> List[Case]:
 
 
 def _block_cases(size: str) -> List[Case]:
+    if size == "cpu":
+        return [Case(name, "blocks", kind, mode, n, (c, hw, hw), (("planes", planes),),
+                     configs=_BOTH)
+                for mode in MODES
+                for name, kind, n, c, hw, planes in (
+                    ("basic_block-32x32x16", "basic_block", 128, 16, 32, 16),
+                    ("bottleneck-56x56x256", "bottleneck", 8, 256, 56, 64))]
     n, hw, basic_c, bott_c = (128, 56, 64, 256) if size == "full" else (4, 8, 8, 16)
     cases = []
     for mode in MODES:
@@ -157,7 +195,19 @@ def _block_cases(size: str) -> List[Case]:
     return cases
 
 
+def _cpu_model_cases() -> List[Case]:
+    def model(name, mode, batch, hw, configs, classes=1000):
+        return Case(name, "models", "model", mode, batch, (3, hw, hw),
+                    (("model", name), ("num_classes", classes)), configs=configs)
+    return [model("resnet20", "train", 128, 32, _BOTH, classes=10),
+            model("resnet50", "train", 8, 112, _CL),
+            model("resnet50", "eval", 8, 224, _CL),
+            model("vgg11_bn", "eval", 8, 224, _CL)]
+
+
 def _model_cases(size: str) -> List[Case]:
+    if size == "cpu":
+        return _cpu_model_cases()
     cases = []
     for name in MODELS:
         cifar = name == "resnet56"

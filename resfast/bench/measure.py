@@ -5,7 +5,10 @@ Timing: after warm-up (the first call, which includes torch.compile's and
 Triton's compilation, is timed separately as ``first_call_s``), ``rounds`` x
 ``steps`` calls; on CUDA each round is bracketed by CUDA events (the GPU time
 of the round, the host free to run ahead), on the CPU by ``perf_counter``.
-``ms`` is the median round's time per step.
+``ms`` is the median round's time per step. With ``interleave`` (the default
+at ``--size cpu``) the providers of one case and configuration take turns,
+round by round (:func:`time_interleaved`), so that load from other processes
+on a shared machine falls on all of them alike and their ratios stay fair.
 
 Ceilings, measured in the same run on the same device: copy bandwidth (a large
 device-to-device ``copy_``, counting read + write) and matmul throughput
@@ -19,7 +22,7 @@ import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,13 +45,16 @@ class Settings:
     threads: Optional[int] = None
     # let cuDNN pick its fastest algorithms (the eager baseline at its best)
     cudnn_benchmark: bool = True
+    # time the providers of a case round by round in turn (see time_interleaved)
+    interleave: bool = False
 
 
 def default_settings(device=None, size=None, compile=None, steps=None, warmup=None, rounds=None,
                      providers=None) -> Settings:
     """Defaults: cuda if present; size "full" on a GPU and "cpu-tiny" on the CPU;
-    torch.compile on a GPU only (inductor's CPU build of even a tiny op takes a
-    minute or more)."""
+    torch.compile on a GPU and at size "cpu" (inductor's CPU build of even a
+    tiny op takes a minute or more: not worth it at cpu-tiny). Size "cpu" times
+    its providers interleaved, 7 rounds of one step after 2 warm-up steps."""
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -59,8 +65,8 @@ def default_settings(device=None, size=None, compile=None, steps=None, warmup=No
         size = "full" if gpu else "cpu-tiny"
     reason = None
     if compile in (None, "auto"):
-        compile = gpu
-        if not gpu:
+        compile = gpu or size == "cpu"
+        if not compile:
             reason = ("torch.compile skipped on the CPU by default: inductor's C++ build takes a "
                       "minute or more even for a tiny op (force it with --compile on / "
                       "--bench-compile=on)")
@@ -70,16 +76,17 @@ def default_settings(device=None, size=None, compile=None, steps=None, warmup=No
         compile = True
     else:
         raise ValueError(f"compile must be auto, on or off, got {compile!r}")
-    full = size == "full"
+    full, cpu = size == "full", size == "cpu"
     # At cpu-tiny shapes extra intra-op threads only add synchronisation (9x slower
     # steps measured on a loaded 2-core machine), so the CPU runs them on one.
-    threads = 1 if device.type == "cpu" and not full else None
+    threads = 1 if device.type == "cpu" and size == "cpu-tiny" else None
     return Settings(device, size,
-                    warmup=warmup if warmup is not None else (3 if full else 1),
+                    warmup=warmup if warmup is not None else (3 if full else 2 if cpu else 1),
                     steps=steps if steps is not None else (10 if full else 1),
-                    rounds=rounds if rounds is not None else (3 if full else 1),
+                    rounds=rounds if rounds is not None else (3 if full else 7 if cpu else 1),
                     compile=compile, compile_reason=reason,
-                    providers=tuple(providers) if providers else C.PROVIDERS, threads=threads)
+                    providers=tuple(providers) if providers else C.PROVIDERS, threads=threads,
+                    interleave=cpu)
 
 
 @contextlib.contextmanager
@@ -150,6 +157,35 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, rounds: int,
     return Timing(statistics.median(per_step), min(per_step), per_step, first)
 
 
+def time_interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                     n_steps: int, rounds: int,
+                     first_steps: Optional[Dict[str, Callable[[], None]]] = None
+                     ) -> Dict[str, Timing]:
+    """:func:`time_steps` for several steps at once: each is warmed up (its first
+    call timed apart), then every round times ``n_steps`` calls of each step in
+    turn. Slow and fast periods of a shared machine hit every step alike."""
+    first_steps = first_steps or {}
+    first: Dict[str, float] = {}
+    for name, step in steps.items():
+        t0 = time.perf_counter()
+        first_steps.get(name, step)()
+        sync(device)
+        first[name] = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            step()
+        sync(device)
+    per_step: Dict[str, List[float]] = {name: [] for name in steps}
+    for _ in range(max(1, rounds)):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(max(1, n_steps)):
+                step()
+            sync(device)
+            per_step[name].append((time.perf_counter() - t) * 1e3 / max(1, n_steps))
+    return {name: Timing(statistics.median(v), min(v), v, first[name])
+            for name, v in per_step.items()}
+
+
 # ---- ceilings ----------------------------------------------------------------------------
 
 def _best_time(fn, device, iters: int, reps: int = 3) -> float:
@@ -190,7 +226,8 @@ def measure_ceilings(device, dtypes=("fp32", "bf16")) -> Dict[str, object]:
     """Copy GB/s (read + write) and matmul TFLOP/s per dtype on ``device``."""
     device = torch.device(device)
     gpu = device.type == "cuda"
-    nbytes = (1 << 30) if gpu else (32 << 20)
+    # the CPU's: past its caches, and a GEMM big enough for MKL to reach its peak
+    nbytes = (1 << 30) if gpu else (256 << 20)
     if gpu:
         free, _ = torch.cuda.mem_get_info(device)
         nbytes = min(nbytes, free // 4)
@@ -198,7 +235,7 @@ def measure_ceilings(device, dtypes=("fp32", "bf16")) -> Dict[str, object]:
     matmul = {}
     for name in dtypes:
         dtype = C.DTYPES[name]
-        n = (8192 if dtype == torch.bfloat16 else 4096) if gpu else 256
+        n = (8192 if dtype == torch.bfloat16 else 4096) if gpu else 1024
         with _tf32(gpu and dtype == torch.float32):
             matmul[name] = 2 * n ** 3 / _matmul_time(device, n, dtype,
                                                      iters=10 if gpu else 3) / 1e12
@@ -249,51 +286,26 @@ class _OpRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _impl_label(fn) -> str:
-    name = getattr(fn, "__name__", str(fn))
-    if "triton" in name:
-        return "triton"
-    if "reference" in name:
-        return "aten"
-    if "cudnn" in name:
-        return "cudnn"
-    return name
-
-
 @contextlib.contextmanager
 def _conv_impl_recorder(chosen: Dict[str, str]):
-    """Record which implementation ``resfast::conv2d_bn`` (and its backward)
-    picked, by wrapping the op module's chooser functions while the step runs."""
+    """Record which implementation ``resfast::conv2d_bn`` (and its backward) took
+    while the step runs (the op module's ``path_recorder`` hook)."""
     try:
         from ..ops import conv2d_bn as mod
     except ImportError:
         yield
         return
-    names = {"_forward_impl": "conv2d_bn", "_backward_impl": "conv2d_bn_backward"}
-    originals = {n: getattr(mod, n, None) for n in names}
-    if any(v is None for v in originals.values()):
-        yield
-        return
-
-    def wrap(orig, op):
-        def chooser(*args, **kwargs):
-            fn = orig(*args, **kwargs)
-            chosen[op] = _impl_label(fn)
-            return fn
-        return chooser
-
-    for n, op in names.items():
-        setattr(mod, n, wrap(originals[n], op))
+    previous, mod.path_recorder = mod.path_recorder, chosen.__setitem__
     try:
         yield
     finally:
-        for n, orig in originals.items():
-            setattr(mod, n, orig)
+        mod.path_recorder = previous
 
 
 def record_kernels(step) -> Dict[str, object]:
     """Run ``step`` once, recording the kernel path of every resfast op it
-    dispatched: {"resfast::op": "triton" | "aten" | "cuda" | "cpu", "aten_convs": n}.
+    dispatched: {"resfast::op": "triton" | "cudnn" | "onednn" | "aten" | "cuda" | "cpu",
+    "aten_convs": n}.
     conv2d_bn reports the implementation it chose; the other ops report the
     device kernel they dispatched to (C++/CUDA in csrc/)."""
     chosen: Dict[str, str] = {}
@@ -501,6 +513,9 @@ class Runner:
             row.status, row.reason = "skipped", reason
             self._rows[key] = row
             return row
+        if self.s.interleave:
+            self._measure_interleaved(case, dtype, layout)
+            return self._rows[key]
         device = self.s.device
         try:
             wl = self.workload(case, dtype, layout, provider)
@@ -540,6 +555,48 @@ class Runner:
                 torch.cuda.empty_cache()
         self._rows[key] = row
         return row
+
+    def _error(self, row: Row, e: Exception) -> None:
+        row.status, row.reason = ("error", f"{type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}"[:500])
+
+    def _measure_interleaved(self, case: C.Case, dtype: str, layout: str) -> None:
+        """Every provider of (case, dtype, layout) that is not skipped, timed by
+        :func:`time_interleaved`; a provider that fails to build or on its first
+        call gets an error row and the others go on."""
+        steps, rows, kernels = {}, {}, {}
+        for provider in case.providers():
+            key = (case.id, case.batch, dtype, layout, provider)
+            row = self.blank_row(case, dtype, layout, provider)
+            self._rows[key] = rows[provider] = row
+            reason = self.skip_reason(case, provider, dtype, layout)
+            if reason:
+                row.status, row.reason = "skipped", reason
+                continue
+            try:
+                wl = self.workload(case, dtype, layout, provider)
+                row.baseline = self.modules(case).baseline
+                # the first call (compilation included) runs here: a failure drops the provider
+                t0 = time.perf_counter()
+                if provider == "resfast":
+                    kernels = record_kernels(wl.step)
+                else:
+                    wl.step()
+                row.first_call_s = time.perf_counter() - t0
+                steps[provider] = wl.step
+            except Exception as e:  # recorded, and the others go on
+                self._error(row, e)
+                self._workloads.pop(key, None)
+        # the first calls are done: time_interleaved's own first call is a warm-up step
+        timings = time_interleaved(steps, self.s.device, self.s.warmup, self.s.steps,
+                                   self.s.rounds)
+        for provider, timing in timings.items():
+            row = rows[provider]
+            row.kernels = kernels if provider == "resfast" else {}
+            row.kernel_path = kernel_path_summary(provider, row.kernels, self.s.device)
+            row.ms, row.ms_min, row.ms_rounds = timing.ms, timing.ms_min, timing.ms_rounds
+            row.steps, row.rounds = max(1, self.s.steps), max(1, self.s.rounds)
+            self._derive(row, case, dtype)
 
     def _derive(self, row: Row, case: C.Case, dtype: str) -> None:
         sec = row.ms / 1e3

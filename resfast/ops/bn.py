@@ -47,12 +47,12 @@ def _(running_mean, running_var, mean, var, count, momentum):
 
 
 @register_fake("resfast::bn_act")
-def _(y, scale, shift, residual, relu):
+def _(y, scale, shift, residual, relu, centre=None):
     return torch.empty_like(y)
 
 
 @register_fake("resfast::bn_act_backward")
-def _(grad_out, y, scale, shift, residual, relu, output_mask):
+def _(grad_out, y, scale, shift, residual, relu, output_mask, centre=None):
     dt = stats_dtype(y)
     grad_y = torch.empty_like(y) if output_mask[0] else _empty(y)
     has_scale = scale is not None
@@ -102,23 +102,28 @@ register_autograd("resfast::bn_finalize", _finalize_backward, setup_context=_fin
 
 
 def _act_setup(ctx, inputs, output):
-    y, scale, shift, residual, relu = inputs
+    y, scale, shift, residual, relu, centre = inputs
     ctx.relu = relu
-    ctx.save_for_backward(y, scale, shift, residual)
+    ctx.save_for_backward(y, scale, shift, residual, centre)
 
 
 def _act_backward(ctx, grad_out):
-    y, scale, shift, residual = ctx.saved_tensors
-    need_y, need_scale, need_shift, need_residual, _ = ctx.needs_input_grad
-    grad_y, grad_scale, grad_shift, grad_residual = ops.bn_act_backward(
+    y, scale, shift, residual, centre = ctx.saved_tensors
+    # one entry per argument passed: centre may not be
+    need_y, need_scale, need_shift, need_residual = ctx.needs_input_grad[:4]
+    need_centre = len(ctx.needs_input_grad) > 5 and ctx.needs_input_grad[5] and centre is not None
+    # sum(g) is grad_shift, and -scale * sum(g) the centre's gradient
+    grad_y, grad_scale, sum_g, grad_residual = ops.bn_act_backward(
         grad_out, y, scale, shift, residual, ctx.relu,
-        [need_y, need_scale and scale is not None, need_shift and shift is not None,
-         need_residual and residual is not None])
+        [need_y, need_scale and scale is not None,
+         (need_shift or need_centre) and shift is not None,
+         need_residual and residual is not None], centre)
     return (grad_y if need_y else None,
             grad_scale if need_scale and scale is not None else None,
-            grad_shift if need_shift and shift is not None else None,
+            sum_g if need_shift and shift is not None else None,
             grad_residual if need_residual and residual is not None else None,
-            None)
+            None,
+            -scale * sum_g if need_centre else None)[:len(ctx.needs_input_grad)]
 
 
 register_autograd("resfast::bn_act", _act_backward, setup_context=_act_setup)

@@ -1,40 +1,55 @@
 """``resfast::conv2d_bn``: convolution with the BatchNorm fusions around it.
 
-    a = [relu](x * in_scale + in_shift)          prologue (BN-apply + ReLU of the
-                                                 previous layer), padding applied to a
-    y = conv2d(a, weight, stride, padding) + bias
-    y = relu(y)                                  only with out_relu (eval mode, BN folded)
+    a = [relu]((x - in_centre) * in_scale + in_shift)   prologue (BN-apply + ReLU of the
+                                                        previous layer), padding applied to a
+    z = conv2d(a, weight, stride, padding) + bias
+    y = [relu]((z - out_centre) * out_scale + out_shift [+ residual])
+                                                        epilogue (eval-mode BN, the residual
+                                                        add and ReLU of a block's last conv)
     mean, var = batch statistics of y per channel (only with stats)
+
+Every term is optional (centres default to 0; the ReLU of y is ``out_relu``).
+BatchNorm passes its mean as the centre and gamma / std as the scale, so the
+gradients of scale are reduced as ``sum(g * (v - mean))``, as BN's own backward
+does: ``sum(g * v) - mean * sum(g)`` would cancel every digit when |mean| >> std.
 
 The GEMM runs in the weight's dtype (y has it too); x may be float32 with
 bfloat16/float16 weights (mixed precision), and the prologue then reads x at
 full precision. The gradient of a is returned in x's dtype. The arguments are
 checked here, once (:func:`check_conv_inputs`, in the op and its fake).
 
+The epilogue is folded into the weights (``weight * out_scale``) once per weight
+version (:mod:`resfast.ops.fold`), so the forward is one convolution. Its
+backward reduces the gradients of out_scale from the normalized activation z,
+which it recomputes (one convolution more, only when out_scale needs a gradient).
+
 y is always channels_last. On CUDA the op runs one of two paths, chosen per
 problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
 in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
 the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
-statistics by ``bn_stats`` (CUDA C++). float64 stays on ATen on every device.
-On the CPU it runs ATen with the same numerics (operands in the weight's dtype,
-float32 accumulation). Setting ``RESFAST_TRITON_ON_CPU=1`` together with
+statistics by ``bn_stats`` (CUDA C++); a residual is added after the GEMM by
+``bn_act``. On the CPU it runs oneDNN (:mod:`resfast.ops.conv_cpu`); float64
+stays on ATen on every device (the reference below, float32 accumulation
+otherwise). Setting ``RESFAST_TRITON_ON_CPU=1`` together with
 ``TRITON_INTERPRET=1`` sends CPU tensors through the GPU paths (the Triton
 kernels under the interpreter), which is how the tests check the GPU code on a
 machine without one.
 
-``resfast::conv2d_bn_backward`` takes the gradients of y, mean and var and
+``resfast::conv2d_bn_backward`` takes the gradients of y (of z, when there is an
+epilogue: the autograd formula applies its backward first), mean and var and
 returns those of a (not x: the prologue's backward is ``resfast::bn_act_backward``),
 weight and bias.
 """
 import os
-from typing import List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.library import custom_op, register_autograd, register_fake
 
 from ..dtypes import stats_dtype
-from . import conv_path
+from . import conv_cpu, conv_path
+from . import fold as _fold
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -58,11 +73,14 @@ def _check_channel_vector(name: str, t: Optional[Tensor], n: int, x: Tensor,
         raise ValueError(f"{name} must be {dtype} for x of dtype {x.dtype}, got {t.dtype}")
 
 
-def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu):
+def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
+                      in_centre=None, out_scale=None, out_shift=None, out_centre=None,
+                      residual=None):
     """The arguments of ``resfast::conv2d_bn``, checked once, here, by the op and
     its fake (the Triton kernels check only what they themselves need). A
     ValueError names the argument. Per-channel vectors of the prologue are in the
-    statistics dtype of x (:func:`resfast.dtypes.stats_dtype`)."""
+    statistics dtype of x (:func:`resfast.dtypes.stats_dtype`), those of the
+    epilogue in the statistics dtype of the weight."""
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError("x must be a 4-D tensor (N, C, H, W), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x)}")
@@ -85,6 +103,20 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
     _check_channel_vector("in_shift", in_shift, x.shape[1], x, stats_dtype(x))
     if (in_scale is None) != (in_shift is None):
         raise ValueError("in_scale and in_shift must be given together")
+    _check_channel_vector("in_centre", in_centre, x.shape[1], x, stats_dtype(x))
+    if in_centre is not None and in_scale is None:
+        raise ValueError("in_centre needs in_scale and in_shift")
+    cout = weight.shape[0]
+    for name, t in (("out_scale", out_scale), ("out_shift", out_shift),
+                    ("out_centre", out_centre)):
+        _check_channel_vector(name, t, cout, x, stats_dtype(weight))
+    if (out_scale is None) != (out_shift is None):
+        raise ValueError("out_scale and out_shift must be given together")
+    if out_centre is not None and out_scale is None:
+        raise ValueError("out_centre needs out_scale and out_shift")
+    if stats and (out_scale is not None or residual is not None):
+        raise ValueError("stats cannot be combined with out_scale or residual (the statistics "
+                         "are of the convolution's own output)")
     if stride not in (1, 2) or padding < 0:
         raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, "
                          f"padding={padding}")
@@ -95,13 +127,24 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
     if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel "
                          f"({k}x{k}) with padding {padding}")
+    if residual is not None:
+        out_shape = _out_shape(x, weight, stride, padding)
+        if not isinstance(residual, Tensor) or tuple(residual.shape) != out_shape:
+            got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual)
+            raise ValueError(f"residual must have the output's shape {out_shape}, got {got}")
+        if residual.device != x.device:
+            raise ValueError(f"residual is on {residual.device} but x is on {x.device}")
+        if residual.dtype != weight.dtype:
+            raise ValueError(f"residual must have the output's dtype {weight.dtype}, got "
+                             f"{residual.dtype}")
 
 
 def check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask):
+                               stride, padding, out_relu, output_mask, in_centre=None):
     """The arguments of ``resfast::conv2d_bn_backward``: those of the forward,
     then the gradients of (y, mean, var) and the saved y and mean."""
-    check_conv_inputs(x, weight, None, in_scale, in_shift, stride, padding, False, out_relu)
+    check_conv_inputs(x, weight, None, in_scale, in_shift, stride, padding, False, out_relu,
+                      in_centre)
     if len(output_mask) != 3:
         raise ValueError("output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got "
                          f"{output_mask!r}")
@@ -126,13 +169,15 @@ def _out_shape(x, weight, stride, padding) -> tuple:
     return (x.shape[0], weight.shape[0], oh, ow)
 
 
-def _prologue(x, in_scale, in_shift, in_relu, dtype):
-    """a = [relu](x * in_scale + in_shift) in x's precision, rounded to the
-    weight's dtype as the GEMM sees it."""
+def _prologue(x, in_scale, in_shift, in_relu, dtype, in_centre=None):
+    """a = [relu]((x - in_centre) * in_scale + in_shift) in x's precision, rounded
+    to the weight's dtype as the GEMM sees it."""
     if in_scale is None and not in_relu:
         return x.to(dtype)
     dt = stats_dtype(x)
     a = x.to(dt)
+    if in_centre is not None:
+        a = a - in_centre.to(dt).view(1, -1, 1, 1)
     if in_scale is not None:
         a = a * in_scale.to(dt).view(1, -1, 1, 1) + in_shift.to(dt).view(1, -1, 1, 1)
     if in_relu:
@@ -141,12 +186,20 @@ def _prologue(x, in_scale, in_shift, in_relu, dtype):
 
 
 def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                                stats, out_relu):
-    """The ATen implementation (the CPU kernel of the op)."""
+                                stats, out_relu, in_centre=None, out_scale=None, out_shift=None,
+                                out_centre=None, residual=None):
+    """The ATen implementation, straight from the formula (no folding): float64
+    on every device, float16 on the CPU, and what the tests hold the fast paths to."""
     dt = stats_dtype(weight)
-    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
+    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype, in_centre)
     y = torch.nn.functional.conv2d(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt),
                                    stride=stride, padding=padding)
+    if out_centre is not None:
+        y = y - out_centre.to(dt).view(1, -1, 1, 1)
+    if out_scale is not None:
+        y = y * out_scale.to(dt).view(1, -1, 1, 1) + out_shift.to(dt).view(1, -1, 1, 1)
+    if residual is not None:
+        y = y + residual.to(weight.dtype).to(dt)
     if out_relu:
         y = torch.relu(y)
     y = y.to(weight.dtype)
@@ -160,7 +213,8 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
 
 
 def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
-                                 in_shift, in_relu, stride, padding, out_relu, output_mask):
+                                 in_shift, in_relu, stride, padding, out_relu, output_mask,
+                                 in_centre=None):
     dt = stats_dtype(weight)
     g = torch.zeros(y.shape, dtype=dt, device=y.device) if grad_y is None else grad_y.to(dt)
     if out_relu:
@@ -172,7 +226,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
         g = g + (gm.to(dt).view(1, -1, 1, 1)
                  + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1))
                  * gv.to(dt).view(1, -1, 1, 1)) / count
-    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
+    a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype, in_centre)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
@@ -267,10 +321,28 @@ def _tf32(weight) -> bool:
     return weight.dtype == torch.float32 and conv_path.allow_tf32()
 
 
-def _on_reference(x) -> bool:
+# Told which implementation each call of the two ops took ("aten", "onednn", "triton",
+# "cudnn"), while resfast bench records a step's kernel path; None otherwise.
+path_recorder: Optional[Callable[[str, str], None]] = None
+
+
+def _took(op: str, path: str) -> None:
+    if path_recorder is not None:
+        path_recorder(op, path)
+
+
+def _on_reference(x, weight) -> bool:
     # float64 stays on ATen: tensor cores have no float64 path worth a kernel, and ATen keeps
-    # float64 exact for gradcheck.
-    return x.dtype == torch.float64 or (x.device.type == "cpu" and not _triton_on_cpu())
+    # float64 exact for gradcheck. On the CPU, oneDNN where it has a kernel for the dtype.
+    if x.dtype == torch.float64:
+        return True
+    if x.device.type == "cpu" and not _triton_on_cpu():
+        return not conv_cpu.runs_onednn(x, weight)
+    return False
+
+
+def _on_cpu(x) -> bool:
+    return x.device.type == "cpu" and not _triton_on_cpu()
 
 
 def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu):
@@ -284,39 +356,72 @@ _FORWARD = {"triton": _triton_forward, "cudnn": _cudnn_forward}
 _BACKWARD = {"triton": _triton_backward, "cudnn": _cudnn_backward}
 
 
-def _forward_impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
-    if _on_reference(x):
-        return conv2d_bn_forward_reference
-    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
+def _gpu_shift(in_scale, in_shift, in_centre):
+    """The GPU kernels' prologue is x * in_scale + in_shift: the centre goes into the shift
+    (per channel, in the statistics dtype; its gradient is the autograd formula's, exact)."""
+    return in_shift if in_centre is None else in_shift - in_centre * in_scale
+
+
+def _gpu_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+                 in_centre, out_scale, out_shift, out_centre, residual):
+    """The Triton or cuDNN path (chosen per problem by measurement) on the folded
+    weights; a residual is added, before the ReLU, by bn_act after the GEMM."""
+    in_shift = _gpu_shift(in_scale, in_shift, in_centre)
+    if out_scale is not None:
+        weight, bias = _fold.fold(weight, bias, out_scale, out_shift, out_centre)
+    relu_in_gemm = out_relu and residual is None
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, relu_in_gemm)
     key = ("forward",) + _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats,
-                                  out_relu)
-    return _FORWARD[conv_path.choose(key, _FORWARD, args, x.device)]
+                                  relu_in_gemm)
+    path = conv_path.choose(key, _FORWARD, args, x.device)
+    _took("conv2d_bn", path)
+    y, mean, var = _FORWARD[path](*args)
+    if residual is not None:
+        y = ops.bn_act(y, None, None, residual, out_relu)
+    return y, mean, var
 
 
-def _backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-                   stride, padding, out_relu, output_mask):
-    if _on_reference(x):
-        return conv2d_bn_backward_reference
-    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-            padding, out_relu, output_mask)
+def _gpu_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                  stride, padding, out_relu, output_mask, in_centre):
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
+            _gpu_shift(in_scale, in_shift, in_centre), in_relu, stride, padding, out_relu,
+            output_mask)
     key = ("backward", grad_mean is not None or grad_var is not None, tuple(output_mask),
            None if grad_y is None else (grad_y.dtype, grad_y.stride())) + _problem(
         x, weight, None, in_scale, in_relu, stride, padding, False, out_relu)
-    return _BACKWARD[conv_path.choose(key, _BACKWARD, args, x.device)]
+    path = conv_path.choose(key, _BACKWARD, args, x.device)
+    _took("conv2d_bn_backward", path)
+    return _BACKWARD[path](*args)
 
 
 @custom_op("resfast::conv2d_bn", mutates_args=(), device_types=("cpu", "cuda"))
 def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
               in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, stats: bool,
-              out_relu: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
-    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu)
-    return _forward_impl(*args)(*args)
+              out_relu: bool, in_centre: Optional[Tensor] = None,
+              out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
+              out_centre: Optional[Tensor] = None,
+              residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
+                      in_centre, out_scale, out_shift, out_centre, residual)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+            in_centre, out_scale, out_shift, out_centre, residual)
+    # The op fixes its own precision (the weight's dtype, float32 accumulation): autocast, still
+    # active inside a custom op, must not recast the ATen calls of its implementations.
+    with torch.autocast(x.device.type, enabled=False):
+        if _on_reference(x, weight):
+            _took("conv2d_bn", "aten")
+            return conv2d_bn_forward_reference(*args)
+        if _on_cpu(x):
+            _took("conv2d_bn", "onednn")
+            return conv_cpu.forward(*args)
+        return _gpu_forward(*args)
 
 
 @register_fake("resfast::conv2d_bn")
-def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
-    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu)
+def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+      in_centre=None, out_scale=None, out_shift=None, out_centre=None, residual=None):
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
+                      in_centre, out_scale, out_shift, out_centre, residual)
     y = weight.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
     n = weight.shape[0] if stats else 0
     return (y, x.new_empty((n,), dtype=stats_dtype(weight)),
@@ -328,19 +433,27 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
                        grad_var: Optional[Tensor], x: Tensor, weight: Tensor, y: Tensor,
                        mean: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                        in_relu: bool, stride: int, padding: int, out_relu: bool,
-                       output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                       output_mask: List[bool],
+                       in_centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask)
+                               stride, padding, out_relu, output_mask, in_centre)
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-            padding, out_relu, output_mask)
-    return _backward_impl(*args)(*args)
+            padding, out_relu, output_mask, in_centre)
+    with torch.autocast(x.device.type, enabled=False):
+        if _on_reference(x, weight):
+            _took("conv2d_bn_backward", "aten")
+            return conv2d_bn_backward_reference(*args)
+        if _on_cpu(x):
+            _took("conv2d_bn_backward", "onednn")
+            return conv_cpu.backward(*args)
+        return _gpu_backward(*args)
 
 
 @register_fake("resfast::conv2d_bn_backward")
 def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-      out_relu, output_mask):
+      out_relu, output_mask, in_centre=None):
     check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask)
+                               stride, padding, out_relu, output_mask, in_centre)
     return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
@@ -348,37 +461,91 @@ def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_re
 
 # ---- autograd -----------------------------------------------------------------
 
+class _Conf(NamedTuple):
+    in_relu: bool
+    stride: int
+    padding: int
+    stats: bool
+    out_relu: bool
+    has_bias: bool
+    has_residual: bool
+
+
 def _setup(ctx, inputs, output):
-    x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu = inputs
+    (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu, in_centre,
+     out_scale, out_shift, out_centre, residual) = inputs
     y, mean, _ = output
-    ctx.conf = (in_relu, stride, padding, stats, out_relu, bias is not None)
-    ctx.save_for_backward(x, weight, y, mean, in_scale, in_shift)
+    ctx.conf = _Conf(in_relu, stride, padding, stats, out_relu, bias is not None,
+                     residual is not None)
+    # bias and the prologue's vectors are kept for recomputing z (the epilogue's scale gradient)
+    ctx.save_for_backward(x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale,
+                          out_shift, out_centre)
+
+
+def _epilogue_backward(ctx, grad_y, needs):
+    """The gradients of z (the conv's own output), out_scale, out_shift, out_centre
+    and the residual, from that of y. The ReLU mask is the forward's (y > 0); the
+    sums behind out_scale's gradient are reduced centred, from z recomputed."""
+    x, weight, bias, y, _, in_scale, in_shift, in_centre, out_scale, out_shift, out_centre = (
+        ctx.saved_tensors)
+    conf = ctx.conf
+    need_scale, need_shift, need_centre, need_res = needs
+    g = grad_y
+    if conf.out_relu:
+        g = ops.bn_act_backward(g, y, None, None, None, True, [True, False, False, False])[0]
+    grad_scale = grad_shift = grad_centre = None
+    if out_scale is None:
+        gz = g
+    elif need_scale or need_shift or need_centre:
+        z = ops.conv2d_bn(x, weight, bias, in_scale, in_shift, conf.in_relu, conf.stride,
+                          conf.padding, False, False, in_centre)[0]
+        gz, grad_scale, sum_g, _ = ops.bn_act_backward(
+            g, z, out_scale, out_shift, None, False,
+            [True, need_scale, need_shift or need_centre, False], out_centre)
+        grad_shift = sum_g if need_shift else None
+        grad_centre = -out_scale * sum_g if need_centre else None
+    else:  # g * out_scale: bn_act with a zero shift
+        gz = ops.bn_act(g, out_scale, torch.zeros_like(out_scale), None, False)
+    return gz, grad_scale, grad_shift, grad_centre, g if need_res else None
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var):
-    x, weight, y, mean, in_scale, in_shift = ctx.saved_tensors
-    in_relu, stride, padding, stats, out_relu, has_bias = ctx.conf
-    need_x, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
-    has_prologue = in_scale is not None or in_relu
-    need_a = need_x or (in_scale is not None and (need_scale or need_shift))
-    if not stats:
+    x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale, _, _ = ctx.saved_tensors
+    conf = ctx.conf
+    # one entry per argument passed (the optional ones at the end may not be)
+    needs = tuple(ctx.needs_input_grad) + (False,) * (15 - len(ctx.needs_input_grad))
+    need_x, need_w, need_b, need_in_scale, need_in_shift = needs[:5]
+    need_in_centre = needs[10]
+    has_prologue = in_scale is not None or conf.in_relu
+    epilogue = out_scale is not None or conf.has_residual
+    grad_out = (None,) * 4
+    if epilogue and grad_y is not None:
+        grad_y, *grad_out = _epilogue_backward(ctx, grad_y, needs[11:15])
+    need_a = need_x or (in_scale is not None and (need_in_scale or need_in_shift
+                                                  or need_in_centre))
+    if not conf.stats:
         grad_mean = grad_var = None
     grad_a, grad_w, grad_b = ops.conv2d_bn_backward(
-        grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-        padding, out_relu, [need_a, need_w, need_b and has_bias])
-    grad_x = grad_scale = grad_shift = None
+        grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, conf.in_relu,
+        conf.stride, conf.padding, conf.out_relu and not epilogue,
+        [need_a, need_w, need_b and conf.has_bias], in_centre)
+    grad_x = grad_scale = grad_shift = grad_centre = None
     if need_a and has_prologue:
+        has_scale = in_scale is not None
         grad_x, grad_scale, grad_shift, _ = ops.bn_act_backward(
-            grad_a, x, in_scale, in_shift, None, in_relu,
-            [need_x, need_scale and in_scale is not None, need_shift and in_shift is not None,
-             False])
+            grad_a, x, in_scale, in_shift, None, conf.in_relu,
+            [need_x, need_in_scale and has_scale,
+             (need_in_shift or need_in_centre) and has_scale, False], in_centre)
+        if need_in_centre and in_centre is not None:
+            grad_centre = -in_scale * grad_shift
     elif need_a:
         grad_x = grad_a
     return (grad_x if need_x else None, grad_w if need_w else None,
-            grad_b if need_b and has_bias else None,
-            grad_scale if need_scale and in_scale is not None else None,
-            grad_shift if need_shift and in_shift is not None else None,
-            None, None, None, None, None)
+            grad_b if need_b and conf.has_bias else None,
+            grad_scale if need_in_scale and in_scale is not None else None,
+            grad_shift if need_in_shift and in_shift is not None else None,
+            None, None, None, None, None,
+            grad_centre, *grad_out)[:len(ctx.needs_input_grad)]
 
 
 register_autograd("resfast::conv2d_bn", _backward, setup_context=_setup)

@@ -92,9 +92,9 @@ def test_cli_cpu_tiny_writes_json_png_md(tmp_path, capsys):
                 assert ours["kernel_path"] and ours["kernels"]
                 assert eager["kernel_path"] == "aten/cpu"
     conv = by[("conv3x3_bn_relu-8x8x8", "train", "fp32", "nchw", "resfast")]
-    assert (conv["kernels"]["resfast::conv2d_bn"] == "aten"
-            and conv["kernels"]["resfast::conv2d_bn_backward"] == "aten")
-    assert conv["kernel_path"] == "conv:aten bn:cpu"
+    assert (conv["kernels"]["resfast::conv2d_bn"] == "onednn"
+            and conv["kernels"]["resfast::conv2d_bn_backward"] == "onednn")
+    assert conv["kernel_path"] == "conv:onednn bn:cpu"
     assert conv["flops"] > 0 and conv["tflops"] > 0 and conv["bytes"] > 0 and conv["gbs"] > 0
     assert conv["bound"] == "compute" and conv["ceiling"].startswith("matmul fp32")
     assert conv["pct_of_ceiling"] == pytest.approx(100 * conv["tflops"]
@@ -261,6 +261,36 @@ def test_full_size_cases():
     assert next(c for c in full if c.name == "resnet56").in_shape == (3, 32, 32)
     assert not any(c.skip or c.configs for c in full)
 
+
+
+def test_cpu_size_cases_are_issue_11s():
+    """--size cpu: float32, the networks and layouts issue 11 sets its targets at, the ops
+    and blocks in both layouts; torch.compile on and the providers interleaved."""
+    cpu = C.all_cases("cpu")
+    models = {(c.name, c.mode, c.batch, c.in_shape, tuple(c.configs)) for c in cpu
+              if c.group == "models"}
+    both = (("fp32", "nchw"), ("fp32", "channels_last"))
+    cl = (("fp32", "channels_last"),)
+    assert models == {("resnet20", "train", 128, (3, 32, 32), both),
+                      ("resnet50", "train", 8, (3, 112, 112), cl),
+                      ("resnet50", "eval", 8, (3, 224, 224), cl),
+                      ("vgg11_bn", "eval", 8, (3, 224, 224), cl)}
+    assert all(tuple(c.configs) == both for c in cpu if c.group != "models")
+    s = default_settings("cpu", "cpu", None)
+    assert s.compile and s.interleave and s.threads is None and s.rounds == 7
+
+
+def test_time_interleaved_takes_turns():
+    """Each round times every step once, in turn: a slow period of the machine falls on
+    all of them, not on whichever provider happened to be measured then."""
+    from resfast.bench.measure import time_interleaved
+
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    timings = time_interleaved(steps, torch.device("cpu"), warmup=2, n_steps=1, rounds=3)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up each, then turns
+    assert set(timings) == {"a", "b"}
+    assert all(len(t.ms_rounds) == 3 and t.ms >= 0 for t in timings.values())
 
 # ---- the cuDNN frontend peer (provider cudnn_fe) -------------------------------------------------
 

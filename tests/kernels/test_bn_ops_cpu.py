@@ -59,8 +59,11 @@ def acc_dtype(dtype):
 
 def make(shape, dtype, layout="nchw", mean=0.0, std=1.0):
     """Random activation in `layout`: NCHW, channels_last, dense but neither
-    (dims permuted as N, H, C, W), or a non-dense slice."""
+    (dims permuted as N, H, C, W), or a non-dense slice. ``mean`` is a number
+    or a per-channel vector."""
     N, C, H, W = shape
+    if isinstance(mean, torch.Tensor):
+        mean = mean.double().view(1, -1, 1, 1)
     x = torch.randn(shape, dtype=torch.float64) * std + mean
     if layout == "nchw":
         return x.to(dtype)
@@ -120,9 +123,13 @@ def sum_bound(abs_sum, dtype):
     return (SUM_TERMS * UNIT[acc_dtype(dtype)] + REF_UNIT) * abs_sum + 1e-300
 
 
-def magnitude(y, scale, shift, residual):
-    """Total magnitude of the terms of y * scale + shift + residual."""
-    m = y.double().abs()
+def magnitude(y, scale, shift, residual, centre=None):
+    """Total magnitude of the terms of (y - centre) * scale + shift + residual
+    (y - centre is exact or rounded once relative to itself)."""
+    m = y.double()
+    if centre is not None:
+        m = m - centre.double().view(1, -1, 1, 1)
+    m = m.abs()
     if scale is not None:
         m = m * scale.double().abs().view(1, -1, 1, 1) + shift.double().abs().view(1, -1, 1, 1)
     if residual is not None:
@@ -253,33 +260,40 @@ def test_bn_stats_backward_expanded_vectors_and_empty_batch():
 
 # ---- bn_act -------------------------------------------------------------------------
 
-FLAGS = list(itertools.product([False, True], repeat=3))  # scale, residual, relu
+# scale: none, scale and shift, or those with a centre; residual; relu
+FLAGS = list(itertools.product([None, "scale", "centre"], [False, True], [False, True]))
 
 
-def act_inputs(shape, dtype, layout, use_scale, use_res, res_layout=None):
-    y = make(shape, dtype, layout)
+def act_inputs(shape, dtype, layout, use_scale, use_res, res_layout=None, centred=False):
+    """y, scale, shift, residual and, when ``centred``, a centre in [-50, 50]
+    that y is spread around with std 1 (BatchNorm's large-mean case: the centred
+    sums keep their digits, sums of g * y would lose them)."""
     adt = acc_dtype(dtype)
+    centre = vector(shape[1], adt, -50.0, 50.0) if centred else None
+    y = make(shape, dtype, layout, mean=centre if centred else 0.0)
     scale, shift = (
         (vector(shape[1], adt, 0.5, 1.5), vector(shape[1], adt)) if use_scale else (None, None)
     )
     res = make(shape, dtype, res_layout or layout) if use_res else None
-    return y, scale, shift, res
+    return y, scale, shift, res, centre
 
 
 @pytest.mark.parametrize("shape", ACT_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("use_scale,use_res,relu", FLAGS)
-def test_bn_act(shape, layout, dtype, use_scale, use_res, relu):
-    y, scale, shift, res = act_inputs(shape, dtype, layout, use_scale, use_res)
-    out = ops.bn_act(y, scale, shift, res, relu)
+@pytest.mark.parametrize("scale_kind,use_res,relu", FLAGS)
+def test_bn_act(shape, layout, dtype, scale_kind, use_res, relu):
+    y, scale, shift, res, centre = act_inputs(
+        shape, dtype, layout, scale_kind is not None, use_res, centred=scale_kind == "centre"
+    )
+    out = ops.bn_act(y, scale, shift, res, relu, centre)
     assert_layout("out", out, y)
-    expected = ref.bn_act(y, scale, shift, res, relu)
+    expected = ref.bn_act(y, scale, shift, res, relu, centre)
     assert_within(
         "out",
         out,
         expected,
-        elementwise_bound(expected, magnitude(y, scale, shift, res), dtype, dtype),
+        elementwise_bound(expected, magnitude(y, scale, shift, res, centre), dtype, dtype),
     )
 
 
@@ -288,7 +302,7 @@ def test_bn_act(shape, layout, dtype, use_scale, use_res, relu):
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bn_act_residual_in_another_layout(y_layout, res_layout, dtype):
-    y, scale, shift, res = act_inputs((2, 63, 9, 9), dtype, y_layout, True, True, res_layout)
+    y, scale, shift, res, _ = act_inputs((2, 63, 9, 9), dtype, y_layout, True, True, res_layout)
     out = ops.bn_act(y, scale, shift, res, True)
     assert_layout("out", out, y)
     expected = ref.bn_act(y, scale, shift, res, True)
@@ -344,22 +358,25 @@ def test_bn_act_empty_batch_and_one_channel():
 # ---- bn_act_backward -------------------------------------------------------------------
 
 
-def masked_grad_out(grad_out, y, scale, shift, res, dtype):
+def masked_grad_out(grad_out, y, scale, shift, res, dtype, centre=None):
     """grad_out with zeros where the pre-activation is within rounding of 0, where
     the kernel's ReLU mask and the float64 reference's may differ."""
-    z = ref.pre_activation(y, scale, shift, res)
-    near = z.abs() <= 8 * UNIT[acc_dtype(dtype)] * magnitude(y, scale, shift, res)
+    z = ref.pre_activation(y, scale, shift, res, centre)
+    near = z.abs() <= 8 * UNIT[acc_dtype(dtype)] * magnitude(y, scale, shift, res, centre)
     return grad_out.masked_fill(near, 0)
 
 
-def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None):
-    """ours (by default this process's bn_act_backward) against the reference."""
+def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None, centre=None):
+    """ours (by default this process's bn_act_backward) against the reference.
+    grad_scale is held to the rounding of a sum of |g * (y - centre)|: with a
+    large centre, the centred sums' own size, not that of g * y."""
     dtype = y.dtype
     if ours is None:
-        ours = ops.bn_act_backward(grad_out, y, scale, shift, res, relu, list(mask))
+        ours = ops.bn_act_backward(grad_out, y, scale, shift, res, relu, list(mask), centre)
     grad_y, grad_scale, grad_shift, grad_res = ref.bn_act_backward(
-        grad_out, y, scale, shift, res, relu
+        grad_out, y, scale, shift, res, relu, centre
     )
+    d = y.double() - (centre.double().view(1, -1, 1, 1) if centre is not None else 0)
     g = grad_res
     adt = acc_dtype(dtype)
     if mask[0]:
@@ -376,7 +393,7 @@ def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None):
     else:
         assert ours[3].shape == (0,) and ours[3].dtype == dtype
     for i, name, expected, terms in (
-        (1, "grad_scale", grad_scale, (g * y.double()).abs()),
+        (1, "grad_scale", grad_scale, (g * d).abs()),
         (2, "grad_shift", grad_shift, g.abs()),
     ):
         if mask[i] and scale is not None:
@@ -389,34 +406,46 @@ def check_act_backward(grad_out, y, scale, shift, res, relu, mask, ours=None):
 @pytest.mark.parametrize("shape", ACT_SHAPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("use_scale,use_res,relu", FLAGS)
-def test_bn_act_backward(shape, layout, dtype, use_scale, use_res, relu):
-    y, scale, shift, res = act_inputs(shape, dtype, layout, use_scale, use_res)
+@pytest.mark.parametrize("scale_kind,use_res,relu", FLAGS)
+def test_bn_act_backward(shape, layout, dtype, scale_kind, use_res, relu):
+    y, scale, shift, res, centre = act_inputs(
+        shape, dtype, layout, scale_kind is not None, use_res, centred=scale_kind == "centre"
+    )
     grad_out = make(shape, dtype, layout)
     if relu:
-        grad_out = masked_grad_out(grad_out, y, scale, shift, res, dtype)
-    check_act_backward(grad_out, y, scale, shift, res, relu, (True, True, True, True))
+        grad_out = masked_grad_out(grad_out, y, scale, shift, res, dtype, centre)
+    check_act_backward(
+        grad_out, y, scale, shift, res, relu, (True, True, True, True), centre=centre
+    )
 
 
 @pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=4)))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 def test_bn_act_backward_output_mask(mask, layout):
-    y, scale, shift, res = act_inputs((3, 16, 6, 6), torch.float32, layout, True, True)
-    grad_out = masked_grad_out(make(y.shape, y.dtype, layout), y, scale, shift, res, y.dtype)
-    check_act_backward(grad_out, y, scale, shift, res, True, mask)
+    y, scale, shift, res, centre = act_inputs(
+        (3, 16, 6, 6), torch.float32, layout, True, True, centred=True
+    )
+    grad_out = masked_grad_out(
+        make(y.shape, y.dtype, layout), y, scale, shift, res, y.dtype, centre
+    )
+    check_act_backward(grad_out, y, scale, shift, res, True, mask, centre=centre)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_act_backward_many_blocks(layout, dtype):
-    y, scale, shift, res = act_inputs((16, 24, 23, 21), dtype, layout, True, True)
-    grad_out = masked_grad_out(make(y.shape, dtype, layout), y, scale, shift, res, dtype)
-    check_act_backward(grad_out, y, scale, shift, res, True, (True, True, True, True))
+    y, scale, shift, res, centre = act_inputs(
+        (16, 24, 23, 21), dtype, layout, True, True, centred=True
+    )
+    grad_out = masked_grad_out(make(y.shape, dtype, layout), y, scale, shift, res, dtype, centre)
+    check_act_backward(
+        grad_out, y, scale, shift, res, True, (True, True, True, True), centre=centre
+    )
 
 
 def test_bn_act_backward_mixed_layouts():
     # y channels_last, residual NCHW, grad_out a non-dense slice.
-    y, scale, shift, res = act_inputs((2, 63, 9, 9), torch.float32, "nhwc", True, True, "nchw")
+    y, scale, shift, res, _ = act_inputs((2, 63, 9, 9), torch.float32, "nhwc", True, True, "nchw")
     grad_out = masked_grad_out(make(y.shape, y.dtype, "sliced"), y, scale, shift, res, y.dtype)
     check_act_backward(grad_out, y, scale, shift, res, True, (True, True, True, True))
 
@@ -658,13 +687,14 @@ def isa_cases():
     for dtype, layout, shape in itertools.product(
         DTYPES, ("nchw", "nhwc"), [(2, 63, 5, 5), (3, 16, 8, 8)]
     ):
-        y, scale, shift, res = act_inputs(shape, dtype, layout, True, True)
-        grad_out = masked_grad_out(make(shape, dtype, layout), y, scale, shift, res, dtype)
+        y, scale, shift, res, centre = act_inputs(shape, dtype, layout, True, True, centred=True)
+        grad_out = masked_grad_out(make(shape, dtype, layout), y, scale, shift, res, dtype, centre)
         adt = acc_dtype(dtype)
+        mask = [True, True, True, True]
         cases += [
             ("bn_stats", (y,)),
-            ("bn_act", (y, scale, shift, res, True)),
-            ("bn_act_backward", (grad_out, y, scale, shift, res, True, [True, True, True, True])),
+            ("bn_act", (y, scale, shift, res, True, centre)),
+            ("bn_act_backward", (grad_out, y, scale, shift, res, True, mask, centre)),
             (
                 "bn_stats_backward",
                 (vector(shape[1], adt), vector(shape[1], adt), y, vector(shape[1], adt)),
@@ -691,16 +721,13 @@ def test_each_instruction_set(capability, tmp_path):
         if name == "bn_stats":
             check_stats(args[0], *result)
         elif name == "bn_act":
-            y, scale, shift, res, relu = args
+            y, scale, shift, res, relu, centre = args
             expected = ref.bn_act(*args)
-            assert_within(
-                "out",
-                result,
-                expected,
-                elementwise_bound(expected, magnitude(y, scale, shift, res), y.dtype, y.dtype),
-            )
+            mag = magnitude(y, scale, shift, res, centre)
+            bound = elementwise_bound(expected, mag, y.dtype, y.dtype)
+            assert_within("out", result, expected, bound)
         elif name == "bn_act_backward":
-            check_act_backward(*args, ours=result)
+            check_act_backward(*args[:7], ours=result, centre=args[7])
         else:
             grad_mean, grad_var, y, mean = args
             expected = ref.bn_stats_backward(*args)

@@ -92,27 +92,49 @@ def channel_vectors(c, dtype, device="cuda"):
     return scale, shift
 
 
+# bn_act(_backward)'s scale: none, scale and shift, or those with a centre
+SCALE_KINDS = [None, "scale", "centre"]
+
+
+def act_inputs(shape, dtype, fmt, scale_kind):
+    """y, scale, shift, centre: with a centre, one in [-50, 50] per channel that y
+    is spread around with std 1 (BatchNorm's large-mean case)."""
+    y = make(shape, dtype, fmt)
+    if scale_kind is None:
+        return y, None, None, None
+    scale, shift = channel_vectors(shape[1], dtype)
+    if scale_kind == "scale":
+        return y, scale, shift, None
+    centre = torch.empty(shape[1], dtype=stats_dtype(dtype)).uniform_(-50, 50).to("cuda")
+    y = layout((y.double() + centre.double().view(1, -1, 1, 1)).to(dtype), fmt)
+    return y, scale, shift, centre
+
+
 # ---- bn_act ------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("use_scale,use_res,relu", list(itertools.product([False, True], repeat=3)))
-def test_bn_act(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu):
-    y = make(shape, dtype, fmt)
-    scale, shift = channel_vectors(shape[1], dtype) if use_scale else (None, None)
+@pytest.mark.parametrize("scale_kind,use_res,relu",
+                         list(itertools.product(SCALE_KINDS, [False, True], [False, True])))
+def test_bn_act(shape, fmt, dtype, atol, rtol, scale_kind, use_res, relu):
+    y, scale, shift, centre = act_inputs(shape, dtype, fmt, scale_kind)
     res = make(shape, dtype, fmt) if use_res else None
-    out = ops.bn_act(y, scale, shift, res, relu)
-    ref = ops.bn_act(cpu(y), cpu(scale), cpu(shift), cpu(res), relu)
+    out = ops.bn_act(y, scale, shift, res, relu, centre)
+    ref = ops.bn_act(cpu(y), cpu(scale), cpu(shift), cpu(res), relu, cpu(centre))
     assert_same("out", out, ref, atol, rtol)
 
 
 # ---- bn_act_backward -----------------------------------------------------------
 
-def _masked_grad_out(grad_out, y, scale, shift, res):
+def _centred(y, centre):
+    return y.double() - (0 if centre is None else centre.double().view(1, -1, 1, 1))
+
+
+def _masked_grad_out(grad_out, y, scale, shift, res, centre=None):
     """grad_out with zeros where the pre-activation is within rounding of 0, so a
     ReLU mask that the two implementations round differently cannot matter."""
-    z = y.double()
+    z = _centred(y, centre)
     mag = z.abs()
     if scale is not None:
         s, b = scale.double().view(1, -1, 1, 1), shift.double().view(1, -1, 1, 1)
@@ -125,28 +147,29 @@ def _masked_grad_out(grad_out, y, scale, shift, res):
     return grad_out.masked_fill(near, 0)
 
 
-def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=MASKS):
+def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=MASKS,
+                           centre=None):
     grad_out = torch.randn(y.shape, dtype=torch.float64, device=y.device).to(dtype)
     grad_out = layout(grad_out,
                       "nhwc" if y.is_contiguous(memory_format=torch.channels_last) else "nchw")
     if relu:
-        grad_out = _masked_grad_out(grad_out, y, scale, shift, res)
+        grad_out = _masked_grad_out(grad_out, y, scale, shift, res, centre)
     args_cpu = (cpu(grad_out), cpu(y), cpu(scale), cpu(shift), cpu(res), relu)
     for mask in masks:
-        ours = ops.bn_act_backward(grad_out, y, scale, shift, res, relu, list(mask))
-        ref = ops.bn_act_backward(*args_cpu, list(mask))
+        ours = ops.bn_act_backward(grad_out, y, scale, shift, res, relu, list(mask), centre)
+        ref = ops.bn_act_backward(*args_cpu, list(mask), cpu(centre))
         tag = f"mask={mask}"
         assert_same(f"grad_y {tag}", ours[0], ref[0], atol, rtol)
         assert_same(f"grad_residual {tag}", ours[3], ref[3], atol, rtol)
         if scale is not None and (mask[1] or mask[2]):
             g = grad_out.cpu().double()
             if relu:
-                z = (y.cpu().double() * scale.cpu().double().view(1, -1, 1, 1)
+                z = (_centred(cpu(y), cpu(centre)) * scale.cpu().double().view(1, -1, 1, 1)
                      + shift.cpu().double().view(1, -1, 1, 1))
                 if res is not None:
                     z = z + res.cpu().double()
                 g = g * (z > 0)
-            abs_gy = (g * y.cpu().double()).abs().sum((0, 2, 3))
+            abs_gy = (g * _centred(cpu(y), cpu(centre))).abs().sum((0, 2, 3))
             abs_g = g.abs().sum((0, 2, 3))
         else:
             abs_gy = abs_g = None
@@ -163,12 +186,12 @@ def _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, masks=
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPES)
-@pytest.mark.parametrize("use_scale,use_res,relu", list(itertools.product([False, True], repeat=3)))
-def test_bn_act_backward(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu):
-    y = make(shape, dtype, fmt)
-    scale, shift = channel_vectors(shape[1], dtype) if use_scale else (None, None)
+@pytest.mark.parametrize("scale_kind,use_res,relu",
+                         list(itertools.product(SCALE_KINDS, [False, True], [False, True])))
+def test_bn_act_backward(shape, fmt, dtype, atol, rtol, scale_kind, use_res, relu):
+    y, scale, shift, centre = act_inputs(shape, dtype, fmt, scale_kind)
     res = make(shape, dtype, fmt) if use_res else None
-    _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol)
+    _check_bn_act_backward(y, scale, shift, res, relu, dtype, atol, rtol, centre=centre)
 
 
 # ---- bn_stats / bn_stats_backward --------------------------------------------
@@ -467,9 +490,9 @@ def test_aten_fallback(monkeypatch, fmt, dtype, atol, rtol):
     assert "aten::var_mean" not in _ran_ops(lambda: ops.bn_stats(y))
     monkeypatch.setenv("RESFAST_CUDA_KERNELS", "aten")
     assert "aten::var_mean" in _ran_ops(lambda: ops.bn_stats(y))
-    for use_scale, use_res, relu in itertools.product([False, True], repeat=3):
-        test_bn_act(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu)
-        test_bn_act_backward(shape, fmt, dtype, atol, rtol, use_scale, use_res, relu)
+    for scale_kind, use_res, relu in itertools.product(SCALE_KINDS, [False, True], [False, True]):
+        test_bn_act(shape, fmt, dtype, atol, rtol, scale_kind, use_res, relu)
+        test_bn_act_backward(shape, fmt, dtype, atol, rtol, scale_kind, use_res, relu)
     test_bn_stats(shape, fmt, dtype, atol, rtol)
     test_bn_stats_backward(shape, fmt, dtype, atol, rtol)
     test_empty_batch(fmt, dtype, atol, rtol)

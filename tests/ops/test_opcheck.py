@@ -31,6 +31,24 @@ def _cases(device):
     gamma, beta = (_vec(5, device, 0.5, 1.5, **F64).requires_grad_(),
                    _vec(5, device, **F64).requires_grad_())
     y_out = torch.randn(2, 4, 6, 7, **kw).contiguous(memory_format=torch.channels_last)
+    centre = _vec(5, device, -2, 2, **F64).requires_grad_()
+    # the conv's epilogue (eval-mode BN over its 4 output channels) and residual
+    out_scale, out_shift, out_centre = (_vec(4, device, 0.5, 1.5, **F64).requires_grad_(),
+                                        _vec(4, device, **F64).requires_grad_(),
+                                        _vec(4, device, **F64).requires_grad_())
+    res = torch.randn(2, 4, 6, 7, **kw).requires_grad_()
+    res_s2 = torch.randn(2, 4, 3, 4, **kw).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    # float32 (the CPU's oneDNN kernels; float64 stays on the ATen reference)
+    k32 = dict(device=device, dtype=torch.float32)
+    x32 = torch.randn(2, 5, 6, 7, **k32).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    w32 = torch.randn(4, 5, 3, 3, **k32).requires_grad_()
+    vec32 = [_vec(c, device, lo, hi, dtype=torch.float32).requires_grad_()
+             for c, lo, hi in ((5, 0.5, 1.5), (5, -1, 1), (5, -1, 1), (4, 0.5, 1.5), (4, -1, 1),
+                               (4, -1, 1))]
+    res32 = torch.randn(2, 4, 6, 7, **k32).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
     return [
         ("bn_stats", (y,)),
         ("bn_stats", (x,)),
@@ -47,14 +65,27 @@ def _cases(device):
         ("bn_act", (y, scale, shift, r, True)),
         ("bn_act", (x, scale, shift, None, False)),
         ("bn_act", (y, None, None, r, True)),
+        ("bn_act", (x, scale, shift, r, True, centre)),
         ("bn_act_backward",
          (torch.randn_like(y), y.detach(), scale.detach(), shift.detach(), r.detach(), True,
           [True, True, True, True])),
         ("bn_act_backward",
          (torch.randn_like(y), y.detach(), None, None, None, True, [True, False, False, False])),
+        ("bn_act_backward",
+         (torch.randn_like(y), x.detach(), scale.detach(), shift.detach(), None, True,
+          [True, True, True, False], centre.detach())),
         ("conv2d_bn", (x, w3, b, None, None, False, 1, 1, True, False)),
         ("conv2d_bn", (y, w3, None, scale, shift, True, 2, 1, True, False)),
         ("conv2d_bn", (x, w1, b, scale, shift, False, 1, 0, False, True)),
+        ("conv2d_bn", (y, w3, b, scale, shift, True, 1, 1, False, True, centre, out_scale,
+                       out_shift, out_centre, res)),
+        ("conv2d_bn", (x, w3, None, None, None, False, 2, 1, False, False, None, out_scale,
+                       out_shift, None, res_s2)),
+        ("conv2d_bn", (x, w3, b, scale, shift, True, 1, 1, True, False, centre)),
+        ("conv2d_bn", (x32, w32, None, *vec32[:2], True, 1, 1, False, True, vec32[2],
+                       *vec32[3:], res32)),
+        ("conv2d_bn", (x32, w32, None, None, None, False, 1, 1, False, True, None, *vec32[3:])),
+        ("conv2d_bn", (x32, w32, None, *vec32[:2], True, 1, 1, True, False, vec32[2])),
         ("conv2d_bn_backward",
          (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
           w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
@@ -62,6 +93,15 @@ def _cases(device):
         ("conv2d_bn_backward", (None, _vec(4, device, **F64), None, x.detach(), w3.detach(), y_out,
                                 _vec(4, device, **F64), None, None, False, 1, 1, False,
                                 [False, True, False])),
+        ("conv2d_bn_backward",
+         (torch.randn_like(y_out), None, None, x.detach(), w3.detach(), y_out, y_out.new_empty(0),
+          scale.detach(), shift.detach(), True, 1, 1, True, [True, True, True],
+          centre.detach())),
+        ("conv2d_bn_backward",
+         (torch.randn_like(y_out).float(), _vec(4, device, dtype=torch.float32),
+          _vec(4, device, dtype=torch.float32), x32.detach(), w32.detach(), y_out.float(),
+          _vec(4, device, dtype=torch.float32), vec32[0].detach(), vec32[1].detach(), True, 1, 1,
+          False, [True, True, False], vec32[2].detach())),
     ]
 
 
@@ -78,7 +118,8 @@ def test_opcheck(device, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c for c, (name, args) in enumerate(_cases("cpu"))
-                                  if not name.endswith("backward") and not name.endswith("_")])
+                                  if not name.endswith("backward") and not name.endswith("_")
+                                  and args[0].dtype == torch.float64])
 def test_gradcheck(device, case):
     name, args = _cases(device)[case]
     op = getattr(ops, name)

@@ -29,31 +29,35 @@ def bn_stats_backward(grad_mean, grad_var, y, mean):
     return (_channel(grad_mean) + 2 * (y.double() - _channel(mean)) * _channel(grad_var)) / count
 
 
-def pre_activation(y, scale, shift, residual):
-    """y * scale + shift + residual, each term present or not."""
+def pre_activation(y, scale, shift, residual, centre=None):
+    """(y - centre) * scale + shift + residual, each term present or not."""
     z = y.double()
     if scale is not None:
+        if centre is not None:
+            z = z - _channel(centre)
         z = z * _channel(scale) + _channel(shift)
     if residual is not None:
         z = z + residual.double()
     return z
 
 
-def bn_act(y, scale, shift, residual, relu):
-    z = pre_activation(y, scale, shift, residual)
+def bn_act(y, scale, shift, residual, relu, centre=None):
+    z = pre_activation(y, scale, shift, residual, centre)
     return torch.where(z < 0, torch.zeros_like(z), z) if relu else z  # NaN stays NaN, as in relu
 
 
-def bn_act_backward(grad_out, y, scale, shift, residual, relu):
-    """(grad_y, grad_scale, grad_shift, grad_residual); grad_scale and grad_shift
-    None without scale. The ReLU mask multiplies (NaN/Inf in grad_out survive)."""
+def bn_act_backward(grad_out, y, scale, shift, residual, relu, centre=None):
+    """(grad_y, grad_scale, grad_shift, grad_residual); grad_scale (the sum of
+    g * (y - centre)) and grad_shift None without scale. The ReLU mask
+    multiplies (NaN/Inf in grad_out survive)."""
     g = grad_out.double()
     if relu:
-        g = g * (pre_activation(y, scale, shift, residual) > 0)
+        g = g * (pre_activation(y, scale, shift, residual, centre) > 0)
     grad_y = g * _channel(scale) if scale is not None else g
     if scale is None:
         return grad_y, None, None, g
-    return grad_y, (g * y.double()).sum((0, 2, 3)), g.sum((0, 2, 3)), g
+    d = y.double() - (_channel(centre) if centre is not None else 0)
+    return grad_y, (g * d).sum((0, 2, 3)), g.sum((0, 2, 3)), g
 
 
 def bn_finalize(mean, var, weight, bias, eps):

@@ -48,11 +48,12 @@ struct Act {
 
   // ---- forward ----
 
-  // n <= K elements at offset `off` of every activation; sc/sh the channels'.
+  // n <= K elements at offset `off` of every activation; sc/sh/cc the channels'.
   template <typename F>
-  static void forward_vec(const ActArgs& a, int64_t off, int64_t n, const V& sc, const V& sh) {
+  static void forward_vec(const ActArgs& a, int64_t off, int64_t n, const V& sc, const V& sh,
+                          const V& cc) {
     V z = load(static_cast<const T*>(a.y) + off, n);
-    if constexpr (F::kScale) z = at::vec::fmadd(z, sc, sh);
+    if constexpr (F::kScale) z = at::vec::fmadd(z - cc, sc, sh);
     if constexpr (F::kResidual) z += load(static_cast<const T*>(a.residual) + off, n);
     if constexpr (F::kRelu) z = relu(z);
     store(static_cast<T*>(a.out) + off, z, n);
@@ -63,19 +64,21 @@ struct Act {
     const Geometry& g = a.g;
     const A* scale = static_cast<const A*>(a.scale);
     const A* shift = static_cast<const A*>(a.shift);
+    const A* centre = static_cast<const A*>(a.centre);
     const int64_t C = g.C;
     if (g.layout == Layout::kRows) {
       const int64_t padded = (C + K - 1) / K * K;
-      std::vector<A> sc(padded, A(0)), sh(padded, A(0));
+      std::vector<A> sc(padded, A(0)), sh(padded, A(0)), cc(padded, A(0));
       if constexpr (F::kScale) {
         std::copy(scale, scale + C, sc.begin());
         std::copy(shift, shift + C, sh.begin());
+        std::copy(centre, centre + C, cc.begin());
       }
       at::parallel_for(0, g.rows(), grain(C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           for (int64_t c = 0; c < C; c += K) {
             forward_vec<F>(a, r * C + c, std::min(K, C - c), V::loadu(sc.data() + c),
-                           V::loadu(sh.data() + c));
+                           V::loadu(sh.data() + c), V::loadu(cc.data() + c));
           }
         }
       });
@@ -86,8 +89,9 @@ struct Act {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c = p % C;
         const V sc(F::kScale ? scale[c] : A(0)), sh(F::kScale ? shift[c] : A(0));
+        const V cc(F::kScale ? centre[c] : A(0));
         for (int64_t i = 0; i < HW; i += K)
-          forward_vec<F>(a, p * HW + i, std::min(K, HW - i), sc, sh);
+          forward_vec<F>(a, p * HW + i, std::min(K, HW - i), sc, sh, cc);
       }
     });
   }
@@ -95,12 +99,15 @@ struct Act {
   // ---- backward ----
 
   // g for n <= K elements at offset `off` (also writing grad_y and
-  // grad_residual); yv receives y where the sums need it.
+  // grad_residual); yv receives y - centre where the sums need it.
   template <typename F>
   static V backward_vec(const ActBackwardArgs& a, int64_t off, int64_t n, const V& sc, const V& sh,
-                        V& yv) {
+                        const V& cc, V& yv) {
     V g = load(static_cast<const T*>(a.grad_out) + off, n);
-    if constexpr (F::kRelu || F::kSums) yv = load(static_cast<const T*>(a.y) + off, n);
+    if constexpr (F::kRelu || F::kSums) {
+      yv = load(static_cast<const T*>(a.y) + off, n);
+      if constexpr (F::kScale) yv = yv - cc;
+    }
     if constexpr (F::kRelu) {
       V z = F::kScale ? at::vec::fmadd(yv, sc, sh) : yv;
       if constexpr (F::kResidual) z += load(static_cast<const T*>(a.residual) + off, n);
@@ -116,19 +123,21 @@ struct Act {
   // c0 (the last one `last` channels wide); sums added to sum_gy/sum_g.
   template <typename F, int U>
   static void rows_tile(const ActBackwardArgs& a, int64_t r0, int64_t rows, int64_t c0,
-                        int64_t last, const A* scale, const A* shift, double* sum_gy,
-                        double* sum_g) {
+                        int64_t last, const A* scale, const A* shift, const A* centre,
+                        double* sum_gy, double* sum_g) {
     const int64_t C = a.g.C;
-    V sc[U], sh[U], acc_gy[U], acc_g[U];
+    V sc[U], sh[U], cc[U], acc_gy[U], acc_g[U];
     for (int u = 0; u < U; ++u) {
       sc[u] = V::loadu(scale + c0 + u * K);
       sh[u] = V::loadu(shift + c0 + u * K);
+      cc[u] = V::loadu(centre + c0 + u * K);
       acc_gy[u] = acc_g[u] = V(0);
     }
     for (int64_t r = r0; r < r0 + rows; ++r) {
       for (int u = 0; u < U; ++u) {
         V yv;
-        const V g = backward_vec<F>(a, r * C + c0 + u * K, u == U - 1 ? last : K, sc[u], sh[u], yv);
+        const V g = backward_vec<F>(a, r * C + c0 + u * K, u == U - 1 ? last : K, sc[u], sh[u],
+                                    cc[u], yv);
         if constexpr (F::kSums) {
           acc_gy[u] = at::vec::fmadd(g, yv, acc_gy[u]);
           acc_g[u] += g;
@@ -164,10 +173,11 @@ struct Act {
   static void backward_rows(const ActBackwardArgs& a) {
     const int64_t M = a.g.rows(), C = a.g.C;
     const int64_t padded = (C + K - 1) / K * K;
-    std::vector<A> sc(padded, A(0)), sh(padded, A(0));
+    std::vector<A> sc(padded, A(0)), sh(padded, A(0)), cc(padded, A(0));
     if constexpr (F::kScale) {
       std::copy(static_cast<const A*>(a.scale), static_cast<const A*>(a.scale) + C, sc.begin());
       std::copy(static_cast<const A*>(a.shift), static_cast<const A*>(a.shift) + C, sh.begin());
+      std::copy(static_cast<const A*>(a.centre), static_cast<const A*>(a.centre) + C, cc.begin());
     }
     const int64_t pieces = num_pieces(M * C, M);
     std::vector<ChannelSums> sums(F::kSums ? pieces : 0, ChannelSums(C));
@@ -181,7 +191,7 @@ struct Act {
           const int64_t units = (width + K - 1) / K;
           with_units(units, [&](auto u) {
             rows_tile<F, decltype(u)::value>(a, b, rows, c0, width - (units - 1) * K, sc.data(),
-                                             sh.data(), sum_gy, sum_g);
+                                             sh.data(), cc.data(), sum_gy, sum_g);
           });
         }
       }
@@ -192,12 +202,12 @@ struct Act {
   // NCHW: elements [i0, i1) of plane p of channel c; returns its sums in acc_gy/acc_g.
   template <typename F>
   static void plane_span(const ActBackwardArgs& a, int64_t p, int64_t i0, int64_t i1, A sc, A sh,
-                         V& acc_gy, V& acc_g) {
-    const V scv(sc), shv(sh);
+                         A cc, V& acc_gy, V& acc_g) {
+    const V scv(sc), shv(sh), ccv(cc);
     const int64_t base = p * a.g.HW;
     for (int64_t i = i0; i < i1; i += K) {
       V yv;
-      const V g = backward_vec<F>(a, base + i, std::min(K, i1 - i), scv, shv, yv);
+      const V g = backward_vec<F>(a, base + i, std::min(K, i1 - i), scv, shv, ccv, yv);
       if constexpr (F::kSums) {
         acc_gy = at::vec::fmadd(g, yv, acc_gy);
         acc_g += g;
@@ -210,17 +220,19 @@ struct Act {
     const int64_t N = a.g.N, C = a.g.C, HW = a.g.HW;
     const A* scale = static_cast<const A*>(a.scale);
     const A* shift = static_cast<const A*>(a.shift);
-    auto channel = [&](int64_t c, A& sc, A& sh) {
+    const A* centre = static_cast<const A*>(a.centre);
+    auto channel = [&](int64_t c, A& sc, A& sh, A& cc) {
       sc = F::kScale ? scale[c] : A(0);
       sh = F::kScale ? shift[c] : A(0);
+      cc = F::kScale ? centre[c] : A(0);
     };
     if constexpr (!F::kSums) {
       at::parallel_for(0, N * C, grain(HW), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          A sc, sh;
-          channel(p % C, sc, sh);
+          A sc, sh, cc;
+          channel(p % C, sc, sh, cc);
           V unused_gy, unused_g;
-          plane_span<F>(a, p, 0, HW, sc, sh, unused_gy, unused_g);
+          plane_span<F>(a, p, 0, HW, sc, sh, cc, unused_gy, unused_g);
         }
       });
       return;
@@ -232,13 +244,14 @@ struct Act {
     at::parallel_for(0, segments * C, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t s = i / C, c = i % C;
-        A sc, sh;
-        channel(c, sc, sh);
+        A sc, sh, cc;
+        channel(c, sc, sh, cc);
         double total_gy = 0, total_g = 0;
         for (int64_t n = piece_begin(s, segments, N); n < piece_begin(s + 1, segments, N); ++n) {
           for (int64_t j = 0; j < HW; j += kPlaneBlock) {
             V acc_gy(0), acc_g(0);
-            plane_span<F>(a, n * C + c, j, std::min(HW, j + kPlaneBlock), sc, sh, acc_gy, acc_g);
+            plane_span<F>(a, n * C + c, j, std::min(HW, j + kPlaneBlock), sc, sh, cc, acc_gy,
+                          acc_g);
             total_gy += at::vec::vec_reduce_all<A>([](V& x, V& y) { return x + y; }, acc_gy);
             total_g += at::vec::vec_reduce_all<A>([](V& x, V& y) { return x + y; }, acc_g);
           }

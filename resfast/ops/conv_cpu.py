@@ -1,0 +1,171 @@
+"""The CPU kernel of ``resfast::conv2d_bn`` and of its backward: oneDNN's
+convolution (the ``torch.ops.mkldnn`` ops Inductor's CPU backend emits) with
+resfast's one-pass BatchNorm kernels around it.
+
+Forward:
+  * the prologue ``[relu]((x - centre) * scale + shift)`` is one pass of
+    ``resfast::bn_act`` (oneDNN has no input-side elementwise fusion);
+  * the convolution runs channels_last: it is the layout oneDNN's direct
+    convolutions read without reordering (measured on ResNet-20/50 layers:
+    1.1-1.9x faster than NCHW, forward + backward; README, Performance), and
+    the op's output is channels_last on every device. An NCHW input costs one
+    copy (the first conv of a network, where it has 3 channels; NCHW users of
+    a single op or block);
+  * with an epilogue (eval-mode BN) the conv, BN, residual add and ReLU are
+    one oneDNN call, its weight prepacked into oneDNN's blocked format once per
+    weight version (:mod:`resfast.ops.fold`). In float32 without a residual,
+    the scale stays out of the weights: ``(conv(a, w) + b') * scale`` with
+    ``b' = bias - centre + shift / scale`` as oneDNN's bias and a per-channel
+    ``mul`` post-op (then ``relu``), which rounds as little as torch.nn's
+    conv-then-BN (folding ``w * scale`` adds a rounding per weight: measured,
+    1.5-2x torch's forward error through ResNet-50). With a residual (a
+    ``binary add`` post-op: one binary post-op per call) or in bfloat16 the
+    scale is folded into the weights;
+  * the statistics of y are one pass of ``resfast::bn_stats``.
+Backward: the gradient of the statistics ``(grad_mean + 2 (y - mean)
+grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
+(centred on the mean, so no digits cancel), then ``aten::convolution_backward``
+(oneDNN) gives the input and weight gradients in one call.
+
+float64 (no oneDNN kernel) and float16 (no oneDNN kernel on CPUs without
+AVX512-FP16) run the ATen reference of :mod:`resfast.ops.conv2d_bn`.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import fold as _fold
+
+ops = torch.ops.resfast
+_CL = torch.channels_last
+
+
+def runs_onednn(x: Tensor, weight: Tensor) -> bool:
+    """Whether this problem has a oneDNN kernel here (else: the ATen reference)."""
+    if x.numel() == 0:
+        return False  # oneDNN rejects empty tensors
+    if weight.dtype == torch.float32:
+        return True
+    return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _channels_last(t: Tensor) -> Tensor:
+    # A no-op for channels_last tensors; NCHW callers pay one copy (see the module docstring).
+    return t.contiguous(memory_format=_CL)
+
+
+def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> Tensor:
+    """a = [relu]((x - in_centre) * in_scale + in_shift) in x's precision, then in
+    the GEMM's dtype and channels_last: one pass of bn_act when there is a
+    prologue; the dtype cast happens only under mixed precision (a float32
+    network input with bfloat16 weights)."""
+    if in_scale is not None or in_relu:
+        x = ops.bn_act(x, in_scale, in_shift, None, in_relu, in_centre)
+    return _channels_last(x.to(dtype))
+
+
+def _pack(stride: int, padding: int, input_shape):
+    def pack(w: Tensor) -> Tensor:
+        return torch.ops.mkldnn._reorder_convolution_weight(
+            w.contiguous(), [padding, padding], [stride, stride], [1, 1], 1, list(input_shape))
+    return pack
+
+
+def _conv(a: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+          relu: bool, stride: int, padding: int) -> Tensor:
+    """[relu](conv(a, weight) + bias [+ residual]) in one oneDNN call."""
+    args = ([padding, padding], [stride, stride], [1, 1], 1)
+    if residual is None:
+        return torch.ops.mkldnn._convolution_pointwise(a, weight, bias, *args,
+                                                       "relu" if relu else "none", [], "")
+    return torch.ops.mkldnn._convolution_pointwise.binary(
+        a, _channels_last(residual), weight, bias, *args, "add", 1.0,
+        "relu" if relu else None, [], None)
+
+
+def _scaled_epilogue(weight, bias, scale, shift, centre, pack):
+    """(packed weight, b', scale as a (1, C, 1, 1) channels_last tensor) for
+    ``(conv(a, w) + b') * scale``. Channels whose b' = bias - centre + shift / scale
+    is not finite (scale 0: gamma = 0, as zero_init_residual sets it) take the
+    folded form instead: weight * scale, the folded bias and a multiplier of 1."""
+    dt = torch.float64  # b' in float64, rounded once
+    s = scale.to(dt)
+    base = -centre.to(dt) if centre is not None else torch.zeros_like(s)
+    if bias is not None:
+        base = base + bias.to(dt)
+    b1 = base + shift.to(dt) / s
+    keep = torch.isfinite(b1) & (s != 0)
+    w = weight
+    if not bool(keep.all()):
+        folded = (weight.to(dt) * s.view(-1, 1, 1, 1)).to(weight.dtype)
+        w = torch.where(keep.view(-1, 1, 1, 1), weight, folded)
+        b1 = torch.where(keep, b1, base * s + shift.to(dt))
+        s = torch.where(keep, s, torch.ones_like(s))
+    mul = s.to(weight.dtype).view(1, -1, 1, 1).contiguous(memory_format=_CL)
+    return pack(w), b1.to(weight.dtype), mul
+
+
+def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+            in_centre, out_scale, out_shift, out_centre, residual):
+    a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
+    # packed for the full input shape, batch included: oneDNN picks its kernel (and so its
+    # summation order) by shape, and a weight packed for another batch would give results
+    # that depend on the calls before this one
+    target = ("onednn", stride, padding, tuple(a.shape))
+    pack = _pack(stride, padding, a.shape)
+    if residual is not None:
+        residual = residual.to(weight.dtype)
+    if out_scale is not None and residual is None and weight.dtype == torch.float32:
+        w, b, mul = _fold.cached(
+            weight, (bias, out_scale, out_shift, out_centre), ("scaled",) + target,
+            lambda: _scaled_epilogue(weight, bias, out_scale, out_shift, out_centre, pack))
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            a, mul, w, b, [padding, padding], [stride, stride], [1, 1], 1, "mul", None,
+            "relu" if out_relu else None, [], None)
+    else:
+        if out_scale is not None:
+            w, b = _fold.fold(weight, bias, out_scale, out_shift, out_centre, target, pack)
+        else:
+            w, b = weight, bias
+        y = _conv(a, w, None if b is None else b.to(weight.dtype), residual, out_relu, stride,
+                  padding)
+    if stats:
+        mean, var = ops.bn_stats(y)
+    else:
+        mean, var = y.new_empty((0,), dtype=torch.float32), y.new_empty((0,), dtype=torch.float32)
+    return y, mean, var
+
+
+def stats_gradient(g: Optional[Tensor], grad_mean, grad_var, y: Tensor, mean: Tensor) -> Tensor:
+    """g + (grad_mean + 2 (y - mean) grad_var) / count in one pass:
+    bn_act(y, scale = 2 grad_var / count, shift = grad_mean / count, residual = g,
+    centre = mean)."""
+    count = y.numel() // y.shape[1]
+    gm = torch.zeros_like(mean) if grad_mean is None else grad_mean
+    gv = torch.zeros_like(mean) if grad_var is None else grad_var
+    return ops.bn_act(y, gv * (2.0 / count), gm / count, g, False, mean)
+
+
+def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+             stride, padding, out_relu, output_mask, in_centre):
+    g = grad_y
+    if g is not None and out_relu:
+        g = ops.bn_act_backward(g, y, None, None, None, True, [True, False, False, False])[0]
+    if grad_mean is not None or grad_var is not None:
+        g = stats_gradient(g, grad_mean, grad_var, y, mean)
+    if g is None:
+        g = torch.zeros_like(y)
+    g = _channels_last(g.to(weight.dtype))
+    need_a = output_mask[0]
+    # a is recomputed (one bn_act pass when there is a prologue), not kept from the forward:
+    # the op keeps only x, like torch.nn keeps only the BN input.
+    a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
+    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding], [1, 1], False,
+        [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
+    if output_mask[1] and grad_w.stride() != weight.stride():
+        grad_w = torch.empty_like(weight).copy_(grad_w)  # the fake's strides: weight's
+    return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
+            grad_w if output_mask[1] else x.new_empty((0,)),
+            grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
