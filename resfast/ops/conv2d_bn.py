@@ -128,8 +128,9 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
     span = dilation * (weight.shape[2] - 1) + 1  # the kernel's extent in x
     if x.shape[2] + 2 * padding < span or x.shape[3] + 2 * padding < span:
         k = weight.shape[2]
+        kernel = f"{k}x{k}" + (f", dilation {dilation}: {span}x{span}" if dilation > 1 else "")
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel "
-                         f"({k}x{k}, dilation {dilation}: {span}x{span}) with padding {padding}")
+                         f"({kernel}) with padding {padding}")
     if residual is not None:
         out_shape = _out_shape(x, weight, stride, padding, dilation)
         if not isinstance(residual, Tensor) or tuple(residual.shape) != out_shape:
