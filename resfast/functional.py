@@ -175,7 +175,7 @@ def _uses_batch_stats(bn: BatchNormArgs) -> bool:
 
 def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
                     stride: int = 1, padding: int = 0, relu: bool = True,
-                    residual: Optional[Tensor] = None) -> Pending:
+                    residual: Optional[Tensor] = None, dilation: int = 1) -> Pending:
     """conv -> BN (-> ReLU), left pending in training mode; in eval mode BN is
     folded into the conv and the result is complete (scale/shift None, the ReLU
     in the conv's epilogue). ``residual`` (eval mode only: training mode gives it
@@ -200,7 +200,8 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
             raise ValueError("in training mode the residual is added by finish(), after the "
                              "batch statistics")
         y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
-                                     in_shift, in_relu, stride, padding, True, False, in_centre)
+                                     in_shift, in_relu, stride, padding, True, False, in_centre,
+                                     dilation=dilation)
         scale, shift, centre = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
         return Pending(y, scale, shift, relu, centre)
     # eval: BN is the conv's epilogue, folded into its weights (cached), with the residual
@@ -211,7 +212,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         residual = _cast(residual, dtype)
     y, _, _ = ops.conv2d_bn(src, _cast_param(weight, dtype), _cast_param(bias, dtype), in_scale,
                             in_shift, in_relu, stride, padding, False, relu, in_centre, scale,
-                            shift, centre, residual)
+                            shift, centre, residual, dilation)
     return Pending(y, None, None, False)
 
 
@@ -223,23 +224,24 @@ def _check_residual(residual, device):
 
 def conv_bn_add_relu(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs,
                      residual: Tensor, *, stride: int = 1, padding: int = 0,
-                     relu: bool = True) -> Tensor:
+                     relu: bool = True, dilation: int = 1) -> Tensor:
     """``relu(bn(conv2d(x)) + residual)``, a residual block's last conv: in
     training mode the BN, the add and the ReLU are one pass after the conv's
     statistics; in eval mode all of it is one folded conv."""
     if _uses_batch_stats(bn):
         return finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding,
-                                      relu=False), residual, relu=relu)
+                                      relu=False, dilation=dilation), residual, relu=relu)
     src = x.y if isinstance(x, Pending) else x
     _check_input(src)
     _check_residual(residual, src.device)
-    out_shape = (src.shape[0], weight.shape[0], (src.shape[2] + 2 * padding - weight.shape[2])
-                 // stride + 1, (src.shape[3] + 2 * padding - weight.shape[3]) // stride + 1)
+    span = dilation * (weight.shape[2] - 1) + 1  # the kernel's extent in the input
+    out_shape = (src.shape[0], weight.shape[0], (src.shape[2] + 2 * padding - span) // stride + 1,
+                 (src.shape[3] + 2 * padding - span) // stride + 1)
     if tuple(residual.shape) != out_shape:
         raise ValueError(f"residual shape {tuple(residual.shape)} differs from the branch "
                          f"output {out_shape}")
     return conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding, relu=relu,
-                           residual=residual).y
+                           residual=residual, dilation=dilation).y
 
 
 def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] = None) -> Tensor:
@@ -273,10 +275,11 @@ def _like_input(out: Tensor, x: Tensor) -> Tensor:
 
 
 def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
-                 stride: int = 1, padding: int = 0, relu: bool = True) -> Tensor:
+                 stride: int = 1, padding: int = 0, relu: bool = True,
+                 dilation: int = 1) -> Tensor:
     """``relu(bn(conv2d(x)))`` (``relu=False``: ``bn(conv2d(x))``)."""
     return _like_input(finish(conv_bn_pending(x, weight, bias, bn, stride=stride, padding=padding,
-                                              relu=relu)), x)
+                                              relu=relu, dilation=dilation)), x)
 
 
 def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
@@ -303,7 +306,7 @@ def add_relu(y: Tensor, residual: Tensor) -> Tensor:
 
 
 def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Tensor] = None, *,
-                 stride: int = 1, padding: int = 0) -> Tensor:
+                 stride: int = 1, padding: int = 0, dilation: int = 1) -> Tensor:
     """Pre-activation ``conv2d(relu(bn(x)))``: BN-apply and ReLU happen while the
     conv loads its input."""
     pending = batch_norm_pending(x, bn, relu=True)
@@ -314,12 +317,13 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
                          "input channels")
     # x stays in its own precision: the prologue normalizes it before rounding.
     y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale,
-                            pending.shift, True, stride, padding, False, False, pending.centre)
+                            pending.shift, True, stride, padding, False, False, pending.centre,
+                            dilation=dilation)
     return _like_input(y, x)
 
 
 def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1, padding: int = 0,
-           relu: bool = False) -> Tensor:
+           relu: bool = False, dilation: int = 1) -> Tensor:
     """A convolution through resfast's conv kernel, where no BN follows:
     ``[relu](conv2d(x) + bias)``, the bias and ReLU in the conv's epilogue.
     ``x`` may be a :class:`Pending`, applied in this conv's prologue."""
@@ -334,7 +338,8 @@ def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
         (pending_in.scale, pending_in.shift, pending_in.relu, pending_in.centre) if pending_in
         else (None, None, False, None))
     y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale,
-                            in_shift, in_relu, stride, padding, False, relu, in_centre)
+                            in_shift, in_relu, stride, padding, False, relu, in_centre,
+                            dilation=dilation)
     return _like_input(y, src)
 
 

@@ -20,8 +20,8 @@ runs as a constant BN folded into the conv: no statistics, nothing updated.
 
 What it cannot fuse stays as it was: a block with squeeze-excitation, drop
 path, anti-aliasing, attention or anything else besides conv, BN and ReLU;
-grouped convs; dilated convs (not yet: the conv op has no dilation); other
-norms; modules with hooks; convs run by a forward resfast does not rewrite.
+grouped convs; other norms; modules with hooks; convs run by a forward resfast
+does not rewrite.
 ``fused_modules(model)`` lists what was fused, ``unfused_modules(model)``
 every block and conv left as it was with why, and ``fuse(model,
 report=True)`` prints both.

@@ -5,7 +5,7 @@ Forward (one kernel, ``_conv2d_bn_forward_kernel``), a GEMM of
 
     a = [relu](x * in_scale + in_shift)      prologue, applied while x is loaded;
                                              padded taps are 0 *after* it
-    y = conv2d(a, weight, stride, padding) + bias,  [relu(y)] with out_relu
+    y = conv2d(a, weight, stride, padding, dilation) + bias,  [relu(y)] with out_relu
     per-tile (mean, M2) of y per channel     epilogue, merged by Chan's formula into the
                                              mean and biased var (resfast.kernels.partials)
 
@@ -13,7 +13,8 @@ Backward, with g = grad_y * [y > 0] + (grad_mean + 2 (y - mean) grad_var) / coun
 formed while grad_y is loaded (never materialized):
 
     grad_a       ``_conv2d_bn_dgrad_kernel``: GEMM of (input pixels) x (K*K*Co) by
-                 (K*K*Co) x Ci; output pixel (ih + padding - kh) / stride where divisible
+                 (K*K*Co) x Ci; output pixel (ih + padding - kh * dilation) / stride where
+                 divisible
     grad_weight  ``_conv2d_bn_wgrad_kernel``: GEMM of g^T by a (a recomputed from x) and
     grad_bias    column sums of g, split over output pixels into partials that one small
                  kernel sums into the weight's dtype and layout
@@ -103,10 +104,10 @@ def _relu(v):
 
 @triton.jit
 def _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE: tl.constexpr, STRIDE: tl.constexpr,
-              PAD: tl.constexpr):
+              PAD: tl.constexpr, DIL: tl.constexpr):
     """Offsets and mask of x at (output pixels n, oh, ow) x (channels ci) through one tap."""
-    ih = oh * STRIDE - PAD + tap // KSIZE
-    iw = ow * STRIDE - PAD + tap % KSIZE
+    ih = oh * STRIDE - PAD + (tap // KSIZE) * DIL
+    iw = ow * STRIDE - PAD + (tap % KSIZE) * DIL
     pix_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     base = ((n.to(tl.int64) * H + ih) * W + iw) * Ci
     return base[:, None] + ci[None, :], pix_ok[:, None] & (ci < Ci)[None, :]
@@ -114,13 +115,13 @@ def _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE: tl.constexpr, STRIDE:
 
 @triton.jit
 def _flat_tile(n, oh, ow, row_ok, kidx, H, W, Ci, KSIZE: tl.constexpr, STRIDE: tl.constexpr,
-               PAD: tl.constexpr):
+               PAD: tl.constexpr, DIL: tl.constexpr):
     """Offsets, mask and channel of x at (output pixels n, oh, ow) x (folded reduction
     indices kidx = (kh * KSIZE + kw) * Ci + ci)."""
     tap = kidx // Ci
     ci = kidx - tap * Ci
-    kh = tap // KSIZE
-    kw = tap - kh * KSIZE
+    kh = (tap // KSIZE) * DIL  # the tap's row and column offsets in x
+    kw = (tap % KSIZE) * DIL
     ih0 = oh * STRIDE - PAD
     iw0 = ow * STRIDE - PAD
     ih = ih0[:, None] + kh[None, :]
@@ -203,7 +204,7 @@ def _store_tile_stats(acc, row_ok, co, pid_m, M, Co, part_mean_ptr, part_m2_ptr,
 def _conv2d_bn_forward_kernel(
     x_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, y_ptr, part_mean_ptr, part_m2_ptr,
     H, W, Ci, OH, OW, Co, M, w_s_co, w_s_kh, w_s_kw,
-    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     OUT_RELU: tl.constexpr, STATS: tl.constexpr, FLAT_K: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -228,7 +229,8 @@ def _conv2d_bn_forward_kernel(
         for k0 in range(0, n_red, BLOCK_K):
             kidx = k0 + tl.arange(0, BLOCK_K)
             k_ok = kidx < n_red
-            offs, mask, ci = _flat_tile(n, oh, ow, row_ok, kidx, H, W, Ci, KSIZE, STRIDE, PAD)
+            offs, mask, ci = _flat_tile(n, oh, ow, row_ok, kidx, H, W, Ci, KSIZE, STRIDE, PAD,
+                                        DIL)
             a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci, k_ok, HAS_AFFINE,
                             IN_RELU, ACC_DTYPE, DOT_DTYPE)
             w = tl.load(w_ptr + kidx[:, None] * Co + co[None, :],
@@ -241,7 +243,8 @@ def _conv2d_bn_forward_kernel(
         for kk in range(KSIZE * KSIZE * n_cblocks):
             tap = kk // n_cblocks
             ci = (kk - tap * n_cblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD)
+            offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD,
+                                   DIL)
             a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci, ci < Ci, HAS_AFFINE,
                             IN_RELU, ACC_DTYPE, DOT_DTYPE)
             w_tap = (tap // KSIZE) * w_s_kh + (tap % KSIZE) * w_s_kw
@@ -267,7 +270,7 @@ def _conv2d_bn_forward_kernel(
 def _conv2d_bn_dgrad_kernel(
     gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, w_ptr, ga_ptr,
     H, W, Ci, OH, OW, Co, M_in, count, w_s_co, w_s_kh, w_s_kw,
-    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
     DOT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -289,8 +292,8 @@ def _conv2d_bn_dgrad_kernel(
         co = (kk - tap * n_cblocks) * BLOCK_K + tl.arange(0, BLOCK_K)
         # the output pixel that reads (ih, iw) through this tap, if any; clamp before % and //
         # because their rounding of negatives differs between the GPU and the interpreter
-        th = ih + PAD - tap // KSIZE
-        tw = iw + PAD - tap % KSIZE
+        th = ih + PAD - (tap // KSIZE) * DIL
+        tw = iw + PAD - (tap % KSIZE) * DIL
         thc = tl.maximum(th, 0)
         twc = tl.maximum(tw, 0)
         oh = thc // STRIDE
@@ -314,7 +317,7 @@ def _conv2d_bn_dgrad_kernel(
 def _conv2d_bn_wgrad_kernel(
     x_ptr, scale_ptr, shift_ptr, gy_ptr, y_ptr, gmean_ptr, gvar_ptr, mean_ptr, gw_part_ptr,
     gb_part_ptr, H, W, Ci, OH, OW, Co, M, rows_per_split,
-    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     HAS_AFFINE: tl.constexpr, IN_RELU: tl.constexpr,
     HAS_GY: tl.constexpr, HAS_GMEAN: tl.constexpr, HAS_GVAR: tl.constexpr, OUT_RELU: tl.constexpr,
     WANT_W: tl.constexpr, WANT_B: tl.constexpr, FLAT_K: tl.constexpr,
@@ -355,9 +358,10 @@ def _conv2d_bn_wgrad_kernel(
             n, oh, ow = _split_pixel(rows, OH, OW)
             if FLAT_K:
                 offs, mask, ci_of_col = _flat_tile(n, oh, ow, row_ok, col, H, W, Ci, KSIZE,
-                                                   STRIDE, PAD)
+                                                   STRIDE, PAD, DIL)
             else:
-                offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD)
+                offs, mask = _tap_tile(n, oh, ow, row_ok, tap, ci, H, W, Ci, KSIZE, STRIDE, PAD,
+                                       DIL)
                 ci_of_col = ci
             a = _input_tile(x_ptr, scale_ptr, shift_ptr, offs, mask, ci_of_col, col_ok,
                             HAS_AFFINE, IN_RELU, ACC_DTYPE, DOT_DTYPE)
@@ -376,8 +380,8 @@ def _conv2d_bn_wgrad_kernel(
 
 # ---- host side -------------------------------------------------------------------------
 
-def _out_size(size: int, k: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - k) // stride + 1
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
 
 
 def _check_preconditions(x: Tensor, weight: Tensor, **others) -> None:
@@ -427,14 +431,15 @@ def _flat_weight(weight: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
 def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
                              in_scale: Tensor | None, in_shift: Tensor | None, in_relu: bool,
                              stride: int, padding: int, stats: bool, out_relu: bool,
-                             allow_tf32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                             allow_tf32: bool = False,
+                             dilation: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """(y, mean, var), y = [relu](conv2d([relu](x * in_scale + in_shift), weight, stride,
-    padding) + bias) in channels_last, with the per-channel mean and biased variance of y when
-    stats (else empty). float32 dots run as TF32 with ``allow_tf32``."""
+    padding, dilation) + bias) in channels_last, with the per-channel mean and biased variance
+    of y when stats (else empty). float32 dots run as TF32 with ``allow_tf32``."""
     _check_preconditions(x, weight, bias=bias, in_scale=in_scale, in_shift=in_shift)
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
-    oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    oh, ow = _out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding, dilation)
     sdt = stats_dtype(x.dtype)
     y = torch.empty((n, co, oh, ow), dtype=x.dtype, device=x.device, memory_format=_CL)
     m = n * oh * ow
@@ -460,7 +465,7 @@ def triton_conv2d_bn_forward(x: Tensor, weight: Tensor, bias: Tensor | None,
             x, weight, y if bias is None else bias, y if in_scale is None else in_scale,
             y if in_shift is None else in_shift, y, part_mean, part_m2,
             h, w, ci, oh, ow, co, m, *w_strides,
-            KSIZE=k, STRIDE=stride, PAD=padding,
+            KSIZE=k, STRIDE=stride, PAD=padding, DIL=dilation,
             HAS_BIAS=bias is not None, HAS_AFFINE=in_scale is not None, IN_RELU=in_relu,
             OUT_RELU=out_relu, STATS=stats, FLAT_K=flat, GROUP_M=group_m(),
             **dot_config(x.dtype, allow_tf32).constexprs(), **tiles.constexprs(),
@@ -475,8 +480,8 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
                               grad_var: Tensor | None, x: Tensor, weight: Tensor, y: Tensor | None,
                               mean: Tensor | None, in_scale: Tensor | None, in_shift: Tensor | None,
                               in_relu: bool, stride: int, padding: int, out_relu: bool,
-                              output_mask: list[bool],
-                              allow_tf32: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                              output_mask: list[bool], allow_tf32: bool = False,
+                              dilation: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_a, grad_weight, grad_bias) of triton_conv2d_bn_forward, grad_a being w.r.t. the
     prologue output a (not x), in channels_last; grad_weight like ``empty_like(weight)``.
     Unselected outputs of output_mask are empty (0,) tensors, a new one each."""
@@ -488,7 +493,7 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
         raise ValueError("mean is needed with grad_var")
     n, ci, h, w = x.shape
     co, k = weight.shape[0], weight.shape[2]
-    oh, ow = _out_size(h, k, stride, padding), _out_size(w, k, stride, padding)
+    oh, ow = _out_size(h, k, stride, padding, dilation), _out_size(w, k, stride, padding, dilation)
     want_a, want_w, want_b = (bool(b) for b in output_mask)
     m = n * oh * ow
     if m == 0:
@@ -505,7 +510,7 @@ def triton_conv2d_bn_backward(grad_y: Tensor | None, grad_mean: Tensor | None,
         mean_ptr=x if grad_var is None else _vector(mean),
         HAS_GY=grad_y is not None, HAS_GMEAN=grad_mean is not None, HAS_GVAR=grad_var is not None,
         OUT_RELU=out_relu)
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding,
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=padding, DIL=dilation,
                 **dot_config(x.dtype, allow_tf32).constexprs())
     with _on_device(x.device):
         grad_a = _dgrad(x, weight, oh, ow, grads, conv) if want_a else x.new_empty((0,))

@@ -40,17 +40,12 @@ def check_fusable_conv(conv: nn.Module, name: str = "conv") -> None:
         problems.append(f"padding {conv.padding}")
     if conv.groups != 1:
         problems.append(f"groups={conv.groups}")
+    if conv.dilation[0] != conv.dilation[1]:
+        problems.append(f"dilation {conv.dilation}")
     if conv.padding_mode != "zeros":
         problems.append(f"padding_mode={conv.padding_mode!r}")
-    # The conv op has no dilation yet (FCN/DeepLab's dilated ResNets); when it
-    # does, conv_args passes it and this check goes.
-    later = [f"dilation {conv.dilation}"] if conv.dilation != (1, 1) else []
     if problems:
-        raise ValueError(f"{name} cannot be fused: " + ", ".join(problems)
-                         + "".join(f"; not yet fused: {p}" for p in later))
-    if later:
-        raise ValueError(f"{name} is not yet fused: {later[0]} (the conv op takes no dilation "
-                         "yet)")
+        raise ValueError(f"{name} cannot be fused: " + ", ".join(problems))
 
 
 def conv_problem(m: nn.Module, name: str = "conv") -> Optional[str]:
@@ -72,7 +67,7 @@ def is_fusable_conv(m: nn.Module) -> bool:
 
 def conv_args(conv: nn.Conv2d) -> Dict[str, int]:
     """The keyword arguments of the fused conv functions that a Conv2d sets."""
-    return dict(stride=conv.stride[0], padding=conv.padding[0])
+    return dict(stride=conv.stride[0], padding=conv.padding[0], dilation=conv.dilation[0])
 
 
 # ---- BatchNorm ----------------------------------------------------------------------

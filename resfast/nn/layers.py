@@ -21,11 +21,12 @@ class Conv2dBNReLU(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: Optional[int] = None, bias: bool = False, relu: bool = True,
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None):
+                 eps: float = 1e-5, momentum: Optional[float] = 0.1, device=None, dtype=None,
+                 dilation: int = 1):
         super().__init__()
-        padding = kernel_size // 2 if padding is None else padding
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
-                              device=device, dtype=dtype)
+        padding = dilation * (kernel_size // 2) if padding is None else padding
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              bias=bias, device=device, dtype=dtype)
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, device=device,
                                  dtype=dtype)
         self.relu = relu
@@ -69,13 +70,13 @@ class BNReLUConv2d(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
                  padding: Optional[int] = None, bias: bool = False, eps: float = 1e-5,
-                 momentum: Optional[float] = 0.1, device=None, dtype=None):
+                 momentum: Optional[float] = 0.1, device=None, dtype=None, dilation: int = 1):
         super().__init__()
-        padding = kernel_size // 2 if padding is None else padding
+        padding = dilation * (kernel_size // 2) if padding is None else padding
         self.bn = nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum, device=device,
                                  dtype=dtype)
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias,
-                              device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                              bias=bias, device=device, dtype=dtype)
         check_fusable_conv(self.conv)
 
     def forward(self, x: Tensor) -> Tensor:

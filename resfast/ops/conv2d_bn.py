@@ -2,7 +2,7 @@
 
     a = [relu]((x - in_centre) * in_scale + in_shift)   prologue (BN-apply + ReLU of the
                                                         previous layer), padding applied to a
-    z = conv2d(a, weight, stride, padding) + bias
+    z = conv2d(a, weight, stride, padding, dilation) + bias
     y = [relu]((z - out_centre) * out_scale + out_shift [+ residual])
                                                         epilogue (eval-mode BN, the residual
                                                         add and ReLU of a block's last conv)
@@ -75,7 +75,7 @@ def _check_channel_vector(name: str, t: Optional[Tensor], n: int, x: Tensor,
 
 def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
                       in_centre=None, out_scale=None, out_shift=None, out_centre=None,
-                      residual=None):
+                      residual=None, dilation=1):
     """The arguments of ``resfast::conv2d_bn``, checked once, here, by the op and
     its fake (the Triton kernels check only what they themselves need). A
     ValueError names the argument. Per-channel vectors of the prologue are in the
@@ -123,12 +123,16 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
     if stats and out_relu:
         raise ValueError("out_relu cannot be combined with stats (the statistics are of the "
                          "pre-ReLU output)")
-    k = weight.shape[2]
-    if x.shape[2] + 2 * padding < k or x.shape[3] + 2 * padding < k:
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+    span = dilation * (weight.shape[2] - 1) + 1  # the kernel's extent in x
+    if x.shape[2] + 2 * padding < span or x.shape[3] + 2 * padding < span:
+        k = weight.shape[2]
+        kernel = f"{k}x{k}" + (f", dilation {dilation}: {span}x{span}" if dilation > 1 else "")
         raise ValueError(f"x spatial size {tuple(x.shape[2:])} is smaller than the kernel "
-                         f"({k}x{k}) with padding {padding}")
+                         f"({kernel}) with padding {padding}")
     if residual is not None:
-        out_shape = _out_shape(x, weight, stride, padding)
+        out_shape = _out_shape(x, weight, stride, padding, dilation)
         if not isinstance(residual, Tensor) or tuple(residual.shape) != out_shape:
             got = tuple(residual.shape) if isinstance(residual, Tensor) else type(residual)
             raise ValueError(f"residual must have the output's shape {out_shape}, got {got}")
@@ -140,15 +144,16 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
 
 
 def check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask, in_centre=None):
+                               stride, padding, out_relu, output_mask, in_centre=None,
+                               dilation=1):
     """The arguments of ``resfast::conv2d_bn_backward``: those of the forward,
     then the gradients of (y, mean, var) and the saved y and mean."""
     check_conv_inputs(x, weight, None, in_scale, in_shift, stride, padding, False, out_relu,
-                      in_centre)
+                      in_centre, dilation=dilation)
     if len(output_mask) != 3:
         raise ValueError("output_mask must have 3 entries (grad_a, grad_weight, grad_bias), got "
                          f"{output_mask!r}")
-    out_shape = _out_shape(x, weight, stride, padding)
+    out_shape = _out_shape(x, weight, stride, padding, dilation)
     for name, t in (("grad_y", grad_y), ("y", y)):
         if t is None:
             continue
@@ -162,10 +167,10 @@ def check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, 
         _check_channel_vector(name, t, weight.shape[0], x, stats_dtype(x))
 
 
-def _out_shape(x, weight, stride, padding) -> tuple:
-    k = weight.shape[2]
-    oh = (x.shape[2] + 2 * padding - k) // stride + 1
-    ow = (x.shape[3] + 2 * padding - k) // stride + 1
+def _out_shape(x, weight, stride, padding, dilation=1) -> tuple:
+    span = dilation * (weight.shape[2] - 1) + 1
+    oh = (x.shape[2] + 2 * padding - span) // stride + 1
+    ow = (x.shape[3] + 2 * padding - span) // stride + 1
     return (x.shape[0], weight.shape[0], oh, ow)
 
 
@@ -187,13 +192,13 @@ def _prologue(x, in_scale, in_shift, in_relu, dtype, in_centre=None):
 
 def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
                                 stats, out_relu, in_centre=None, out_scale=None, out_shift=None,
-                                out_centre=None, residual=None):
+                                out_centre=None, residual=None, dilation=1):
     """The ATen implementation, straight from the formula (no folding): float64
     on every device, float16 on the CPU, and what the tests hold the fast paths to."""
     dt = stats_dtype(weight)
     a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype, in_centre)
     y = torch.nn.functional.conv2d(a.to(dt), weight.to(dt), None if bias is None else bias.to(dt),
-                                   stride=stride, padding=padding)
+                                   stride=stride, padding=padding, dilation=dilation)
     if out_centre is not None:
         y = y - out_centre.to(dt).view(1, -1, 1, 1)
     if out_scale is not None:
@@ -214,7 +219,7 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
 
 def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
                                  in_shift, in_relu, stride, padding, out_relu, output_mask,
-                                 in_centre=None):
+                                 in_centre=None, dilation=1):
     dt = stats_dtype(weight)
     g = torch.zeros(y.shape, dtype=dt, device=y.device) if grad_y is None else grad_y.to(dt)
     if out_relu:
@@ -229,7 +234,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
     a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype, in_centre)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
-        [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
+        [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
             else x.new_empty((0,)),
             torch.empty_like(weight).copy_(grad_w) if output_mask[1] else x.new_empty((0,)),
@@ -238,7 +243,8 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
 
 # ---- the ops ------------------------------------------------------------------
 
-def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+                    dilation):
     from ..kernels.conv2d_bn import triton_conv2d_bn_forward
 
     if x.dtype != weight.dtype:
@@ -247,11 +253,11 @@ def _triton_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, paddin
         x = _prologue(x, in_scale, in_shift, in_relu, weight.dtype)
         in_scale, in_shift, in_relu = None, None, False
     return triton_conv2d_bn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding,
-                                    stats, out_relu, allow_tf32=_tf32(weight))
+                                    stats, out_relu, allow_tf32=_tf32(weight), dilation=dilation)
 
 
 def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-                     stride, padding, out_relu, output_mask):
+                     stride, padding, out_relu, output_mask, dilation):
     from ..kernels.conv2d_bn import triton_conv2d_bn_backward
 
     x_dtype = x.dtype
@@ -261,7 +267,8 @@ def _triton_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, 
     grad_a, grad_w, grad_b = triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, x, weight, y,
                                                        mean, in_scale, in_shift, in_relu, stride,
                                                        padding, out_relu, output_mask,
-                                                       allow_tf32=_tf32(weight))
+                                                       allow_tf32=_tf32(weight),
+                                                       dilation=dilation)
     return grad_a.to(x_dtype), grad_w, grad_b
 
 
@@ -273,11 +280,13 @@ def _apply_prologue(x, in_scale, in_shift, in_relu, dtype):
     return x.to(dtype).contiguous(memory_format=_CL)
 
 
-def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu):
+def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+                   dilation):
     """The GEMM in cuDNN, the fusions around it as separate passes: the
     prologue written out, the statistics by ``resfast::bn_stats``."""
     a = _apply_prologue(x, in_scale, in_shift, in_relu, weight.dtype)
-    y = torch.nn.functional.conv2d(a, weight, bias, stride=stride, padding=padding)
+    y = torch.nn.functional.conv2d(a, weight, bias, stride=stride, padding=padding,
+                                   dilation=dilation)
     del a
     if out_relu:
         y = torch.relu_(y)
@@ -290,7 +299,7 @@ def _cudnn_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding
 
 
 def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-                    stride, padding, out_relu, output_mask):
+                    stride, padding, out_relu, output_mask, dilation):
     g = torch.zeros_like(y) if grad_y is None else grad_y.to(y.dtype)
     if out_relu:  # relu's own backward: 0 where y <= 0, the gradient elsewhere (NaN y too)
         g = torch.ops.aten.threshold_backward(g, y, 0)
@@ -301,7 +310,7 @@ def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, i
     a = _apply_prologue(x, in_scale, in_shift, in_relu, weight.dtype)  # recomputed, never stored
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.contiguous(memory_format=_CL), a, weight, [weight.shape[0]], [stride, stride],
-        [padding, padding], [1, 1], False, [0, 0], 1, list(output_mask))
+        [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
             else x.new_empty((0,)),
             _like(weight, grad_w) if output_mask[1] else x.new_empty((0,)),
@@ -345,11 +354,12 @@ def _on_cpu(x) -> bool:
     return x.device.type == "cpu" and not _triton_on_cpu()
 
 
-def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu):
+def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu, dilation):
     """What decides which path is faster (and what it computes: TF32 or IEEE float32)."""
     return (x.device, tuple(x.shape), x.stride(), x.dtype, weight.dtype, tuple(weight.shape),
             weight.stride(), _tf32(weight),
-            bias is not None, in_scale is not None, in_relu, stride, padding, stats, out_relu)
+            bias is not None, in_scale is not None, in_relu, stride, padding, stats, out_relu,
+            dilation)
 
 
 _FORWARD = {"triton": _triton_forward, "cudnn": _cudnn_forward}
@@ -363,16 +373,17 @@ def _gpu_shift(in_scale, in_shift, in_centre):
 
 
 def _gpu_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
-                 in_centre, out_scale, out_shift, out_centre, residual):
+                 in_centre, out_scale, out_shift, out_centre, residual, dilation):
     """The Triton or cuDNN path (chosen per problem by measurement) on the folded
     weights; a residual is added, before the ReLU, by bn_act after the GEMM."""
     in_shift = _gpu_shift(in_scale, in_shift, in_centre)
     if out_scale is not None:
         weight, bias = _fold.fold(weight, bias, out_scale, out_shift, out_centre)
     relu_in_gemm = out_relu and residual is None
-    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, relu_in_gemm)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, relu_in_gemm,
+            dilation)
     key = ("forward",) + _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats,
-                                  relu_in_gemm)
+                                  relu_in_gemm, dilation)
     path = conv_path.choose(key, _FORWARD, args, x.device)
     _took("conv2d_bn", path)
     y, mean, var = _FORWARD[path](*args)
@@ -382,13 +393,13 @@ def _gpu_forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, 
 
 
 def _gpu_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-                  stride, padding, out_relu, output_mask, in_centre):
+                  stride, padding, out_relu, output_mask, in_centre, dilation):
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
             _gpu_shift(in_scale, in_shift, in_centre), in_relu, stride, padding, out_relu,
-            output_mask)
+            output_mask, dilation)
     key = ("backward", grad_mean is not None or grad_var is not None, tuple(output_mask),
            None if grad_y is None else (grad_y.dtype, grad_y.stride())) + _problem(
-        x, weight, None, in_scale, in_relu, stride, padding, False, out_relu)
+        x, weight, None, in_scale, in_relu, stride, padding, False, out_relu, dilation)
     path = conv_path.choose(key, _BACKWARD, args, x.device)
     _took("conv2d_bn_backward", path)
     return _BACKWARD[path](*args)
@@ -400,11 +411,12 @@ def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
               out_relu: bool, in_centre: Optional[Tensor] = None,
               out_scale: Optional[Tensor] = None, out_shift: Optional[Tensor] = None,
               out_centre: Optional[Tensor] = None,
-              residual: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+              residual: Optional[Tensor] = None,
+              dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
-                      in_centre, out_scale, out_shift, out_centre, residual)
+                      in_centre, out_scale, out_shift, out_centre, residual, dilation)
     args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
-            in_centre, out_scale, out_shift, out_centre, residual)
+            in_centre, out_scale, out_shift, out_centre, residual, dilation)
     # The op fixes its own precision (the weight's dtype, float32 accumulation): autocast, still
     # active inside a custom op, must not recast the ATen calls of its implementations.
     with torch.autocast(x.device.type, enabled=False):
@@ -419,10 +431,12 @@ def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
 
 @register_fake("resfast::conv2d_bn")
 def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
-      in_centre=None, out_scale=None, out_shift=None, out_centre=None, residual=None):
+      in_centre=None, out_scale=None, out_shift=None, out_centre=None, residual=None,
+      dilation=1):
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
-                      in_centre, out_scale, out_shift, out_centre, residual)
-    y = weight.new_empty(_out_shape(x, weight, stride, padding)).contiguous(memory_format=_CL)
+                      in_centre, out_scale, out_shift, out_centre, residual, dilation)
+    y = weight.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(
+        memory_format=_CL)
     n = weight.shape[0] if stats else 0
     return (y, x.new_empty((n,), dtype=stats_dtype(weight)),
             x.new_empty((n,), dtype=stats_dtype(weight)))
@@ -434,11 +448,12 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
                        mean: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor],
                        in_relu: bool, stride: int, padding: int, out_relu: bool,
                        output_mask: List[bool],
-                       in_centre: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       in_centre: Optional[Tensor] = None,
+                       dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
     check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask, in_centre)
+                               stride, padding, out_relu, output_mask, in_centre, dilation)
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-            padding, out_relu, output_mask, in_centre)
+            padding, out_relu, output_mask, in_centre, dilation)
     with torch.autocast(x.device.type, enabled=False):
         if _on_reference(x, weight):
             _took("conv2d_bn_backward", "aten")
@@ -451,9 +466,9 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
 
 @register_fake("resfast::conv2d_bn_backward")
 def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride, padding,
-      out_relu, output_mask, in_centre=None):
+      out_relu, output_mask, in_centre=None, dilation=1):
     check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask, in_centre)
+                               stride, padding, out_relu, output_mask, in_centre, dilation)
     return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
@@ -469,14 +484,15 @@ class _Conf(NamedTuple):
     out_relu: bool
     has_bias: bool
     has_residual: bool
+    dilation: int
 
 
 def _setup(ctx, inputs, output):
     (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu, in_centre,
-     out_scale, out_shift, out_centre, residual) = inputs
+     out_scale, out_shift, out_centre, residual, dilation) = inputs
     y, mean, _ = output
     ctx.conf = _Conf(in_relu, stride, padding, stats, out_relu, bias is not None,
-                     residual is not None)
+                     residual is not None, dilation)
     # bias and the prologue's vectors are kept for recomputing z (the epilogue's scale gradient)
     ctx.save_for_backward(x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale,
                           out_shift, out_centre)
@@ -498,7 +514,7 @@ def _epilogue_backward(ctx, grad_y, needs):
         gz = g
     elif need_scale or need_shift or need_centre:
         z = ops.conv2d_bn(x, weight, bias, in_scale, in_shift, conf.in_relu, conf.stride,
-                          conf.padding, False, False, in_centre)[0]
+                          conf.padding, False, False, in_centre, dilation=conf.dilation)[0]
         gz, grad_scale, sum_g, _ = ops.bn_act_backward(
             g, z, out_scale, out_shift, None, False,
             [True, need_scale, need_shift or need_centre, False], out_centre)
@@ -513,7 +529,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale, _, _ = ctx.saved_tensors
     conf = ctx.conf
     # one entry per argument passed (the optional ones at the end may not be)
-    needs = tuple(ctx.needs_input_grad) + (False,) * (15 - len(ctx.needs_input_grad))
+    needs = tuple(ctx.needs_input_grad) + (False,) * (16 - len(ctx.needs_input_grad))
     need_x, need_w, need_b, need_in_scale, need_in_shift = needs[:5]
     need_in_centre = needs[10]
     has_prologue = in_scale is not None or conf.in_relu
@@ -528,7 +544,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
     grad_a, grad_w, grad_b = ops.conv2d_bn_backward(
         grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, conf.in_relu,
         conf.stride, conf.padding, conf.out_relu and not epilogue,
-        [need_a, need_w, need_b and conf.has_bias], in_centre)
+        [need_a, need_w, need_b and conf.has_bias], in_centre, conf.dilation)
     grad_x = grad_scale = grad_shift = grad_centre = None
     if need_a and has_prologue:
         has_scale = in_scale is not None
@@ -545,7 +561,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
             grad_scale if need_in_scale and in_scale is not None else None,
             grad_shift if need_in_shift and in_shift is not None else None,
             None, None, None, None, None,
-            grad_centre, *grad_out)[:len(ctx.needs_input_grad)]
+            grad_centre, *grad_out, None)[:len(ctx.needs_input_grad)]
 
 
 register_autograd("resfast::conv2d_bn", _backward, setup_context=_setup)

@@ -65,17 +65,18 @@ def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> 
     return _channels_last(x.to(dtype))
 
 
-def _pack(stride: int, padding: int, input_shape):
+def _pack(stride: int, padding: int, dilation: int, input_shape):
     def pack(w: Tensor) -> Tensor:
         return torch.ops.mkldnn._reorder_convolution_weight(
-            w.contiguous(), [padding, padding], [stride, stride], [1, 1], 1, list(input_shape))
+            w.contiguous(), [padding, padding], [stride, stride], [dilation, dilation], 1,
+            list(input_shape))
     return pack
 
 
 def _conv(a: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
-          relu: bool, stride: int, padding: int) -> Tensor:
+          relu: bool, stride: int, padding: int, dilation: int) -> Tensor:
     """[relu](conv(a, weight) + bias [+ residual]) in one oneDNN call."""
-    args = ([padding, padding], [stride, stride], [1, 1], 1)
+    args = ([padding, padding], [stride, stride], [dilation, dilation], 1)
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(a, weight, bias, *args,
                                                        "relu" if relu else "none", [], "")
@@ -107,13 +108,13 @@ def _scaled_epilogue(weight, bias, scale, shift, centre, pack):
 
 
 def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
-            in_centre, out_scale, out_shift, out_centre, residual):
+            in_centre, out_scale, out_shift, out_centre, residual, dilation):
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
     # packed for the full input shape, batch included: oneDNN picks its kernel (and so its
     # summation order) by shape, and a weight packed for another batch would give results
     # that depend on the calls before this one
-    target = ("onednn", stride, padding, tuple(a.shape))
-    pack = _pack(stride, padding, a.shape)
+    target = ("onednn", stride, padding, dilation, tuple(a.shape))
+    pack = _pack(stride, padding, dilation, a.shape)
     if residual is not None:
         residual = residual.to(weight.dtype)
     if out_scale is not None and residual is None and weight.dtype == torch.float32:
@@ -121,15 +122,15 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
             weight, (bias, out_scale, out_shift, out_centre), ("scaled",) + target,
             lambda: _scaled_epilogue(weight, bias, out_scale, out_shift, out_centre, pack))
         y = torch.ops.mkldnn._convolution_pointwise.binary(
-            a, mul, w, b, [padding, padding], [stride, stride], [1, 1], 1, "mul", None,
-            "relu" if out_relu else None, [], None)
+            a, mul, w, b, [padding, padding], [stride, stride], [dilation, dilation], 1, "mul",
+            None, "relu" if out_relu else None, [], None)
     else:
         if out_scale is not None:
             w, b = _fold.fold(weight, bias, out_scale, out_shift, out_centre, target, pack)
         else:
             w, b = weight, bias
         y = _conv(a, w, None if b is None else b.to(weight.dtype), residual, out_relu, stride,
-                  padding)
+                  padding, dilation)
     if stats:
         mean, var = ops.bn_stats(y)
     else:
@@ -148,7 +149,7 @@ def stats_gradient(g: Optional[Tensor], grad_mean, grad_var, y: Tensor, mean: Te
 
 
 def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
-             stride, padding, out_relu, output_mask, in_centre):
+             stride, padding, out_relu, output_mask, in_centre, dilation):
     g = grad_y
     if g is not None and out_relu:
         g = ops.bn_act_backward(g, y, None, None, None, True, [True, False, False, False])[0]
@@ -162,8 +163,8 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
     # the op keeps only x, like torch.nn keeps only the BN input.
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding], [1, 1], False,
-        [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
+        g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
+        [dilation, dilation], False, [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
     if output_mask[1] and grad_w.stride() != weight.stride():
         grad_w = torch.empty_like(weight).copy_(grad_w)  # the fake's strides: weight's
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),

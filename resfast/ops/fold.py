@@ -19,7 +19,8 @@ weight tensor, and reused while
   * bias, scale, shift and centre have the same values (C numbers each,
     compared exactly: a changed running statistic, BN parameter or eps is
     seen however it was changed);
-  * the packing target is the same (the CPU's input shape and layout).
+  * the packing target is the same (on the CPU: the stride, padding, dilation and
+    input shape oneDNN packs the weight for).
 
 In-place changes made through ``.data`` bypass the version counter, as they
 bypass autograd; call :func:`clear_cache` after them. Inference tensors

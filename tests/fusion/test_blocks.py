@@ -1,6 +1,7 @@
 """How resfast.fuse recognises residual blocks: by what their forward computes
 (resfast/fusion/blocks.py), whatever their children are called, and why it keeps
 the ones it cannot fuse. The fused blocks' numerics: tests/nn/test_fused_residual_block.py."""
+import copy
 from functools import partial
 
 import pytest
@@ -14,6 +15,7 @@ from resfast.fusion.blocks import NotFusable, match_residual_block
 from resfast.nn import FusedResidualBlock
 from resfast.nn.residual import ConvBN, SequentialStep
 from tests.support import residual_blocks as rb
+from tests.support.equivalence import check_equivalence
 
 rb.import_timm()
 from timm.layers import BlurPool2d, DropBlock2d, DropPath  # noqa: E402
@@ -63,6 +65,20 @@ def test_checked_on_a_cpu_copy_whatever_the_device():
     assert isinstance(fused, FusedResidualBlock) and fused.conv1.weight.device.type == "meta"
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_a_dilated_block(training):
+    """A block with a dilated 3x3 (FCN / DeepLab's layer3-4) fuses, and computes what it did:
+    one step in float64 and float32 against torch.nn (tests/support/equivalence.py)."""
+    block = rb.randomize_norms_(Plain(dilation=2))
+    fused = resfast.fuse(copy.deepcopy(block))
+    assert isinstance(fused, FusedResidualBlock) and fused.kind == "BasicBlock"
+    assert fused.residual_plan.branch == (ConvBN("conv1", "bn1", True),
+                                          ConvBN("conv2", "bn2", False))
+    check_equivalence(block, lambda: resfast.fuse(copy.deepcopy(block)), torch.randn(2, 8, 9, 7),
+                      training=training, configs=[(torch.float64, "nchw"), (torch.float32, "nhwc")],
+                      label="dilated block")
+
+
 # ---- kept, with why ---------------------------------------------------------------------
 
 class Scaled(rb.Renamed):
@@ -86,7 +102,8 @@ class Plain(nn.Module):
     def __init__(self, c=8, **conv2):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, 1, conv2.get("dilation", 1), bias=False, **conv2)
+        conv2.setdefault("padding", conv2.get("dilation", 1))
+        self.conv2 = nn.Conv2d(c, c, 3, 1, bias=False, **conv2)
         self.bn2 = nn.BatchNorm2d(c)
 
     def forward(self, x):
@@ -168,9 +185,8 @@ KEPT = {
                    "GroupNormBlock: gn1 is a GroupNorm (resfast fuses nn.BatchNorm2d and "
                    "torchvision's FrozenBatchNorm2d)"),
     "grouped conv": (lambda: Plain(groups=2), "Plain: conv2 cannot be fused: groups=2"),
-    "dilated conv": (lambda: Plain(dilation=2),
-                     "Plain: conv2 is not yet fused: dilation (2, 2) (the conv op takes no "
-                     "dilation yet)"),
+    "unequal dilation": (lambda: Plain(dilation=(1, 2), padding=(1, 2)),
+                         "Plain: conv2 cannot be fused: padding (1, 2), dilation (1, 2)"),
     "hooked child": (_hooked, "Plain: conv1 has hooks"),
     "hooked block": (_hooked_block, "Plain: it has hooks"),
     "value used twice": (Reused, "Reused: the output of conv1 (Conv2d) is used more than once"),

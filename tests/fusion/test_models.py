@@ -1,7 +1,7 @@
 """resfast.fuse on the models people fine-tune: timm's ResNets, torchvision's ResNets
 (also with FrozenBatchNorm2d), its detection backbones (Faster R-CNN, Mask R-CNN,
-RetinaNet) and segmentation models (FCN, DeepLabV3, whose dilated blocks are not
-yet fused). No weights are downloaded: pretrained=False / weights=None.
+RetinaNet) and segmentation models (FCN, DeepLabV3: dilated blocks). No weights are
+downloaded: pretrained=False / weights=None.
 
 What is fused and what is kept, with why, is checked on every model (built on the
 meta device: seconds); that the fused model computes the same function as the
@@ -57,13 +57,6 @@ def _kinds(model):
     return counts
 
 
-def _dilated(prefix):
-    return [(f"{prefix}layer3.{i}", f"Bottleneck: conv2 is not yet fused: dilation ({d}, {d})")
-            for i, d in ((1, 2), (2, 2), (3, 2), (4, 2), (5, 2))] + [
-        (f"{prefix}layer4.{i}", f"Bottleneck: conv2 is not yet fused: dilation ({d}, {d})")
-        for i, d in ((0, 2), (1, 4), (2, 4))]
-
-
 def _se(what):
     return [(f"layer{i}.{j}", f"Bottleneck: se ({what}) in the residual branch computes "
                               "something besides conv, BN and ReLU")
@@ -113,14 +106,14 @@ MODELS = {
                               {"Bottleneck": 16, DOWN: 4}, None),
     "retinanet_resnet50_fpn": (_detection("retinanet_resnet50_fpn"),
                                {"Bottleneck": 16, DOWN: 4}, None),
-    # dilated layer3 (but its first block) and layer4: not yet fused (the conv op has no
-    # dilation); ASPP's 1x1 branch is a plain Sequential, fused
-    "fcn_resnet50": (_segmentation("fcn_resnet50"), {"Bottleneck": 8, DOWN: 4},
-                     [("backbone.conv1", ILG_STEM)] + _dilated("backbone.") + [
-                         ("classifier.0", "Conv2d: inside FCNHead"),
-                         ("classifier.4", "Conv2d: inside FCNHead")]),
+    # layer3 and layer4 dilated (2, then 2 and 4), fused like the others; ASPP's 1x1 branch
+    # is a plain Sequential, fused
+    "fcn_resnet50": (_segmentation("fcn_resnet50"), {"Bottleneck": 16, DOWN: 4},
+                     [("backbone.conv1", ILG_STEM),
+                      ("classifier.0", "Conv2d: inside FCNHead"),
+                      ("classifier.4", "Conv2d: inside FCNHead")]),
     "deeplabv3_resnet50": (_segmentation("deeplabv3_resnet50"),
-                           {"Bottleneck": 8, DOWN: 4, "Sequential(conv_bn_relu x1)": 2}, None),
+                           {"Bottleneck": 16, DOWN: 4, "Sequential(conv_bn_relu x1)": 2}, None),
 }
 
 
@@ -138,12 +131,16 @@ def test_what_is_fused_and_what_is_kept(name):
     assert list(fused.state_dict()) == list(model.state_dict())
 
 
-def test_dilated_blocks_are_named_for_the_conv_op_to_come():
-    fused = resfast.fuse(meta_build(_segmentation("deeplabv3_resnet50")))
+def test_dilated_blocks_are_fused():
+    model = meta_build(_segmentation("deeplabv3_resnet50"))
+    assert model.backbone.layer4[1].conv2.dilation == (4, 4)
+    fused = resfast.fuse(model)
+    assert ("backbone.layer4.1", "Bottleneck") in fused_modules(fused)
     why = dict(unfused_modules(fused))
-    assert why["backbone.layer4.1"].startswith("Bottleneck: conv2 is not yet fused: dilation")
-    assert why["classifier.0.convs.1.0"] == ("Conv2d: the conv is not yet fused: dilation (12, 12) "
-                                             "(the conv op takes no dilation yet)")
+    assert "backbone.layer4.1" not in why
+    # ASPP's dilated convs are fusable convs; what keeps them is the nn.Sequential subclass
+    assert why["classifier.0.convs.1.0"].startswith("Conv2d: inside ASPPConv, a subclass of "
+                                                    "nn.Sequential")
 
 
 # ---- the same function ---------------------------------------------------------------------
@@ -207,8 +204,10 @@ def test_detection_backbone_same_function(name):
     _equivalent(ref, name, eval_=((F32, "nhwc"), (BF16, "nhwc")))
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_resnet50"])
+# DeepLabV3's backbone (layer3 dilated 2, layer4 2 and 4) by default; FCN's, the same
+# ResNet-50, with --run-slow
+@pytest.mark.parametrize("name", [pytest.param("fcn_resnet50", marks=pytest.mark.slow),
+                                  "deeplabv3_resnet50"])
 def test_segmentation_backbone_same_function(name):
     ref = Features(_real(lambda: getattr(segmentation, name)(
         weights=None, weights_backbone=None).backbone))

@@ -49,12 +49,11 @@ def test_unfused_modules_of_a_model_not_fused_yet():
 
 
 def test_lone_convs_say_so():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, dilation=2))
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, groups=2))
     assert unfused_modules(resfast.fuse(model)) == [
         ("0", "Conv2d: not followed by a BatchNorm or ReLU in its Sequential (nothing to fuse "
               "it with)"),
-        ("2", "Conv2d: the conv is not yet fused: dilation (2, 2) (the conv op takes no dilation "
-              "yet)")]
+        ("2", "Conv2d: the conv cannot be fused: groups=2")]
     assert unfused_modules(nn.Conv2d(3, 8, 3)) == [("", "Conv2d: on its own (nothing to fuse it "
                                                         "with)")]
 

@@ -66,7 +66,8 @@ def _compile(variant: str) -> dict:
              torch.float64: "fp64"}
     dtype = next(t for t, name in names.items() if name == dtype_name)
     stats_name = names[stats_dtype(dtype)]
-    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, **configs.dot_config(dtype).constexprs())
+    conv = dict(KSIZE=k, STRIDE=stride, PAD=k // 2, DIL=1,
+                **configs.dot_config(dtype).constexprs())
     flat = configs.fold_taps(ci)
     n_red = k * k * ci if flat else ci  # what one K step of the forward and wgrad reduces
     if kernel_name == "forward":

@@ -33,9 +33,9 @@ DEVICES = [
 ]
 
 # Each case: K, stride, padding, N, Ci, Co, H, W, bias, prologue (scale/shift), in_relu,
-# out_relu, stats, layout. W != H in some to catch swapped axes; Ci=3/13 and Co=5 leave
-# channel blocks partly masked, N*OH*OW=162 spans several row tiles so the statistics
-# merge runs.
+# out_relu, stats, layout[, dilation (1 when left out)]. W != H in some to catch swapped
+# axes; Ci=3/13 and Co=5 leave channel blocks partly masked, N*OH*OW=162 spans several row
+# tiles so the statistics merge runs.
 CASES = {
     "3x3_s1_bn_relu_stats": (3, 1, 1, 2, 13, 16, 9, 9, False, True, True, False, True, "nhwc"),
     "3x3_s2_bn_stats_nchw": (3, 2, 1, 1, 13, 5, 9, 7, True, True, False, False, True, "nchw"),
@@ -43,6 +43,11 @@ CASES = {
     "3x3_s2_p0_all_fusions": (3, 2, 0, 1, 3, 5, 9, 9, True, True, True, True, False, "nchw"),
     "1x1_s1_bn_relu_stats": (1, 1, 0, 2, 13, 16, 7, 7, False, True, True, False, True, "nhwc"),
     "1x1_s2_projection": (1, 2, 0, 1, 16, 5, 9, 9, False, False, False, False, True, "nchw"),
+    # FCN / DeepLab's dilated 3x3s: the taps 2 (3) apart, padding = dilation; folded taps
+    # (Ci=3) and tap by tap (Ci=16); a stride-2 one whose dgrad sees taps land between outputs
+    "3x3_d2_bn_relu_stats": (3, 1, 2, 2, 3, 8, 9, 7, True, True, True, False, True, "nhwc", 2),
+    "3x3_s2_d3_stats_nchw": (3, 2, 3, 1, 16, 5, 11, 10, False, True, False, False, True, "nchw",
+                             3),
 }
 # Index logic only, the same for every dtype, so float32 alone (the interpreter's slowest
 # cases): Ci=20 / Co=24 span two 16-channel blocks in every GEMM loop; a 5x5 stride-2
@@ -76,7 +81,8 @@ def _stats_dtype(dtype):
 
 
 def _make_inputs(case, dtype, device):
-    k, stride, padding, n, ci, co, h, w, bias, prologue, in_relu, out_relu, stats, layout = case
+    k, stride, padding, n, ci, co, h, w, bias, prologue, in_relu, out_relu, stats, layout = (
+        case[:14])
     sdt = _stats_dtype(dtype)
     x = torch.randn(n, ci, h, w, device=device).to(dtype)
     x = x.contiguous(memory_format=CL) if layout == "nhwc" else x.contiguous()
@@ -86,7 +92,8 @@ def _make_inputs(case, dtype, device):
         bias=torch.randn(co, device=device).to(dtype) if bias else None,
         in_scale=torch.empty(ci, device=device).uniform_(0.5, 1.5).to(sdt) if prologue else None,
         in_shift=torch.empty(ci, device=device).uniform_(-0.5, 0.5).to(sdt) if prologue else None,
-        in_relu=in_relu, stride=stride, padding=padding, stats=stats, out_relu=out_relu)
+        in_relu=in_relu, stride=stride, padding=padding, stats=stats, out_relu=out_relu,
+        dilation=case[14] if len(case) > 14 else 1)
 
 
 def _composite(inputs, dtype, grad_y=None, grad_mean=None, grad_var=None):
@@ -105,7 +112,8 @@ def _composite(inputs, dtype, grad_y=None, grad_mean=None, grad_var=None):
     a = x.to(dtype).requires_grad_()
     weight = inputs["weight"].to(dtype).requires_grad_()
     bias = None if inputs["bias"] is None else inputs["bias"].to(dtype).requires_grad_()
-    y = F.conv2d(a, weight, bias, stride=inputs["stride"], padding=inputs["padding"])
+    y = F.conv2d(a, weight, bias, stride=inputs["stride"], padding=inputs["padding"],
+                 dilation=inputs["dilation"])
     if inputs["out_relu"]:
         y = torch.relu(y)
     var, mean = torch.var_mean(y.to(sdt), dim=(0, 2, 3), correction=0)
@@ -134,7 +142,8 @@ def _backward(inputs, y, mean, grad_y, grad_mean, grad_var, mask):
     return triton_conv2d_bn_backward(grad_y, grad_mean, grad_var, inputs["x"], inputs["weight"], y,
                                      mean, inputs["in_scale"], inputs["in_shift"],
                                      inputs["in_relu"], inputs["stride"], inputs["padding"],
-                                     inputs["out_relu"], list(mask))
+                                     inputs["out_relu"], list(mask),
+                                     dilation=inputs["dilation"])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,6 +3,7 @@ wrong answer; an empty batch gives a correct empty result where torch gives one.
 import pytest
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import resfast
 from resfast import functional as F
@@ -196,3 +197,25 @@ def test_conv2d_bn_backward_bad_input(change, match, device):
     args.update({k: f(args) for k, f in change.items()})
     with pytest.raises(ValueError, match=match):
         ops.conv2d_bn_backward(*args.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dilation", [0, -1])
+def test_conv2d_bn_bad_dilation(dilation, device):
+    """Forward, backward and the fake name the dilation."""
+    match = f"dilation must be an integer >= 1, got {dilation}"
+    with pytest.raises(ValueError, match=match):
+        ops.conv2d_bn(*_conv_args(device).values(), dilation=dilation)
+    with pytest.raises(ValueError, match=match):
+        ops.conv2d_bn_backward(*_conv_backward_args(device).values(), dilation=dilation)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match=match):
+        args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                for a in _conv_args(device).values()]
+        ops.conv2d_bn(*args, dilation=dilation)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_conv2d_bn_dilated_kernel_larger_than_input(device):
+    """Dilated 5, the 3x3 spans 11x11: more than the 9x7 input padded by 1."""
+    with pytest.raises(ValueError, match=r"smaller than the kernel \(3x3, dilation 5: 11x11\)"):
+        ops.conv2d_bn(*_conv_args(device).values(), dilation=5)

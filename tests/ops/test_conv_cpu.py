@@ -4,7 +4,7 @@ from the formula, no folding) in float64: the forward outputs and, through the
 op's autograd, the gradient of every tensor argument, for each combination of
 prologue (with and without a centre), epilogue (eval-mode BN, with and without
 a centre), residual, output ReLU, statistics and bias; odd shapes, stride 2,
-1x1 and 3x3, both input layouts, float32 and bfloat16.
+1x1 and 3x3, dilated 3x3s, both input layouts, float32 and bfloat16.
 
 float32 is held to 2e-5 relative (different summation orders give ~1e-6);
 bfloat16 to 2x the error of the reference computed in bfloat16 (the ATen
@@ -21,9 +21,9 @@ from tests.support.helpers import rel_err, to_layout
 
 ops = torch.ops.resfast
 
-# (N, C_in, C_out, H, W, K, stride)
+# (N, C_in, C_out, H, W, K, stride[, dilation]); padding dilation * (K // 2)
 SHAPES = [(2, 5, 4, 7, 9, 3, 1), (3, 16, 8, 8, 8, 1, 2), (1, 3, 8, 13, 13, 3, 2),
-          (4, 1, 1, 5, 5, 3, 1)]
+          (4, 1, 1, 5, 5, 3, 1), (2, 5, 4, 11, 9, 3, 1, 2), (1, 13, 8, 13, 12, 3, 2, 3)]
 # (prologue, in_relu, epilogue, residual, out_relu, stats); prologue/epilogue: None, "scale"
 # (scale and shift) or "centre" (scale, shift and centre)
 FLAGS = [
@@ -44,16 +44,18 @@ def _vec(c, lo=-1.0, hi=1.0):
 
 
 def _args(shape, flags, layout, bias):
-    n, cin, cout, h, w, k, stride = shape
+    n, cin, cout, h, w, k, stride = shape[:7]
+    dilation = shape[7] if len(shape) > 7 else 1
     prologue, in_relu, epilogue, residual, out_relu, stats = flags
-    pad = k // 2
-    ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
+    pad, span = dilation * (k // 2), dilation * (k - 1) + 1
+    ho, wo = (h + 2 * pad - span) // stride + 1, (w + 2 * pad - span) // stride + 1
     x = to_layout(torch.randn(n, cin, h, w, dtype=torch.float64) * 2 + 0.5, layout)
     weight = torch.randn(cout, cin, k, k, dtype=torch.float64) / (cin * k * k) ** 0.5
     args = dict(x=x, weight=weight,
                 bias=_vec(cout) if bias else None, in_scale=None, in_shift=None, in_relu=in_relu,
                 stride=stride, padding=pad, stats=stats, out_relu=out_relu, in_centre=None,
-                out_scale=None, out_shift=None, out_centre=None, residual=None)
+                out_scale=None, out_shift=None, out_centre=None, residual=None,
+                dilation=dilation)
     if prologue:
         args.update(in_scale=_vec(cin, 0.5, 1.5), in_shift=_vec(cin))
         if prologue == "centre":
@@ -124,7 +126,7 @@ def _grad_err(ours, ref, args):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_float32_against_the_reference(shape, flags, layout, bias):
     torch.manual_seed(0)
-    if flags[-1] and shape[0] * shape[3] * shape[4] // shape[-1] ** 2 < 2:
+    if flags[-1] and shape[0] * shape[3] * shape[4] // shape[6] ** 2 < 2:
         pytest.skip("statistics need more than one value per channel")
     args = _args(shape, flags, layout, bias)
     ours_args = _cast(args, torch.float32)
@@ -144,13 +146,14 @@ def test_float32_against_the_reference(shape, flags, layout, bias):
         assert err <= 2e-5, f"grad of {name}: relative error {err:.3g}"
 
 
+@pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 @pytest.mark.parametrize("flags", FLAGS, ids=str)
-def test_bfloat16_like_the_reference(flags, layout):
+def test_bfloat16_like_the_reference(flags, layout, dilation):
     if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
         pytest.skip("oneDNN has no bfloat16 convolution on this CPU")
     torch.manual_seed(0)
-    args = _args((8, 16, 8, 9, 9, 3, 1), flags, layout, True)
+    args = _args((8, 16, 8, 9, 9, 3, 1, dilation), flags, layout, True)
     outs, grads = _run(_cast(args, torch.bfloat16))
     same_outs, same_grads = _run(_cast(args, torch.bfloat16), conv2d_bn_forward_reference)
     ref_outs, ref_grads = _run(_cast(args, torch.float64))

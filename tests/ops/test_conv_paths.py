@@ -47,6 +47,29 @@ def test_conv_bn_relu(dtype, training, conf):
                       training=training)
 
 
+# (C_in, C_out, K, stride, dilation): below and above 16 input channels (the Triton GEMMs'
+# folded-tap and tap-by-tap loops), a 3x3 at stride 2 dilated 3
+DILATED = [(5, 8, 3, 1, 2), (13, 6, 3, 2, 3), (20, 6, 3, 1, 2)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+@pytest.mark.parametrize("conf", DILATED, ids=str)
+def test_dilated_conv_bn(dtype, training, layout, conf):
+    """A dilated conv + BN (+ ReLU in float32; bf16 leaves it out, as
+    tests/nn/test_conv_bn_relu.py's dilated test says why)."""
+    cin, cout, k, stride, dilation = conf
+    relu = dtype == torch.float32
+    ref = torch_twin(resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True, relu=relu,
+                                             dilation=dilation))
+    _randomize_bn(ref.bn)
+    ours = resfast.nn.Conv2dBNReLU(cin, cout, k, stride, bias=True, relu=relu, dilation=dilation)
+    n = 8 if dtype == torch.bfloat16 else 2
+    check_module_pair(ours, ref, [torch.randn(n, cin, 9, 7)], dtype=dtype, device=DEVICE,
+                      training=training, layout=layout)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nhwc", "nchw"])
 def test_bn_relu_conv(dtype, layout):
@@ -55,6 +78,14 @@ def test_bn_relu_conv(dtype, layout):
     n = 8 if dtype == torch.bfloat16 else 2
     check_module_pair(ours, ref, [torch.randn(n, 6, 7, 7)], dtype=dtype, device=DEVICE,
                       training=True, layout=layout)
+
+
+def test_dilated_bn_relu_conv():
+    """Pre-activation with a dilated conv: the prologue applied at the dilated taps."""
+    ref = torch_twin(resfast.nn.BNReLUConv2d(6, 5, 3, 1, dilation=2))
+    ours = resfast.nn.BNReLUConv2d(6, 5, 3, 1, dilation=2)
+    check_module_pair(ours, ref, [torch.randn(2, 6, 7, 8)], dtype=torch.float32, device=DEVICE,
+                      training=True, layout="nchw")
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -105,6 +105,17 @@ def test_batch_size_and_layout_changes():
         _check(ours, x)
 
 
+def test_dilation_change_refolds():
+    """oneDNN packs the weight for a dilation: the same weight run dilated is packed anew."""
+    ours = _module("cpu")
+    x = _x("cpu")
+    _check(ours, x)
+    misses = fold.cache_stats()["miss"]
+    ours.conv.dilation, ours.conv.padding = (2, 2), (2, 2)
+    _check(ours, x)
+    assert fold.cache_stats()["miss"] == misses + 1
+
+
 def test_changes_through_data_need_clear_cache():
     """The documented limit: .data bypasses the version counter (as it bypasses
     autograd), so the fold is stale until clear_cache()."""

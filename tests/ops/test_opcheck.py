@@ -2,6 +2,7 @@
 torch.compile(fullgraph=True) through the fused modules."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import resfast
 from resfast.ops import OPS
@@ -86,6 +87,15 @@ def _cases(device):
                        *vec32[3:], res32)),
         ("conv2d_bn", (x32, w32, None, None, None, False, 1, 1, False, True, None, *vec32[3:])),
         ("conv2d_bn", (x32, w32, None, *vec32[:2], True, 1, 1, True, False, vec32[2])),
+        # dilated (the last argument): statistics at stride 2, an epilogue and residual, oneDNN
+        ("conv2d_bn", (y, w3, b, scale, shift, True, 2, 2, True, False, None, None, None, None,
+                       None, 2)),
+        ("conv2d_bn", (x, w3, None, None, None, False, 1, 3, False, True, None, out_scale,
+                       out_shift, out_centre, res, 3)),
+        ("conv2d_bn", (x32, w32, None, *vec32[:2], True, 1, 2, False, True, vec32[2],
+                       *vec32[3:], res32, 2)),
+        ("conv2d_bn", (x32, w32, None, None, None, False, 2, 2, True, False, None, None, None,
+                       None, None, 2)),
         ("conv2d_bn_backward",
          (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
           w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
@@ -102,6 +112,10 @@ def _cases(device):
           _vec(4, device, dtype=torch.float32), x32.detach(), w32.detach(), y_out.float(),
           _vec(4, device, dtype=torch.float32), vec32[0].detach(), vec32[1].detach(), True, 1, 1,
           False, [True, True, False], vec32[2].detach())),
+        ("conv2d_bn_backward",
+         (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
+          w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
+          1, 2, False, [True, True, True], centre.detach(), 2)),
     ]
 
 
@@ -134,6 +148,19 @@ def test_gradcheck(device, case):
 
     assert torch.autograd.gradcheck(f, [args[i] for i in tensor_pos], eps=1e-6, atol=1e-5,
                                     rtol=1e-4)
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 2, 2), (2, 3, 3), (2, 0, 2), (1, 1, 4)])
+def test_fake_shape_is_the_real_one_when_dilated(stride, padding, dilation):
+    """The fake's output shape, (H + 2p - d (k - 1) - 1) // s + 1, is the op's (odd sizes)."""
+    x, w = torch.randn(2, 5, 11, 8), torch.randn(4, 5, 3, 3)
+    args = (None, None, None, False, stride, padding, True, False)
+    real = ops.conv2d_bn(x, w, *args, dilation=dilation)
+    with FakeTensorMode() as mode:
+        fake = ops.conv2d_bn(mode.from_tensor(x), mode.from_tensor(w), *args, dilation=dilation)
+    want = torch.nn.functional.conv2d(x, w, stride=stride, padding=padding, dilation=dilation)
+    assert real[0].shape == fake[0].shape == want.shape
+    assert [t.shape for t in real[1:]] == [t.shape for t in fake[1:]]
 
 
 def _block():
