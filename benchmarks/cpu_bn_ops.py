@@ -26,9 +26,7 @@ import itertools
 import math
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +35,9 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # this checkout's resfast
 import resfast  # noqa: E402, F401  (registers the ops)
+from resfast.bench.measure import time_interleaved  # noqa: E402
+
+CPU = torch.device("cpu")
 
 ops = torch.ops.resfast
 aten = torch.ops.aten
@@ -194,20 +195,6 @@ CASES = {
 COMPILABLE = ("bn_train_fwd", "bn_add_relu", "bn_eval")
 
 
-def median_times(fns, reps, warmup=3):
-    """Median seconds per call of each fn, the calls interleaved."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
-
-
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -249,7 +236,8 @@ def main():
             fns = [ours_of(t), torch_of(t)]
             if args.compile and case in COMPILABLE:
                 fns.append(torch.compile(torch_of(t), dynamic=False))
-            ms = [m * 1e3 for m in median_times(fns, reps)]
+            timings = time_interleaved(dict(enumerate(fns)), CPU, 3, 1, reps)
+            ms = [timings[i].ms for i in range(len(fns))]
             row = (
                 f"{case:<13} {shape_text:<13} {dtype_name:<8} {layout:<13} "
                 f"{ms[0]:>10.3f} {ms[1]:>9.3f} {ms[1] / ms[0]:>6.2f}"

@@ -17,11 +17,14 @@ Times are medians of interleaved calls in one process; ratio = eager / variant.
 
 import argparse
 import itertools
-import statistics
-import time
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's
+from resfast.bench.measure import time_interleaved  # noqa: E402
 
 # (name, N, Cin, Cout, H, kernel, stride, residual)
 LAYERS = {
@@ -38,19 +41,6 @@ LAYERS = {
         ("r50.l3.conv3x3", 8, 256, 256, 14, 3, 1, False),
     ],
 }
-
-
-def median_times(fns, reps, warmup=3):
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for i, fn in enumerate(fns):
-            start = time.perf_counter()
-            fn()
-            times[i].append(time.perf_counter() - start)
-    return [statistics.median(t) * 1e3 for t in times]
 
 
 def eval_variants(layer, dtype, channels_last, with_compile):
@@ -155,7 +145,8 @@ def main():
         reps = args.reps or max(10, min(100, int(2e10 / macs)))
         fns = eval_variants(layer, dtype, layout == "channels_last", args.compile)
         fns["train_bwd"] = backward_variant(layer, dtype, layout == "channels_last")
-        ms = dict(zip(fns, median_times(list(fns.values()), reps)))
+        timings = time_interleaved(fns, torch.device("cpu"), 3, 1, reps)
+        ms = {name: timing.ms for name, timing in timings.items()}
         cells = "  ".join(
             f"{k} {v:.2f}"
             + (f" ({ms['eager'] / v:.2f}x)" if k not in ("eager", "train_bwd") else "")
