@@ -405,6 +405,22 @@ def _gpu_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_
     return _BACKWARD[path](*args)
 
 
+def _dispatch(op: str, x: Tensor, weight: Tensor, args, reference, onednn, gpu):
+    """Run one of the op's implementations: the ATen reference (float64, or a CPU problem
+    oneDNN has no kernel for), oneDNN on the CPU, else the GPU paths (which record their own
+    choice)."""
+    # The op fixes its own precision (the weight's dtype, float32 accumulation): autocast, still
+    # active inside a custom op, must not recast the ATen calls of its implementations.
+    with torch.autocast(x.device.type, enabled=False):
+        if _on_reference(x, weight):
+            _took(op, "aten")
+            return reference(*args)
+        if _on_cpu(x):
+            _took(op, "onednn")
+            return onednn(*args)
+        return gpu(*args)
+
+
 @custom_op("resfast::conv2d_bn", mutates_args=(), device_types=("cpu", "cuda"))
 def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optional[Tensor],
               in_shift: Optional[Tensor], in_relu: bool, stride: int, padding: int, stats: bool,
@@ -417,16 +433,8 @@ def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
                       in_centre, out_scale, out_shift, out_centre, residual, dilation)
     args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual, dilation)
-    # The op fixes its own precision (the weight's dtype, float32 accumulation): autocast, still
-    # active inside a custom op, must not recast the ATen calls of its implementations.
-    with torch.autocast(x.device.type, enabled=False):
-        if _on_reference(x, weight):
-            _took("conv2d_bn", "aten")
-            return conv2d_bn_forward_reference(*args)
-        if _on_cpu(x):
-            _took("conv2d_bn", "onednn")
-            return conv_cpu.forward(*args)
-        return _gpu_forward(*args)
+    return _dispatch("conv2d_bn", x, weight, args, conv2d_bn_forward_reference, conv_cpu.forward,
+                     _gpu_forward)
 
 
 @register_fake("resfast::conv2d_bn")
@@ -454,14 +462,8 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
                                stride, padding, out_relu, output_mask, in_centre, dilation)
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
             padding, out_relu, output_mask, in_centre, dilation)
-    with torch.autocast(x.device.type, enabled=False):
-        if _on_reference(x, weight):
-            _took("conv2d_bn_backward", "aten")
-            return conv2d_bn_backward_reference(*args)
-        if _on_cpu(x):
-            _took("conv2d_bn_backward", "onednn")
-            return conv_cpu.backward(*args)
-        return _gpu_backward(*args)
+    return _dispatch("conv2d_bn_backward", x, weight, args, conv2d_bn_backward_reference,
+                     conv_cpu.backward, _gpu_backward)
 
 
 @register_fake("resfast::conv2d_bn_backward")
