@@ -158,17 +158,14 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, rounds: int,
 
 
 def time_interleaved(steps: Dict[str, Callable[[], None]], device: torch.device, warmup: int,
-                     n_steps: int, rounds: int,
-                     first_steps: Optional[Dict[str, Callable[[], None]]] = None
-                     ) -> Dict[str, Timing]:
+                     n_steps: int, rounds: int) -> Dict[str, Timing]:
     """:func:`time_steps` for several steps at once: each is warmed up (its first
     call timed apart), then every round times ``n_steps`` calls of each step in
     turn. Slow and fast periods of a shared machine hit every step alike."""
-    first_steps = first_steps or {}
     first: Dict[str, float] = {}
     for name, step in steps.items():
         t0 = time.perf_counter()
-        first_steps.get(name, step)()
+        step()
         sync(device)
         first[name] = time.perf_counter() - t0
         for _ in range(max(0, warmup - 1)):
@@ -546,9 +543,7 @@ class Runner:
             self._derive(row, case, dtype)
         # recorded, and the run goes on (OOM at full size, a compile failure ...)
         except Exception as e:
-            row.status, row.reason = ("error",
-                                      f"{type(e).__name__}: "
-                                      f"{str(e).splitlines()[0] if str(e) else ''}"[:500])
+            self._error(row, e)
             self._workloads.pop((case.id, case.batch, dtype, layout, provider), None)
             if device.type == "cuda":
                 gc.collect()
