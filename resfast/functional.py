@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
 from .dtypes import stats_dtype
+from .ops import conv2d_bn as _conv_ops
 from .ops import fold as _fold
 
 ops = torch.ops.resfast
@@ -173,6 +174,21 @@ def _uses_batch_stats(bn: BatchNormArgs) -> bool:
 
 # ---- convs ------------------------------------------------------------------------
 
+def _conv_input(src: Tensor, pending: Optional[Pending]):
+    """(x, in_scale, in_shift, in_relu, in_centre) for ``resfast::conv2d_bn`` reading
+    ``src`` with ``pending``'s activation (if any) as its prologue. Where the op writes
+    the prologue out as a pass of its own anyway (the CPU: oneDNN has no input-side
+    fusion), it is applied here instead, as its own autograd node: autograd then keeps
+    its output for the convolution's backward, where the op would recompute it (one pass
+    less per conv; torch.nn keeps the same tensor, its ReLU's output)."""
+    if pending is None:
+        return src, None, None, False, None
+    if _conv_ops.writes_prologue_apart(src):
+        return (ops.bn_act(src, pending.scale, pending.shift, None, pending.relu, pending.centre),
+                None, None, False, None)
+    return src, pending.scale, pending.shift, pending.relu, pending.centre
+
+
 def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,
                     stride: int = 1, padding: int = 0, relu: bool = True,
                     residual: Optional[Tensor] = None, dilation: int = 1) -> Pending:
@@ -191,10 +207,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         raise ValueError(f"conv weight is on {weight.device} but the input is on {src.device}")
     _check_bn(bn, weight.shape[0], src.device)
     dtype = _conv_dtype(src, weight)
-    src = _cast(src, dtype)
-    in_scale, in_shift, in_relu, in_centre = (
-        (pending_in.scale, pending_in.shift, pending_in.relu, pending_in.centre) if pending_in
-        else (None, None, False, None))
+    src, in_scale, in_shift, in_relu, in_centre = _conv_input(_cast(src, dtype), pending_in)
     if _uses_batch_stats(bn):
         if residual is not None:
             raise ValueError("in training mode the residual is added by finish(), after the "
@@ -316,9 +329,9 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
         raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {x.shape[1]} "
                          "input channels")
     # x stays in its own precision: the prologue normalizes it before rounding.
-    y, _, _ = ops.conv2d_bn(x, _cast(weight, dtype), _cast(bias, dtype), pending.scale,
-                            pending.shift, True, stride, padding, False, False, pending.centre,
-                            dilation=dilation)
+    a, in_scale, in_shift, in_relu, in_centre = _conv_input(x, pending)
+    y, _, _ = ops.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
+                            in_relu, stride, padding, False, False, in_centre, dilation=dilation)
     return _like_input(y, x)
 
 
@@ -334,12 +347,9 @@ def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
         raise ValueError(f"conv weight of shape {tuple(weight.shape)} does not take {src.shape[1]} "
                          "input channels")
     dtype = _conv_dtype(src, weight)
-    in_scale, in_shift, in_relu, in_centre = (
-        (pending_in.scale, pending_in.shift, pending_in.relu, pending_in.centre) if pending_in
-        else (None, None, False, None))
-    y, _, _ = ops.conv2d_bn(_cast(src, dtype), _cast(weight, dtype), _cast(bias, dtype), in_scale,
-                            in_shift, in_relu, stride, padding, False, relu, in_centre,
-                            dilation=dilation)
+    a, in_scale, in_shift, in_relu, in_centre = _conv_input(_cast(src, dtype), pending_in)
+    y, _, _ = ops.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
+                            in_relu, stride, padding, False, relu, in_centre, dilation=dilation)
     return _like_input(y, src)
 
 

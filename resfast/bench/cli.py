@@ -5,6 +5,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from ..cpu_memory import keep_freed_memory
 from . import cases as C
 from . import report
 from .measure import Runner, cpu_threads, default_settings, measure_ceilings
@@ -156,6 +157,8 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
         settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup,
                                     args.rounds, _split(args.providers) or None)
         settings.cudnn_benchmark = not args.no_cudnn_benchmark
+        if settings.device.type == "cpu":
+            settings.malloc_keeps_freed = keep_freed_memory(default=False)
         for prov in settings.providers:
             if prov not in C.PROVIDERS:
                 raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
@@ -193,7 +196,8 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
     log(f"resfast bench: {len(cases)} cases x {len(dtypes) * len(layouts)} configs on "
         f"{settings.device} (size {settings.size}, {settings.warmup} warm-up, {settings.rounds} x "
         f"{settings.steps} steps"
-        + (f", {settings.threads} CPU thread" if settings.threads else "") + ")")
+        + (f", {settings.threads} CPU thread" if settings.threads else "")
+        + (", glibc keeps freed memory" if settings.malloc_keeps_freed else "") + ")")
     previous = None
     if args.append and paths and os.path.exists(paths["json"]):
         previous = report.load_json(paths["json"])
@@ -291,8 +295,10 @@ def _print_and_write(doc, paths, plot=True) -> None:
         with open(paths["md"], "w") as f:
             f.write(f"{env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
                     f"triton {env['triton']}, git {env.get('git_commit')})\n\n"
-                    f"{report.format_ceilings(ceilings)}\n\n"
-                    f"{report.format_markdown_by_command(doc, shown)}\n")
+                    f"{report.format_ceilings(ceilings)}"
+                    + ("; glibc keeps freed memory (RESFAST_MALLOC=keep)"
+                       if doc["settings"].get("malloc_keeps_freed") else "")
+                    + f"\n\n{report.format_markdown_by_command(doc, shown)}\n")
         written = [paths["json"], paths["md"]]
         if plot and report.plot(doc, paths["png"]):
             written.append(paths["png"])

@@ -47,6 +47,8 @@ class Settings:
     cudnn_benchmark: bool = True
     # time the providers of a case round by round in turn (see time_interleaved)
     interleave: bool = False
+    # glibc keeps freed memory mapped (resfast.cpu_memory, RESFAST_MALLOC=keep)
+    malloc_keeps_freed: bool = False
 
 
 def default_settings(device=None, size=None, compile=None, steps=None, warmup=None, rounds=None,

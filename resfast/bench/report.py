@@ -274,6 +274,7 @@ def new_document(argv: Sequence[str], settings, ceilings, device) -> Dict[str, o
                      "compile_reason": settings.compile_reason,
                      "providers": list(settings.providers),
                      "cpu_threads": settings.threads, "cudnn_benchmark": settings.cudnn_benchmark,
+                     "malloc_keeps_freed": settings.malloc_keeps_freed,
                      "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
                      "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32},
         "ceilings": ceilings,

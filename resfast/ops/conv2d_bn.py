@@ -354,6 +354,13 @@ def _on_cpu(x) -> bool:
     return x.device.type == "cpu" and not _triton_on_cpu()
 
 
+def writes_prologue_apart(x: Tensor) -> bool:
+    """Whether the op applies its prologue to x as a pass of its own, before the GEMM
+    (oneDNN and the ATen reference on the CPU), rather than inside it: callers that
+    want the prologue's output kept for the backward can then apply it themselves."""
+    return _on_cpu(x)
+
+
 def _problem(x, weight, bias, in_scale, in_relu, stride, padding, stats, out_relu, dilation):
     """What decides which path is faster (and what it computes: TF32 or IEEE float32)."""
     return (x.device, tuple(x.shape), x.stride(), x.dtype, weight.dtype, tuple(weight.shape),
