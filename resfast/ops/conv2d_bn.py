@@ -237,7 +237,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
         [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
             else x.new_empty((0,)),
-            torch.empty_like(weight).copy_(grad_w) if output_mask[1] else x.new_empty((0,)),
+            grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
 
@@ -313,13 +313,14 @@ def _cudnn_backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, i
         [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
     return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
             else x.new_empty((0,)),
-            _like(weight, grad_w) if output_mask[1] else x.new_empty((0,)),
+            grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
 
 
 def _like(weight, t):
-    """t as ``torch.empty_like(weight)`` would hold it (dtype and strides, what the fake
-    promises); cuDNN returns a weight's gradient in the layout it chose for the GEMM."""
+    """t as ``torch.empty_like(weight)`` would hold it (dtype and strides: what the fake
+    promises for grad_weight); cuDNN and oneDNN return it in the layout they chose for
+    the GEMM, the reference in its computing dtype."""
     if t.dtype == weight.dtype and t.stride() == weight.stride():
         return t
     return torch.empty_like(weight).copy_(t)
@@ -469,8 +470,10 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
                                stride, padding, out_relu, output_mask, in_centre, dilation)
     args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
             padding, out_relu, output_mask, in_centre, dilation)
-    return _dispatch("conv2d_bn_backward", x, weight, args, conv2d_bn_backward_reference,
-                     conv_cpu.backward, _gpu_backward)
+    grad_a, grad_w, grad_b = _dispatch("conv2d_bn_backward", x, weight, args,
+                                       conv2d_bn_backward_reference, conv_cpu.backward,
+                                       _gpu_backward)
+    return grad_a, _like(weight, grad_w) if output_mask[1] else grad_w, grad_b
 
 
 @register_fake("resfast::conv2d_bn_backward")

@@ -165,8 +165,6 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
         [dilation, dilation], False, [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
-    if output_mask[1] and grad_w.stride() != weight.stride():
-        grad_w = torch.empty_like(weight).copy_(grad_w)  # the fake's strides: weight's
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
