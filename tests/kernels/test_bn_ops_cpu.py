@@ -49,8 +49,20 @@ SHAPES = [
     (4, 32, 16, 16),
 ]
 LAYOUTS = ["nchw", "nhwc", "permuted", "sliced"]
-# bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1.
-ACT_SHAPES = [(2, 63, 5, 5), (3, 3, 13, 13), (1, 1, 9, 9), (5, 16, 1, 1)]
+# bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1;
+# and both sides of the loops' splits: channels_last rows held in a register tile (C <= 16,
+# 32 or 64 by instruction set and dtype) or wider (3, 150, 5, 9: sums through accumulators in
+# cache, 4 rows at a time plus the remaining rows, several row blocks); NCHW planes summed
+# several to a block (40, 3, 7, 7) or in parts (2, 5, 33, 35: H*W > 1024).
+ACT_SHAPES = [
+    (2, 63, 5, 5),
+    (3, 3, 13, 13),
+    (1, 1, 9, 9),
+    (5, 16, 1, 1),
+    (3, 150, 5, 9),
+    (40, 3, 7, 7),
+    (2, 5, 33, 35),
+]
 
 
 def acc_dtype(dtype):
