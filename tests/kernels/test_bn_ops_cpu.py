@@ -53,7 +53,7 @@ LAYOUTS = ["nchw", "nhwc", "permuted", "sliced"]
 # and both sides of the loops' splits: channels_last rows held in a register tile (C <= 16,
 # 32 or 64 by instruction set and dtype) or wider (3, 150, 5, 9: sums through accumulators in
 # cache, 4 rows at a time plus the remaining rows, several row blocks); NCHW planes summed
-# several to a block (40, 3, 7, 7) or in parts (2, 5, 33, 35: H*W > 1024).
+# whole (40, 3, 7, 7: many, each with a tail) or in parts (2, 5, 33, 35: H*W > 1024).
 ACT_SHAPES = [
     (2, 63, 5, 5),
     (3, 3, 13, 13),

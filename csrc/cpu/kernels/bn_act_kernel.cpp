@@ -312,6 +312,61 @@ struct Act {
     if (i < i1) vec(i, i1 - i, 1);
   }
 
+  // Planes of at most kSmallPlane vectors have their sums kept as vectors, per
+  // channel in cache, and reduced across lanes when a lane holds up to
+  // kPlaneBlock / K terms: a horizontal sum per plane would cost more than the plane.
+  static constexpr int64_t kSmallPlane = 4;
+
+  // NCHW sums of planes [p0, p1), small ones.
+  template <typename F>
+  static void small_planes(const Tensors& tensors, const Channels& ch, int64_t p0, int64_t p1,
+                           int64_t C, int64_t HW, ChannelSums& sums) {
+    const Tensors t = tensors;
+    const int64_t rounds_per_flush = std::max<int64_t>(1, kPlaneBlock / K / ((HW + K - 1) / K));
+    std::vector<A> acc(2 * K * C, A(0));  // channel c: sum_gy at 2Kc, sum_g at 2Kc + K
+    auto flush = [&] {
+      auto add = [](V& x, V& y) { return x + y; };
+      for (int64_t c = 0; c < C; ++c) {
+        sums.gy[c] += at::vec::vec_reduce_all<A>(add, V::loadu(acc.data() + 2 * K * c));
+        sums.g[c] += at::vec::vec_reduce_all<A>(add, V::loadu(acc.data() + 2 * K * c + K));
+      }
+      std::fill(acc.begin(), acc.end(), A(0));
+    };
+    int64_t rounds = 0;  // passes over the channels since the last flush
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C;
+      if (c == 0 && p != p0 && ++rounds == rounds_per_flush) {
+        flush();
+        rounds = 0;
+      }
+      A* a = acc.data() + 2 * K * c;
+      V acc_gy[2] = {V::loadu(a), V(0)}, acc_g[2] = {V::loadu(a + K), V(0)};
+      plane_span<F>(t, p, HW, 0, HW, V(ch.sc[c]), V(ch.sh[c]), V(ch.cc[c]), acc_gy, acc_g);
+      (acc_gy[0] + acc_gy[1]).store(a);
+      (acc_g[0] + acc_g[1]).store(a + K);
+    }
+    flush();
+  }
+
+  // NCHW sums of planes [p0, p1), larger ones: summed in registers,
+  // kPlaneBlock elements at a time.
+  template <typename F>
+  static void large_planes(const Tensors& tensors, const Channels& ch, int64_t p0, int64_t p1,
+                           int64_t C, int64_t HW, ChannelSums& sums) {
+    const Tensors t = tensors;
+    auto add = [](V& x, V& y) { return x + y; };
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t c = p % C;
+      const V sc(ch.sc[c]), sh(ch.sh[c]), cc(ch.cc[c]);
+      for (int64_t j = 0; j < HW; j += kPlaneBlock) {
+        V acc_gy[2] = {V(0), V(0)}, acc_g[2] = {V(0), V(0)};
+        plane_span<F>(t, p, HW, j, std::min(HW, j + kPlaneBlock), sc, sh, cc, acc_gy, acc_g);
+        sums.gy[c] += at::vec::vec_reduce_all<A>(add, acc_gy[0] + acc_gy[1]);
+        sums.g[c] += at::vec::vec_reduce_all<A>(add, acc_g[0] + acc_g[1]);
+      }
+    }
+  }
+
   template <typename F>
   static void backward_planes(const ActBackwardArgs& a) {
     const int64_t N = a.g.N, C = a.g.C, HW = a.g.HW;
@@ -329,40 +384,17 @@ struct Act {
       });
       return;
     }
-    // One item per (segment of the batch, channel), as in bn_stats. A
-    // channel's vectors accumulate over spans (parts of a plane, or several
-    // small planes) until a lane holds kPlaneBlock / K terms, then go to double.
-    const int64_t threads = num_pieces(N * C * HW, N * C);
-    const int64_t segments = std::min(N, (threads + C - 1) / C);
-    const int64_t lane_terms = kPlaneBlock / K;
-    std::vector<ChannelSums> sums(segments, ChannelSums(C));
-    at::parallel_for(0, segments * C, 1, [&](int64_t i0, int64_t i1) {
-      const Tensors t = tensors;
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t s = i / C, c = i % C;
-        const V sc(ch.sc[c]), sh(ch.sh[c]), cc(ch.cc[c]);
-        double total_gy = 0, total_g = 0;
-        V acc_gy[2] = {V(0), V(0)}, acc_g[2] = {V(0), V(0)};
-        int64_t terms = 0;  // per lane in acc_gy/acc_g
-        auto flush = [&] {
-          auto add = [](V& x, V& y) { return x + y; };
-          total_gy += at::vec::vec_reduce_all<A>(add, acc_gy[0] + acc_gy[1]);
-          total_g += at::vec::vec_reduce_all<A>(add, acc_g[0] + acc_g[1]);
-          acc_gy[0] = acc_gy[1] = acc_g[0] = acc_g[1] = V(0);
-          terms = 0;
-        };
-        for (int64_t n = piece_begin(s, segments, N); n < piece_begin(s + 1, segments, N); ++n) {
-          for (int64_t j = 0; j < HW; j += kPlaneBlock) {
-            const int64_t len = std::min(kPlaneBlock, HW - j);
-            const int64_t span_terms = (len + K - 1) / K;
-            if (terms + span_terms > lane_terms) flush();
-            plane_span<F>(t, n * C + c, HW, j, j + len, sc, sh, cc, acc_gy, acc_g);
-            terms += span_terms;
-          }
-        }
-        flush();
-        sums[s].gy[c] = total_gy;
-        sums[s].g[c] = total_g;
+    // Pieces of the planes in memory order (a walk channel by channel would
+    // jump a page or more from plane to plane, ahead of the prefetcher), each
+    // with its channels' sums in double, merged in piece order.
+    const int64_t planes = N * C;
+    const int64_t pieces = num_pieces(planes * HW, planes);
+    std::vector<ChannelSums> sums(pieces, ChannelSums(C));
+    for_each_piece(planes, pieces, [&](int64_t piece, int64_t p0, int64_t p1) {
+      if (HW <= kSmallPlane * K) {
+        small_planes<F>(tensors, ch, p0, p1, C, HW, sums[piece]);
+      } else {
+        large_planes<F>(tensors, ch, p0, p1, C, HW, sums[piece]);
       }
     });
     write_sums(a, sums);
