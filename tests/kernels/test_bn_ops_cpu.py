@@ -18,6 +18,7 @@ doubled a single element of a 1000-element channel fails.
 """
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -307,6 +308,20 @@ def test_bn_act(shape, layout, dtype, scale_kind, use_res, relu):
         expected,
         elementwise_bound(expected, magnitude(y, scale, shift, res, centre), dtype, dtype),
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_act_channels_last_past_the_row_group_threshold(dtype):
+    """The channels_last forward walks rows 4 at a time up to 2^20 elements (ACT_SHAPES)
+    and one after another beyond (this shape: 4 * 81 * 81 * 40 elements)."""
+    shape = (4, 40, 81, 81)
+    assert math.prod(shape) > 2**20
+    y, scale, shift, res, centre = act_inputs(shape, dtype, "nhwc", True, True, centred=True)
+    out = ops.bn_act(y, scale, shift, res, True, centre)
+    assert_layout("out", out, y)
+    expected = ref.bn_act(y, scale, shift, res, True, centre)
+    mag = magnitude(y, scale, shift, res, centre)
+    assert_within("out", out, expected, elementwise_bound(expected, mag, dtype, dtype))
 
 
 @pytest.mark.parametrize(
