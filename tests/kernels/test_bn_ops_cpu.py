@@ -53,8 +53,10 @@ LAYOUTS = ["nchw", "nhwc", "permuted", "sliced"]
 # bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1;
 # and both sides of the loops' splits: channels_last rows held in a register tile (C <= 16,
 # 32 or 64 by instruction set and dtype) or wider (3, 150, 5, 9: sums through accumulators in
-# cache, 4 rows at a time plus the remaining rows, several row blocks); NCHW planes summed
-# whole (40, 3, 7, 7: many, each with a tail) or in parts (2, 5, 33, 35: H*W > 1024).
+# cache, 4 rows at a time plus the remaining rows, several row blocks); NCHW planes of at
+# most 4 vectors summed channel by channel, several planes to a sum (40, 3, 7, 7; with 8
+# lanes H*W = 49 is more than 4 vectors: the other side), larger ones in memory order, whole
+# (3, 3, 13, 13) or in parts (2, 5, 33, 35: H*W > 1024).
 ACT_SHAPES = [
     (2, 63, 5, 5),
     (3, 3, 13, 13),

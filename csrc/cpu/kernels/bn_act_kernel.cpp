@@ -323,39 +323,44 @@ struct Act {
     if (i < i1) vec(i, i1 - i, 1);
   }
 
-  // Planes of at most kSmallPlane vectors have their sums kept as vectors, per
-  // channel in cache, and reduced across lanes when a lane holds up to
-  // kPlaneBlock / K terms: a horizontal sum per plane would cost more than the plane.
+  // Planes of at most kSmallPlane vectors are summed channel by channel
+  // (items of a segment of the batch and a channel, as in bn_stats), the
+  // channel's vectors accumulating in registers over its planes until a lane
+  // holds kPlaneBlock / K terms: a horizontal sum per plane, or vector sums
+  // per channel in cache, cost more than such a plane (measured at 7x7).
+  // Larger planes are walked in memory order.
   static constexpr int64_t kSmallPlane = 4;
 
-  // NCHW sums of planes [p0, p1), small ones.
   template <typename F>
-  static void small_planes(const Tensors& tensors, const Channels& ch, int64_t p0, int64_t p1,
-                           int64_t C, int64_t HW, ChannelSums& sums) {
-    const Tensors t = tensors;
-    const int64_t rounds_per_flush = std::max<int64_t>(1, kPlaneBlock / K / ((HW + K - 1) / K));
-    std::vector<A> acc(2 * K * C, A(0));  // channel c: sum_gy at 2Kc, sum_g at 2Kc + K
-    auto flush = [&] {
+  static void small_planes(const ActBackwardArgs& a) {
+    const int64_t N = a.g.N, C = a.g.C, HW = a.g.HW;
+    const Tensors tensors = backward_tensors(a);
+    const Channels ch(a.scale, a.shift, a.centre, C);
+    const int64_t threads = num_pieces(N * C * HW, N * C);
+    const int64_t segments = std::min(N, (threads + C - 1) / C);
+    const int64_t planes_per_sum = std::max<int64_t>(1, kPlaneBlock / K / ((HW + K - 1) / K));
+    std::vector<ChannelSums> sums(segments, ChannelSums(C));
+    at::parallel_for(0, segments * C, 1, [&](int64_t i0, int64_t i1) {
+      const Tensors t = tensors;
       auto add = [](V& x, V& y) { return x + y; };
-      for (int64_t c = 0; c < C; ++c) {
-        sums.gy[c] += at::vec::vec_reduce_all<A>(add, V::loadu(acc.data() + 2 * K * c));
-        sums.g[c] += at::vec::vec_reduce_all<A>(add, V::loadu(acc.data() + 2 * K * c + K));
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t s = i / C, c = i % C;
+        const V sc(ch.sc[c]), sh(ch.sh[c]), cc(ch.cc[c]);
+        double total_gy = 0, total_g = 0;
+        const int64_t n1 = piece_begin(s + 1, segments, N);
+        for (int64_t n = piece_begin(s, segments, N); n < n1; n += planes_per_sum) {
+          V acc_gy[2] = {V(0), V(0)}, acc_g[2] = {V(0), V(0)};
+          for (int64_t m = n; m < std::min(n1, n + planes_per_sum); ++m) {
+            plane_span<F>(t, m * C + c, HW, 0, HW, sc, sh, cc, acc_gy, acc_g);
+          }
+          total_gy += at::vec::vec_reduce_all<A>(add, acc_gy[0] + acc_gy[1]);
+          total_g += at::vec::vec_reduce_all<A>(add, acc_g[0] + acc_g[1]);
+        }
+        sums[s].gy[c] = total_gy;
+        sums[s].g[c] = total_g;
       }
-      std::fill(acc.begin(), acc.end(), A(0));
-    };
-    int64_t rounds = 0;  // passes over the channels since the last flush
-    for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
-      if (c == 0 && p != p0 && ++rounds == rounds_per_flush) {
-        flush();
-        rounds = 0;
-      }
-      A* a = acc.data() + 2 * K * c;
-      V acc_gy[2] = {V::loadu(a), V(0)}, acc_g[2] = {V::loadu(a + K), V(0)};
-      plane_span<F>(t, p, HW, 0, HW, V(ch.sc[c]), V(ch.sh[c]), V(ch.cc[c]), acc_gy, acc_g);
-      (acc_gy[0] + acc_gy[1]).store(a);
-      (acc_g[0] + acc_g[1]).store(a + K);
-    }
-    flush();
+    });
+    write_sums(a, sums);
   }
 
   // NCHW sums of planes [p0, p1), larger ones: summed in registers,
@@ -392,6 +397,10 @@ struct Act {
       });
       return;
     }
+    if (HW <= kSmallPlane * K) {
+      small_planes<F>(a);
+      return;
+    }
     // Pieces of the planes in memory order (a walk channel by channel would
     // jump a page or more from plane to plane, ahead of the prefetcher), each
     // with its channels' sums in double, merged in piece order.
@@ -399,11 +408,7 @@ struct Act {
     const int64_t pieces = num_pieces(planes * HW, planes);
     std::vector<ChannelSums> sums(pieces, ChannelSums(C));
     for_each_piece(planes, pieces, [&](int64_t piece, int64_t p0, int64_t p1) {
-      if (HW <= kSmallPlane * K) {
-        small_planes<F>(tensors, ch, p0, p1, C, HW, sums[piece]);
-      } else {
-        large_planes<F>(tensors, ch, p0, p1, C, HW, sums[piece]);
-      }
+      large_planes<F>(tensors, ch, p0, p1, C, HW, sums[piece]);
     });
     write_sums(a, sums);
   }
