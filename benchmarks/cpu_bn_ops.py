@@ -3,17 +3,24 @@
     python3 benchmarks/cpu_bn_ops.py              # every case, float32 and bf16, both layouts
     python3 benchmarks/cpu_bn_ops.py --compile    # also torch.compile of the composites
     python3 benchmarks/cpu_bn_ops.py --shapes 128x16x32x32 --dtypes float32 --reps 50
+    python3 benchmarks/cpu_bn_ops.py --shapes r20 r50-224 r50-112 --dtypes float32
 
 Each row times resfast's ops and torch's composite of the same computation on
 the same inputs, interleaved call by call in one process (so load from other
 processes hits both alike), and prints the medians and their ratio torch /
 resfast (above 1: resfast is faster). It prints measurements only.
 
-Cases (N x C x H x W activations; BN in training mode unless said):
+Shapes are N x C x H x W, or the name of a network's set (r20: ResNet-20 at
+batch 128 on 32x32; r50-224 and r50-112: ResNet-50's BN shapes at batch 8 on
+224x224 and 112x112 inputs).
+
+Cases (BN in training mode unless said), resfast's ops chained as
+resfast.functional and resfast/ops/conv_cpu.py chain them (centre = mean):
   bn_train_fwd   bn_stats + bn_finalize + bn_update_running_stats_ + bn_act(relu)
                  vs F.batch_norm(training=True) + relu_
   bn_add_relu    the same with the residual in bn_act, vs batch_norm + add_ + relu_
-  bn_relu_bwd    bn_act_backward + bn_finalize_backward + bn_stats_backward + add
+  bn_relu_bwd    bn_act_backward + bn_finalize_backward + bn_act (the statistics'
+                 gradient added to grad_y, conv_cpu.stats_gradient)
                  vs threshold_backward + native_batch_norm_backward
   bn_eval        bn_act(y, scale, shift, relu) vs F.batch_norm(training=False) + relu_
   bn_stats       bn_stats vs torch.var_mean
@@ -44,6 +51,12 @@ aten = torch.ops.aten
 
 # ResNet-20 at batch 128 (32x32 input), ResNet-50 at batch 8 (224x224 input).
 SHAPES = ["128x16x32x32", "128x32x16x16", "128x64x8x8", "8x64x56x56", "8x256x56x56", "8x512x28x28"]
+R50_CHANNELS = [(64, 1), (256, 1), (128, 2), (512, 2), (256, 4), (1024, 4), (512, 8), (2048, 8)]
+SHAPE_SETS = {
+    "r20": ["128x16x32x32", "128x32x16x16", "128x64x8x8"],
+    "r50-224": [f"8x{c}x{56 // d}x{56 // d}" for c, d in R50_CHANNELS],
+    "r50-112": [f"8x{c}x{-(-28 // d)}x{-(-28 // d)}" for c, d in R50_CHANNELS],
+}
 EPS, MOMENTUM = 1e-5, 0.1
 
 
@@ -72,27 +85,31 @@ def make_inputs(shape, dtype, channels_last):
 def ours_train(t, residual):
     def run():
         mean, var = ops.bn_stats(t["y"])
-        scale, shift = ops.bn_finalize(mean, var, t["weight"], t["bias"], EPS)
+        scale, shift = ops.bn_finalize(torch.zeros_like(var), var, t["weight"], t["bias"], EPS)
         ops.bn_update_running_stats_(
             t["running_mean"], t["running_var"], mean, var, t["count"], MOMENTUM
         )
-        return ops.bn_act(t["y"], scale, shift, t["res"] if residual else None, True)
+        return ops.bn_act(t["y"], scale, shift, t["res"] if residual else None, True, mean)
 
     return run
 
 
 def ours_relu_bwd(t):
-    mean, var = ops.bn_stats(t["y"])
-    scale, shift = ops.bn_finalize(mean, var, t["weight"], t["bias"], EPS)
+    y, count = t["y"], t["count"]
+    mean, var = ops.bn_stats(y)
+    zero = torch.zeros_like(var)
+    scale, shift = ops.bn_finalize(zero, var, t["weight"], t["bias"], EPS)
 
     def run():
         g_y, g_scale, g_shift, _ = ops.bn_act_backward(
-            t["grad"], t["y"], scale, shift, None, True, [True, True, True, False]
+            t["grad"], y, scale, shift, None, True, [True, True, True, False], mean
         )
-        g_mean, g_var, g_weight, g_bias = ops.bn_finalize_backward(
-            g_scale, g_shift, mean, var, t["weight"], EPS
+        _, g_var, g_weight, g_bias = ops.bn_finalize_backward(
+            g_scale, g_shift, zero, var, t["weight"], EPS
         )
-        return g_y + ops.bn_stats_backward(g_mean, g_var, t["y"], mean), g_weight, g_bias
+        g_mean = -scale * g_shift  # through the centre
+        g_x = ops.bn_act(y, g_var * (2.0 / count), g_mean / count, g_y, False, mean)
+        return g_x, g_weight, g_bias
 
     return run
 
@@ -227,7 +244,8 @@ def main():
         f"{'torch ms':>9} {'ratio':>6}"
     )
     print(header + ("  compile ms  ratio" if args.compile else ""))
-    for shape_text, dtype_name, layout in itertools.product(args.shapes, args.dtypes, args.layouts):
+    shapes = [s for name in args.shapes for s in SHAPE_SETS.get(name, [name])]
+    for shape_text, dtype_name, layout in itertools.product(shapes, args.dtypes, args.layouts):
         shape = tuple(int(s) for s in shape_text.split("x"))
         reps = args.reps or max(15, min(200, int(3e8 / math.prod(shape))))
         t = make_inputs(shape, getattr(torch, dtype_name), layout == "channels_last")

@@ -18,6 +18,7 @@ doubled a single element of a 1000-element channel fails.
 """
 
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -49,8 +50,22 @@ SHAPES = [
     (4, 32, 16, 16),
 ]
 LAYOUTS = ["nchw", "nhwc", "permuted", "sliced"]
-# bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1.
-ACT_SHAPES = [(2, 63, 5, 5), (3, 3, 13, 13), (1, 1, 9, 9), (5, 16, 1, 1)]
+# bn_act(_backward) run every flag combination: fewer shapes, still odd C, odd H*W and C = 1;
+# and both sides of the loops' splits: channels_last rows held in a register tile (C <= 16,
+# 32 or 64 by instruction set and dtype) or wider (3, 150, 5, 9: sums through accumulators in
+# cache, 4 rows at a time plus the remaining rows, several row blocks); NCHW planes of at
+# most 4 vectors summed channel by channel, several planes to a sum (40, 3, 7, 7; with 8
+# lanes H*W = 49 is more than 4 vectors: the other side), larger ones in memory order, whole
+# (3, 3, 13, 13) or in parts (2, 5, 33, 35: H*W > 1024).
+ACT_SHAPES = [
+    (2, 63, 5, 5),
+    (3, 3, 13, 13),
+    (1, 1, 9, 9),
+    (5, 16, 1, 1),
+    (3, 150, 5, 9),
+    (40, 3, 7, 7),
+    (2, 5, 33, 35),
+]
 
 
 def acc_dtype(dtype):
@@ -295,6 +310,20 @@ def test_bn_act(shape, layout, dtype, scale_kind, use_res, relu):
         expected,
         elementwise_bound(expected, magnitude(y, scale, shift, res, centre), dtype, dtype),
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bn_act_channels_last_past_the_row_group_threshold(dtype):
+    """The channels_last forward walks rows 4 at a time up to 2^20 elements (ACT_SHAPES)
+    and one after another beyond (this shape: 4 * 81 * 81 * 40 elements)."""
+    shape = (4, 40, 81, 81)
+    assert math.prod(shape) > 2**20
+    y, scale, shift, res, centre = act_inputs(shape, dtype, "nhwc", True, True, centred=True)
+    out = ops.bn_act(y, scale, shift, res, True, centre)
+    assert_layout("out", out, y)
+    expected = ref.bn_act(y, scale, shift, res, True, centre)
+    mag = magnitude(y, scale, shift, res, centre)
+    assert_within("out", out, expected, elementwise_bound(expected, mag, dtype, dtype))
 
 
 @pytest.mark.parametrize(

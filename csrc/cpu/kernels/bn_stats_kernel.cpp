@@ -135,9 +135,9 @@ struct Stats {
     mean_out = mean;
   }
 
-  // Planes [n0, n1) of channel c into `state` (C = 1).
+  // Planes [n0, n1) of channel c into `state`.
   static void planes_piece(const T* y, const Geometry& g, int64_t c, int64_t n0, int64_t n1,
-                           A shift, ChannelStates& state) {
+                           A shift, ChannelState& state) {
     const int64_t HW = g.HW, stride = g.C * HW;
     const T* channel = y + c * HW;
     A mean_b = 0, m2_b = 0;
@@ -146,7 +146,7 @@ struct Stats {
         for (int64_t i = 0; i < HW; i += kPlaneBlock) {
           const int64_t len = std::min(kPlaneBlock, HW - i);
           block_runs(channel + n * stride + i, stride, 1, len, shift, mean_b, m2_b);
-          state.merge(&mean_b, &m2_b, len);
+          state.merge(mean_b, m2_b, len);
         }
       }
     } else {
@@ -154,7 +154,7 @@ struct Stats {
       for (int64_t n = n0; n < n1; n += group) {
         const int64_t runs = std::min(group, n1 - n);
         block_runs(channel + n * stride, stride, runs, HW, shift, mean_b, m2_b);
-        state.merge(&mean_b, &m2_b, runs * HW);
+        state.merge(mean_b, m2_b, runs * HW);
       }
     }
   }
@@ -167,7 +167,7 @@ struct Stats {
     // channels than threads (segments of the batch, merged in order).
     const int64_t threads = num_pieces(N * C * HW, N * C);
     const int64_t segments = std::min(N, (threads + C - 1) / C);
-    std::vector<ChannelStates> states(segments * C, ChannelStates(1));
+    std::vector<ChannelState> states(segments * C);
     at::parallel_for(0, segments * C, 1, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t s = i / C, c = i % C;
@@ -176,24 +176,26 @@ struct Stats {
       }
     });
     for (int64_t c = 0; c < C; ++c) {
-      ChannelStates total(1);
+      ChannelState total;
       for (int64_t s = 0; s < segments; ++s) total.merge(states[s * C + c]);
-      write(total, 0, shift[c], mean_out + c, var_out + c);
+      write(total.mean, total.m2, total.n, shift[c], mean_out + c, var_out + c);
     }
   }
 
   // ---- results ----
 
-  static void write(const ChannelStates& s, int64_t c, A shift, A* mean, A* var) {
-    *mean = static_cast<A>(static_cast<double>(shift) + s.mean[c]);
-    *var = static_cast<A>(s.m2[c] / static_cast<double>(s.n));
+  static void write(double state_mean, double m2, int64_t n, A shift, A* mean, A* var) {
+    *mean = static_cast<A>(static_cast<double>(shift) + state_mean);
+    *var = static_cast<A>(m2 / static_cast<double>(n));
   }
 
   static void finish(std::vector<ChannelStates>& states, const A* shift, int64_t C, A* mean,
                      A* var) {
     ChannelStates& total = states[0];
     for (size_t p = 1; p < states.size(); ++p) total.merge(states[p]);
-    for (int64_t c = 0; c < C; ++c) write(total, c, shift[c], mean + c, var + c);
+    for (int64_t c = 0; c < C; ++c) {
+      write(total.mean[c], total.m2[c], total.n, shift[c], mean + c, var + c);
+    }
   }
 
   // ---- bn_stats_backward ----

@@ -132,27 +132,46 @@ void for_each_piece(int64_t total, int64_t pieces, const F& f) {
   });
 }
 
-// Welford states (mean relative to a per-channel shift, sum of squared
-// deviations m2, count n) of C channels that share the count, in double.
+// Chan et al.: merges the state (mean_b, m2_b) of n_b elements into (mean,
+// m2) of n_a (the caller adds n_b to the count).
+inline void chan_merge(double& mean, double& m2, int64_t n_a, double mean_b, double m2_b,
+                       int64_t n_b) {
+  const double frac_b = static_cast<double>(n_b) / static_cast<double>(n_a + n_b);
+  const double weight = static_cast<double>(n_a) * frac_b;  // n_a n_b / (n_a + n_b)
+  const double delta = mean_b - mean;
+  mean += delta * frac_b;
+  m2 += m2_b + delta * delta * weight;
+}
+
+// The Welford state (mean relative to a shift, sum of squared deviations m2,
+// count n) of one channel, in double.
+struct ChannelState {
+  double mean = 0, m2 = 0;
+  int64_t n = 0;
+  void merge(double mean_b, double m2_b, int64_t n_b) {
+    if (n_b == 0) return;
+    chan_merge(mean, m2, n, mean_b, m2_b, n_b);
+    n += n_b;
+  }
+  void merge(const ChannelState& b) { merge(b.mean, b.m2, b.n); }
+};
+
+// Welford states of C channels that share the count.
 struct ChannelStates {
   std::vector<double> mean, m2;
   int64_t n = 0;
   explicit ChannelStates(int64_t C) : mean(C, 0.0), m2(C, 0.0) {}
 
-  // Chan et al.: merge states (mean_b, m2_b) over n_b more elements per channel.
+  // Merges states (mean_b, m2_b) over n_b more elements per channel.
   template <typename A>
   void merge(const A* mean_b, const A* m2_b, int64_t n_b) {
     if (n_b == 0) return;
     const int64_t C = static_cast<int64_t>(mean.size());
-    const int64_t n_ab = n + n_b;
-    const double frac_b = static_cast<double>(n_b) / static_cast<double>(n_ab);
-    const double weight = static_cast<double>(n) * frac_b;  // n_a n_b / n_ab
     for (int64_t c = 0; c < C; ++c) {
-      const double delta = static_cast<double>(mean_b[c]) - mean[c];
-      mean[c] += delta * frac_b;
-      m2[c] += static_cast<double>(m2_b[c]) + delta * delta * weight;
+      chan_merge(mean[c], m2[c], n, static_cast<double>(mean_b[c]), static_cast<double>(m2_b[c]),
+                 n_b);
     }
-    n = n_ab;
+    n += n_b;
   }
   void merge(const ChannelStates& b) { merge(b.mean.data(), b.m2.data(), b.n); }
 };
