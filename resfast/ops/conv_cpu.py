@@ -10,7 +10,10 @@ Forward:
     1.1-1.9x faster than NCHW, forward + backward; README, Performance), and
     the op's output is channels_last on every device. An NCHW input costs one
     copy (the first conv of a network, where it has 3 channels; NCHW users of
-    a single op or block);
+    a single op or block). Handing oneDNN the NCHW input with a packed weight
+    does not avoid it: ``_convolution_pointwise`` then makes the input
+    channels_last itself, the same ATen copy (ONEDNN_VERBOSE shows the
+    convolution reading nhwc and no reorder; timed equal);
   * with an epilogue (eval-mode BN) the conv, BN, residual add and ReLU are
     one oneDNN call, its weight prepacked into oneDNN's blocked format once per
     weight version (:mod:`resfast.ops.fold`). In float32 without a residual,
