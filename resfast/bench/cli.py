@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     tim.add_argument("--no-cudnn-benchmark", action="store_true",
                      help="leave torch.backends.cudnn.benchmark off (default: on while measuring, "
                           "so the eager baseline gets cuDNN's fastest algorithms)")
+    tim.add_argument("--keep-freed-memory", action="store_true",
+                     help="raise glibc's mmap/trim thresholds for this process, so that the "
+                          "providers timed in turn stop faulting freed pages back in "
+                          "(resfast.cpu_memory; all providers alike)")
     tim.add_argument("--time-budget", type=float, metavar="S",
                      help="stop starting new measurements after S seconds (the rest are "
                      "recorded as skipped)")
@@ -157,8 +161,10 @@ def bench_main(argv: Optional[Sequence[str]] = None) -> int:
         settings = default_settings(args.device, args.size, args.compile, args.steps, args.warmup,
                                     args.rounds, _split(args.providers) or None)
         settings.cudnn_benchmark = not args.no_cudnn_benchmark
-        if settings.device.type == "cpu":
-            settings.malloc_keeps_freed = keep_freed_memory(default=False)
+        if args.keep_freed_memory:
+            settings.malloc_keeps_freed = keep_freed_memory()
+            if not settings.malloc_keeps_freed:
+                raise RuntimeError("--keep-freed-memory: glibc's mallopt is not available here")
         for prov in settings.providers:
             if prov not in C.PROVIDERS:
                 raise ValueError(f"unknown provider {prov!r}; choose from {', '.join(C.PROVIDERS)}")
@@ -296,7 +302,7 @@ def _print_and_write(doc, paths, plot=True) -> None:
             f.write(f"{env.get('gpu') or env['device']}, {doc['date']} (torch {env['torch']}, "
                     f"triton {env['triton']}, git {env.get('git_commit')})\n\n"
                     f"{report.format_ceilings(ceilings)}"
-                    + ("; glibc keeps freed memory (RESFAST_MALLOC=keep)"
+                    + ("; glibc keeps freed memory (--keep-freed-memory)"
                        if doc["settings"].get("malloc_keeps_freed") else "")
                     + f"\n\n{report.format_markdown_by_command(doc, shown)}\n")
         written = [paths["json"], paths["md"]]

@@ -47,7 +47,7 @@ class Settings:
     cudnn_benchmark: bool = True
     # time the providers of a case round by round in turn (see time_interleaved)
     interleave: bool = False
-    # glibc keeps freed memory mapped (resfast.cpu_memory, RESFAST_MALLOC=keep)
+    # glibc keeps freed memory mapped (--keep-freed-memory: resfast.cpu_memory)
     malloc_keeps_freed: bool = False
 
 

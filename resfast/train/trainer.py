@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from ..cpu_memory import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
     atomic_save,
@@ -433,8 +432,6 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     from resfast.data import build_datasets, dense_test_dataset, parse_scale
 
     d = Dist(args.device)
-    if d.device.type == "cpu":
-        keep_freed_memory()  # page faults are 15-20% of a CPU step otherwise (cpu_memory)
     try:
         return _train(args, d, build_datasets, dense_test_dataset, parse_scale)
     finally:

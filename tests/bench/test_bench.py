@@ -602,3 +602,15 @@ def test_gpu_run_summary(tmp_path):
     assert "Headline targets" not in text  # no bench.json yet
     assert gpu_summary.main(["--work", str(work), "--results", str(results)]) == 0
     assert (results / "summary.md").read_text() == gpu_summary.summary(str(work), str(results))
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
+                    reason="mallopt is glibc's (Linux)")
+def test_keep_freed_memory_is_recorded(tmp_path):
+    # a subprocess: the setting is the whole process's (resfast.cpu_memory)
+    res = _run(["-m", "resfast", "bench", "--device", "cpu", "--size", "cpu-tiny", "--names",
+                "bn_add_relu-8x8x16", "--modes", "train", "--providers", "resfast", "eager",
+                "--keep-freed-memory", "--out", str(tmp_path), "--name", "run", "--quiet"])
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["malloc_keeps_freed"]
+    assert "glibc keeps freed memory (--keep-freed-memory)" in (tmp_path / "run.md").read_text()
