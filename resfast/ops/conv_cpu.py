@@ -162,8 +162,9 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
         g = torch.zeros_like(y)
     g = _channels_last(g.to(weight.dtype))
     need_a = output_mask[0]
-    # a is recomputed (one bn_act pass when there is a prologue), not kept from the forward:
-    # the op keeps only x, like torch.nn keeps only the BN input.
+    # a is recomputed (one bn_act pass when there is a prologue): the op keeps only x. resfast's
+    # layers do not pass a prologue on the CPU: they apply it as its own autograd node, which
+    # keeps a (functional._conv_input), as torch.nn keeps its ReLU's output.
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
