@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-_GLIBC = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
+from tests.support.helpers import GLIBC
 
 # Six 8 MiB tensors alive at once, written, then freed, ten times: the page faults per
 # round after the first.
@@ -33,7 +33,7 @@ def _run(mode: str):
     return was_set == "True", float(faults)
 
 
-@pytest.mark.skipif(not _GLIBC, reason="mallopt is glibc's (Linux)")
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's (Linux)")
 def test_keep_freed_memory_cuts_page_faults():
     was_set, kept = _run("keep")
     assert was_set

@@ -18,7 +18,7 @@ from resfast.bench import bench_main
 from resfast.bench import cases as C
 from resfast.bench.measure import Runner, default_settings
 from resfast.twin import torch_twin
-from tests.support.helpers import no_resfast_ops, triton_interpreter_problem
+from tests.support.helpers import GLIBC, no_resfast_ops, triton_interpreter_problem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HAS_CUDA = torch.cuda.is_available()
@@ -604,8 +604,7 @@ def test_gpu_run_summary(tmp_path):
     assert (results / "summary.md").read_text() == gpu_summary.summary(str(work), str(results))
 
 
-@pytest.mark.skipif(sys.platform != "linux" or os.confstr("CS_GNU_LIBC_VERSION") is None,
-                    reason="mallopt is glibc's (Linux)")
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's (Linux)")
 def test_keep_freed_memory_is_recorded(tmp_path):
     # a subprocess: the setting is the whole process's (resfast.cpu_memory)
     res = _run(["-m", "resfast", "bench", "--device", "cpu", "--size", "cpu-tiny", "--names",

@@ -8,6 +8,8 @@ different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 """
 import contextlib
 import functools
+import os
+import sys
 from typing import Optional
 
 import pytest
@@ -34,6 +36,8 @@ GRAD_FACTOR = 3.0
 # the cuda cases are marked gpu: skipped with the reason without a GPU (tests/conftest.py),
 # and `pytest -m gpu` runs only them (scripts/gpu_run.sh)
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+# glibc's malloc (mallopt: resfast.cpu_memory)
+GLIBC = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
 
 
 @functools.lru_cache(maxsize=None)
