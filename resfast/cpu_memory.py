@@ -9,7 +9,7 @@ resnet20`` on the README's 2-core machine spends 7.0 s of system time with glibc
 defaults and 1.3 s with these thresholds, and takes 109 s either way (6.5 s per
 epoch). A benchmark that times several models round by round in one process keeps
 breaking that pattern: there the page faults were 15-20% of a ResNet-20 step, for
-torch.nn and resfast alike, and moved with the order of the providers. Raising the
+torch.nn and resfast alike. Raising the
 two thresholds, as jemalloc or tcmalloc behave by default, takes them out. The
 price: the process keeps its peak heap size.
 

@@ -321,7 +321,8 @@ def add_relu(y: Tensor, residual: Tensor) -> Tensor:
 def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Tensor] = None, *,
                  stride: int = 1, padding: int = 0, dilation: int = 1) -> Tensor:
     """Pre-activation ``conv2d(relu(bn(x)))``: BN-apply and ReLU happen while the
-    conv loads its input."""
+    conv loads its input (on the GPU; on the CPU they are one pass before it,
+    :func:`_conv_input`)."""
     pending = batch_norm_pending(x, bn, relu=True)
     _check_input(x)
     dtype = _conv_dtype(x, weight)
