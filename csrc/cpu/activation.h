@@ -27,9 +27,27 @@ inline Geometry geometry(const at::Tensor& y, at::MemoryFormat format) {
           format == at::MemoryFormat::ChannelsLast ? Layout::kRows : Layout::kPlanes};
 }
 
+// t copied into `format`: by tiles (kernels().transpose_images) when t is an
+// activation of 2- or 4-byte elements dense in the other of the two layouts, else
+// by ATen's copy_. (Tiles of doubles, moved by scalar code, were as often slower
+// than ATen as faster; float64 is the reference dtype, not a fast path.)
+inline at::Tensor relayout(const at::Tensor& t, at::MemoryFormat format) {
+  at::Tensor out = at::empty(t.sizes(), t.options().memory_format(format));
+  const bool to_rows = format == at::MemoryFormat::ChannelsLast;
+  const bool transposed = t.dim() == 4 && t.numel() > 0 && !t.is_conj() && !t.is_neg() &&
+                          (to_rows ? t.is_contiguous()
+                                   : t.is_contiguous(at::MemoryFormat::ChannelsLast));
+  const auto bytes = t.element_size();
+  if (!transposed || !(bytes == 2 || bytes == 4)) return out.copy_(t);
+  const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+  kernels().transpose_images({t.const_data_ptr(), t.scalar_type(), t.size(0), to_rows ? C : HW,
+                              to_rows ? HW : C, out.mutable_data_ptr()});
+  return out;
+}
+
 // t dense in `format`: t itself when it is (the fast path), else a copy.
 inline at::Tensor dense(const at::Tensor& t, at::MemoryFormat format) {
-  return t.contiguous(format);
+  return t.is_contiguous(format) ? t : relayout(t, format);
 }
 
 // The buffer a loop writes `out` through: out itself when it is dense in

@@ -84,12 +84,23 @@ struct ActBackwardArgs {
   void* sum_g;
 };
 
+// dst[n][j][i] = src[n][i][j] for N dense [rows, cols] matrices: an activation
+// copied between NCHW ([C, HW] per image) and channels_last ([HW, C]). Any
+// dtype of 2 or 4 bytes (the copy moves bits).
+struct TransposeArgs {
+  const void* src;
+  c10::ScalarType dtype;
+  int64_t N, rows, cols;
+  void* dst;
+};
+
 struct Kernels {
   const char* isa;
   void (*bn_stats)(const StatsArgs&);
   void (*bn_stats_backward)(const StatsBackwardArgs&);
   void (*bn_act)(const ActArgs&);
   void (*bn_act_backward)(const ActBackwardArgs&);
+  void (*transpose_images)(const TransposeArgs&);
 };
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
@@ -100,6 +111,7 @@ struct Kernels {
   void bn_stats_backward(const StatsBackwardArgs& a); \
   void bn_act(const ActArgs& a);                      \
   void bn_act_backward(const ActBackwardArgs& a);     \
+  void transpose_images(const TransposeArgs& a);      \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

@@ -50,6 +50,7 @@ from torch.library import custom_op, register_autograd, register_fake
 from ..dtypes import stats_dtype
 from . import conv_cpu, conv_path
 from . import fold as _fold
+from .layout import to_memory_format
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -568,6 +569,11 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
             grad_centre = -in_scale * grad_shift
     elif need_a:
         grad_x = grad_a
+        nchw = x.is_contiguous() and not x.is_contiguous(memory_format=_CL)
+        if writes_prologue_apart(x) and nchw:
+            # In x's layout, NCHW, as torch.nn's convolution returns it; AccumulateGrad would copy
+            # it there otherwise, element by element (ATen's copy_, 2-3x slower than relayout's).
+            grad_x = to_memory_format(grad_a, torch.contiguous_format)
     return (grad_x if need_x else None, grad_w if need_w else None,
             grad_b if need_b and conf.has_bias else None,
             grad_scale if need_in_scale and in_scale is not None else None,
