@@ -28,10 +28,14 @@ inline Geometry geometry(const at::Tensor& y, at::MemoryFormat format) {
 }
 
 // t copied into `format`: by tiles (kernels().transpose_images) when t is an
-// activation of 2- or 4-byte elements dense in the other of the two layouts, else
-// by ATen's copy_. (Tiles of doubles, moved by scalar code, were as often slower
-// than ATen as faster; float64 is the reference dtype, not a fast path.)
+// activation of 2- or 4-byte elements dense in the other of the two layouts, with
+// C and H*W both at least one tile (16) wide; else by ATen's copy_. Measured
+// (benchmarks/cpu_bn_ops.py --cases relayout): tiles of doubles, moved by scalar
+// code, were as often slower than ATen as faster (float64 is the reference dtype,
+// not a fast path), and a network's 3-channel input, in tiles 3/16 full, 2.5-5x
+// slower.
 inline at::Tensor relayout(const at::Tensor& t, at::MemoryFormat format) {
+  constexpr int64_t kTile = 16;
   at::Tensor out = at::empty(t.sizes(), t.options().memory_format(format));
   const bool to_rows = format == at::MemoryFormat::ChannelsLast;
   const bool transposed = t.dim() == 4 && t.numel() > 0 && !t.is_conj() && !t.is_neg() &&
@@ -40,6 +44,7 @@ inline at::Tensor relayout(const at::Tensor& t, at::MemoryFormat format) {
   const auto bytes = t.element_size();
   if (!transposed || !(bytes == 2 || bytes == 4)) return out.copy_(t);
   const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+  if (C < kTile || HW < kTile) return out.copy_(t);
   kernels().transpose_images({t.const_data_ptr(), t.scalar_type(), t.size(0), to_rows ? C : HW,
                               to_rows ? HW : C, out.mutable_data_ptr()});
   return out;
