@@ -85,8 +85,9 @@ struct ActBackwardArgs {
 };
 
 // dst[n][j][i] = src[n][i][j] for N dense [rows, cols] matrices: an activation
-// copied between NCHW ([C, HW] per image) and channels_last ([HW, C]). Any
-// dtype of 2 or 4 bytes (the copy moves bits).
+// copied between NCHW ([C, HW] per image) and channels_last ([HW, C]), any dtype
+// (the copy moves bits). The loop returns false, having done nothing, where its
+// instruction set has no vector transpose for the element size.
 struct TransposeArgs {
   const void* src;
   c10::ScalarType dtype;
@@ -100,7 +101,7 @@ struct Kernels {
   void (*bn_stats_backward)(const StatsBackwardArgs&);
   void (*bn_act)(const ActArgs&);
   void (*bn_act_backward)(const ActBackwardArgs&);
-  void (*transpose_images)(const TransposeArgs&);
+  bool (*transpose_images)(const TransposeArgs&);
 };
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
@@ -111,7 +112,7 @@ struct Kernels {
   void bn_stats_backward(const StatsBackwardArgs& a); \
   void bn_act(const ActArgs& a);                      \
   void bn_act_backward(const ActBackwardArgs& a);     \
-  void transpose_images(const TransposeArgs& a);      \
+  bool transpose_images(const TransposeArgs& a);      \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

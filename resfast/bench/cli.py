@@ -24,8 +24,9 @@ a --names glob (name, name/mode, kind or set); everything when neither is given.
 For each case and each (dtype, layout), the providers run in the same process:
 resfast, torch.nn eager, torch.compile of the torch.nn module (and, for the
 eval conv + BN + ReLU, the bare conv). "vs eager" = eager ms / this ms (> 1 is
-faster; at --size cpu, where the providers take turns round by round, "[a-b]" after
-a ratio is the lower and upper quartile of the rounds' own ratios); providers run
+faster; at --size cpu, where the providers take turns round by round, each round
+gives a ratio of its own: the ratio shown is their median, and "[a-b]" after it
+their lower and upper quartile); providers run
 eager, resfast, then the other references, torch.compile
 last (its compilation is the slowest first call; "1st call s" reports each
 provider's first call, compilation included, apart from the timed steps).

@@ -109,8 +109,8 @@ def _layout(layout: str) -> str:
     return {"channels_last": "NHWC", "nchw": "NCHW"}.get(layout, layout)
 
 
-QUARTILES_NOTE = ("[a-b] after a ratio: its lower and upper quartile over the timed rounds (each "
-                  "round ran every provider in turn, so each gives a ratio of its own)")
+QUARTILES_NOTE = ("ratios are the median of the timed rounds' own ratios (each round ran every "
+                  "provider in turn), [a-b] their lower and upper quartile")
 
 
 def has_quartiles(rows: Sequence[Dict[str, object]]) -> bool:
@@ -234,9 +234,9 @@ def plot(doc: Dict[str, object], path: str) -> Optional[str]:
                     ax.text(v, y + off, f" {v:.2f}x", va="center", ha="left" if v >= 1 else "right",
                             fontsize=6)
                 q = r.get(key + "_quartiles")
-                if v and q:  # the rounds' quartiles
-                    ax.errorbar(v, y + off, xerr=[[max(0.0, v - q[0])], [max(0.0, q[1] - v)]],
-                                fmt="none", ecolor="black", elinewidth=0.7, capsize=2)
+                if v and q:  # the rounds' quartiles, around their median v
+                    ax.errorbar(v, y + off, xerr=[[v - q[0]], [q[1] - v]], fmt="none",
+                                ecolor="black", elinewidth=0.7, capsize=2)
         ax.set_xscale("log", base=2)
         from matplotlib.ticker import FuncFormatter
 

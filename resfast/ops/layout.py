@@ -1,12 +1,11 @@
 """``resfast::relayout``: an activation copied between NCHW and channels_last.
 
-ATen's ``copy_`` between the two layouts goes element by element along the
-destination and is 2-7x slower than a plain copy of the same bytes on the CPU
-(8x256x56x56 float32: 8.3 ms against 1.2 ms on the 2-core machine). The CPU
-kernel copies by tiles instead (csrc/cpu/kernels/layout_kernel.cpp). The op is
-only called where a copy between the two layouts is due anyway: the CPU
-convolution's channels_last input, results handed back to NCHW callers, and
-gradients returned in their input's layout.
+ATen's ``copy_`` between the two layouts writes element by element and is up to
+5x slower than copying by tiles transposed in vector registers, which the CPU
+kernel does (csrc/cpu/kernels/layout_kernel.cpp; measured with
+``benchmarks/cpu_bn_ops.py --cases relayout``). It is called only where a copy
+between the two layouts is due anyway: the CPU convolution's channels_last
+input, results handed back to NCHW callers, and the gradient of an NCHW leaf.
 """
 import torch
 from torch import Tensor
@@ -24,23 +23,25 @@ def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     if x.is_contiguous(memory_format=memory_format):
         return x
     other = torch.contiguous_format if memory_format == _CL else _CL
-    if x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=other):
+    # compiled graphs leave layout copies to Inductor, which can fuse them with their neighbours
+    if (x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous(memory_format=other)
+            and not torch.compiler.is_compiling()):
         return ops.relayout(x, memory_format == _CL)
     return x.contiguous(memory_format=memory_format)
 
 
 @register_fake("resfast::relayout")
 def _(x, channels_last):
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (N, C, H, W), got {x.dim()}-D")
     return torch.empty_like(x, memory_format=_CL if channels_last else torch.contiguous_format)
 
 
-def _setup(ctx, inputs, output):
-    ctx.channels_last = inputs[1]
-
-
 def _backward(ctx, grad):
-    # the input was dense in the other layout
-    return to_memory_format(grad, torch.contiguous_format if ctx.channels_last else _CL), None
+    # The gradient as it comes, in whichever layout, as Tensor.contiguous's backward passes it:
+    # relaying it here would make a chain of NCHW layers copy every gradient twice (the ops
+    # below read either layout).
+    return grad, None
 
 
-register_autograd("resfast::relayout", _backward, setup_context=_setup)
+register_autograd("resfast::relayout", _backward)

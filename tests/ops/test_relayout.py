@@ -46,6 +46,21 @@ def test_relayout_of_views_and_empty_tensors(to_cl):
         assert torch.equal(out, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int32])
+def test_relayout_moves_bits(dtype):
+    # integers through the tile path (C and H*W past one tile): every bit pattern moves as it
+    # is, also those that read as NaN or -0 when the copy goes as bfloat16 or float
+    info = torch.iinfo(dtype)
+    x = torch.randint(info.min, info.max, (2, 40, 5, 7), dtype=dtype)
+    x.view(-1)[:4] = torch.tensor([-1, 0, info.min, info.max], dtype=dtype)
+    if dtype == torch.int32:
+        x.view(-1)[4:6] = torch.tensor([0x7F800001, -2147483648], dtype=dtype)  # NaN, -0.0
+    else:
+        x.view(-1)[4:6] = torch.tensor([0x7F81, -32768], dtype=dtype)  # bfloat16 NaN, -0.0
+    for to_cl, src in ((True, x), (False, x.contiguous(memory_format=CL))):
+        assert torch.equal(ops.relayout(src, to_cl), x)
+
+
 def test_to_memory_format_returns_dense_inputs_as_they_are():
     x = torch.randn(2, 3, 4, 5)
     assert to_memory_format(x, NCHW) is x
@@ -58,20 +73,24 @@ def test_to_memory_format_returns_dense_inputs_as_they_are():
 
 
 @pytest.mark.parametrize("to_cl", [True, False])
-def test_gradient_comes_back_in_the_input_layout(to_cl):
+def test_gradient_passes_through(to_cl):
+    # as Tensor.contiguous's does: the values of the output's gradient, in its own layout
     src_fmt, fmt = (NCHW, CL) if to_cl else (CL, NCHW)
     x = torch.randn(2, 5, 6, 7, dtype=torch.float64).contiguous(
         memory_format=src_fmt).requires_grad_()
-    g = torch.randn(2, 5, 6, 7, dtype=torch.float64)
-    to_memory_format(x, fmt).backward(g)
-    assert torch.equal(x.grad, g)
-    assert x.grad.is_contiguous(memory_format=src_fmt)
+    g = torch.randn(2, 5, 6, 7, dtype=torch.float64).contiguous(memory_format=fmt)
+    (grad,) = torch.autograd.grad(to_memory_format(x, fmt), x, g)
+    assert torch.equal(grad, g) and grad.is_contiguous(memory_format=fmt)
     torch.autograd.gradcheck(lambda t: ops.relayout(t, to_cl), (x.detach().requires_grad_(),))
 
 
 def test_bad_input_is_named():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     with pytest.raises(ValueError, match="x must be 4-D"):
         ops.relayout(torch.randn(2, 3, 4), True)
+    with FakeTensorMode(), pytest.raises(ValueError, match="x must be 4-D"):
+        ops.relayout(torch.empty(2, 3, 4), True)
 
 
 def test_bn_ops_read_the_other_layout_through_it():
@@ -97,3 +116,29 @@ def test_conv_returns_the_gradient_of_an_nchw_input_in_nchw():
         (grads[name],) = torch.autograd.grad(y, x, torch.ones_like(y))
         assert grads[name].is_contiguous(memory_format=fmt), name
     assert torch.equal(grads["nchw"], grads["channels_last"])
+
+
+def test_a_chain_of_nchw_layers_relays_each_tensor_once():
+    # Two conv + BN + ReLU layers on an NCHW leaf. Forward: each conv relays its input to
+    # channels_last and its output back to NCHW (4). Backward: each conv recomputes its input in
+    # channels_last (2) and only the leaf's gradient is relaid to NCHW (1); the gradient between
+    # the layers goes as it is (relayout's backward passes it through, the inner x is no leaf).
+    from resfast import functional as F
+
+    torch.manual_seed(0)
+    bn1, bn2 = torch.nn.BatchNorm2d(16), torch.nn.BatchNorm2d(16)
+    w1, w2 = torch.randn(16, 16, 3, 3), torch.randn(16, 16, 3, 3)
+    x = torch.randn(2, 16, 8, 8).requires_grad_()
+
+    def relayouts(fn):
+        with torch.profiler.profile() as prof:
+            out = fn()
+        return out, sum(e.name == "resfast::relayout" for e in prof.events())
+
+    out, forward = relayouts(lambda: F.conv_bn_relu(
+        F.conv_bn_relu(x, w1, None, F.BatchNormArgs.of(bn1), padding=1), w2, None,
+        F.BatchNormArgs.of(bn2), padding=1))
+    assert out.is_contiguous() and forward == 4
+    _, backward = relayouts(lambda: out.backward(torch.randn_like(out)))
+    assert backward == 3
+    assert x.grad.is_contiguous()

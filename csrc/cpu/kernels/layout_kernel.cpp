@@ -1,17 +1,29 @@
 // The copy of an activation between its two dense layouts, NCHW and
 // channels_last. Per image it is the transpose of a [rows, cols] matrix (C x HW
-// one way, HW x C the other). It goes by square tiles: the tile's rows are read
-// and its columns written a whole cache line at a time, in vector registers
-// (ATen's transpose_mxn), where an element-by-element strided copy touches a new
-// line for every element it writes (ATen's copy_ between the two layouts: 2-7x
-// slower on ResNet activations, README, Performance on the CPU).
+// one way, HW x C the other). It goes by square tiles transposed in vector
+// registers (ATen's transpose_mxn): the tile's rows are read and its columns
+// written a whole cache line at a time, where ATen's copy_ between the two
+// layouts writes element by element (up to 5x slower on ResNet activations:
+// benchmarks/cpu_bn_ops.py --cases relayout). Only where ATen has such a
+// transpose: float on AVX2 and AVX512, 16-bit types on AVX512. Elsewhere its
+// transpose_mxn is a scalar loop, measured 2x slower than copy_ (DEFAULT, float),
+// and the caller copies with ATen.
 #include "common.h"
 
 namespace resfast::cpu::CPU_CAPABILITY {
 namespace {
 
 // 16 x 16 elements: one 64-byte line per row for float, a register per row on AVX512.
+// (cpu/activation.h sends no tensor with C or H*W under this to the loop.)
 constexpr int64_t kTile = 16;
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kVectorFloat = true, kVector16Bit = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr bool kVectorFloat = true, kVector16Bit = false;
+#else
+constexpr bool kVectorFloat = false, kVector16Bit = false;
+#endif
 
 template <typename T>
 void transpose_tile(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t m, int64_t n) {
@@ -51,19 +63,20 @@ void transpose_images(const T* src, T* dst, int64_t N, int64_t rows, int64_t col
 
 }  // namespace
 
-void transpose_images(const TransposeArgs& a) {
-  // The copy moves bits: 16-bit types go as bfloat16 (whose AVX512 tile transpose
-  // exists), 32-bit ones as float.
-  switch (c10::elementSize(a.dtype)) {
-    case 2:
-      return transpose_images(static_cast<const c10::BFloat16*>(a.src),
-                              static_cast<c10::BFloat16*>(a.dst), a.N, a.rows, a.cols);
-    case 4:
-      return transpose_images(static_cast<const float*>(a.src), static_cast<float*>(a.dst), a.N,
-                              a.rows, a.cols);
-    default:
-      TORCH_CHECK(false, "resfast: no CPU layout copy for dtype ", a.dtype);
+bool transpose_images(const TransposeArgs& a) {
+  // The copy moves bits: 16-bit types go as bfloat16, 32-bit ones as float.
+  const auto bytes = c10::elementSize(a.dtype);
+  if (bytes == 2 && kVector16Bit) {
+    transpose_images(static_cast<const c10::BFloat16*>(a.src), static_cast<c10::BFloat16*>(a.dst),
+                     a.N, a.rows, a.cols);
+    return true;
   }
+  if (bytes == 4 && kVectorFloat) {
+    transpose_images(static_cast<const float*>(a.src), static_cast<float*>(a.dst), a.N, a.rows,
+                     a.cols);
+    return true;
+  }
+  return false;
 }
 
 }  // namespace resfast::cpu::CPU_CAPABILITY
