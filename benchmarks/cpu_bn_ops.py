@@ -26,6 +26,8 @@ resfast.functional and resfast/ops/conv_cpu.py chain them (centre = mean):
   bn_stats       bn_stats vs torch.var_mean
   bn_act_bwd     bn_act_backward (grad_y, grad_scale, grad_shift) vs its composite
                  (threshold_backward, mul, two sums)
+  relayout       y copied into the other layout (the layout column is y's):
+                 resfast::relayout vs y.contiguous(memory_format=...)
 """
 
 import argparse
@@ -202,6 +204,19 @@ def torch_act_bwd(t):
     return run
 
 
+def _is_channels_last(t):
+    return t["y"].is_contiguous(memory_format=torch.channels_last)
+
+
+def ours_relayout(t):
+    return lambda: ops.relayout(t["y"], not _is_channels_last(t))
+
+
+def torch_relayout(t):
+    fmt = torch.contiguous_format if _is_channels_last(t) else torch.channels_last
+    return lambda: t["y"].contiguous(memory_format=fmt)
+
+
 CASES = {
     "bn_train_fwd": (lambda t: ours_train(t, False), lambda t: torch_train(t, False)),
     "bn_add_relu": (lambda t: ours_train(t, True), lambda t: torch_train(t, True)),
@@ -209,6 +224,7 @@ CASES = {
     "bn_eval": (ours_eval, torch_eval),
     "bn_stats": (lambda t: lambda: ops.bn_stats(t["y"]), torch_stats),
     "bn_act_bwd": (ours_act_bwd, torch_act_bwd),
+    "relayout": (ours_relayout, torch_relayout),
 }
 COMPILABLE = ("bn_train_fwd", "bn_add_relu", "bn_eval")
 

@@ -56,6 +56,10 @@ TORCH_LIBRARY(resfast, m) {
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu,"
       " bool[4] output_mask, Tensor? centre=None)"
       " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
+  // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
+  // always. On the CPU an activation dense in the other layout is copied by tiles,
+  // several times faster than ATen's copy_ between the two.
+  m.def("relayout(Tensor x, bool channels_last) -> Tensor");
   // What this build contains: "cuda_archs=<list>" (empty without CUDA).
   m.def("build_info() -> str", [] { return std::string("cuda_archs=") + RESFAST_CUDA_ARCHS; });
   // The instruction set of the CPU kernels in use: "AVX512", "AVX2" or "DEFAULT".

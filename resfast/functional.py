@@ -30,6 +30,7 @@ from . import ops as _ops  # noqa: F401  (registers the Python ops)
 from .dtypes import stats_dtype
 from .ops import conv2d_bn as _conv_ops
 from .ops import fold as _fold
+from .ops.layout import to_memory_format
 
 ops = torch.ops.resfast
 
@@ -284,7 +285,7 @@ def _like_input(out: Tensor, x: Tensor) -> Tensor:
     # The kernels write channels_last; hand NCHW callers NCHW back.
     if x.is_contiguous(memory_format=torch.channels_last) or out.dim() != 4:
         return out
-    return out.contiguous()
+    return to_memory_format(out, torch.contiguous_format)
 
 
 def conv_bn_relu(x: Tensor, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs, *,

@@ -84,12 +84,24 @@ struct ActBackwardArgs {
   void* sum_g;
 };
 
+// dst[n][j][i] = src[n][i][j] for N dense [rows, cols] matrices: an activation
+// copied between NCHW ([C, HW] per image) and channels_last ([HW, C]), any dtype
+// (the copy moves bits). The loop returns false, having done nothing, where its
+// instruction set has no vector transpose for the element size.
+struct TransposeArgs {
+  const void* src;
+  c10::ScalarType dtype;
+  int64_t N, rows, cols;
+  void* dst;
+};
+
 struct Kernels {
   const char* isa;
   void (*bn_stats)(const StatsArgs&);
   void (*bn_stats_backward)(const StatsBackwardArgs&);
   void (*bn_act)(const ActArgs&);
   void (*bn_act_backward)(const ActBackwardArgs&);
+  bool (*transpose_images)(const TransposeArgs&);
 };
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
@@ -100,6 +112,7 @@ struct Kernels {
   void bn_stats_backward(const StatsBackwardArgs& a); \
   void bn_act(const ActArgs& a);                      \
   void bn_act_backward(const ActBackwardArgs& a);     \
+  bool transpose_images(const TransposeArgs& a);      \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

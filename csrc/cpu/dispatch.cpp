@@ -17,7 +17,8 @@ RESFAST_DECLARE_CPU_KERNELS(AVX512)
 #endif
 
 #define RESFAST_KERNEL_TABLE(ISA) \
-  Kernels { #ISA, &ISA::bn_stats, &ISA::bn_stats_backward, &ISA::bn_act, &ISA::bn_act_backward }
+  Kernels { #ISA, &ISA::bn_stats, &ISA::bn_stats_backward, &ISA::bn_act, &ISA::bn_act_backward, \
+        &ISA::transpose_images }
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {

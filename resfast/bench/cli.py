@@ -24,7 +24,10 @@ a --names glob (name, name/mode, kind or set); everything when neither is given.
 For each case and each (dtype, layout), the providers run in the same process:
 resfast, torch.nn eager, torch.compile of the torch.nn module (and, for the
 eval conv + BN + ReLU, the bare conv). "vs eager" = eager ms / this ms (> 1 is
-faster); providers run eager, resfast, then the other references, torch.compile
+faster; at --size cpu, where the providers take turns round by round, each round
+gives a ratio of its own: the ratio shown is their median, and "[a-b]" after it
+their lower and upper quartile); providers run
+eager, resfast, then the other references, torch.compile
 last (its compilation is the slowest first call; "1st call s" reports each
 provider's first call, compilation included, apart from the timed steps).
 TFLOP/s counts conv/GEMM FLOPs (torch.utils.flop_counter); GB/s counts
@@ -283,6 +286,8 @@ def _print_and_write(doc, paths, plot=True) -> None:
     print(report.format_ceilings(ceilings))
     shown = [r for r in doc["results"] if r["status"] != "skipped"]
     print(report.format_table(shown) if shown else "(nothing measured)")
+    if report.has_quartiles(shown):
+        print(report.QUARTILES_NOTE)
     skipped = [r for r in doc["results"] if r["status"] == "skipped"]
     if skipped:
         reasons = {}
@@ -304,6 +309,7 @@ def _print_and_write(doc, paths, plot=True) -> None:
                     f"{report.format_ceilings(ceilings)}"
                     + ("; glibc keeps freed memory (--keep-freed-memory)"
                        if doc["settings"].get("malloc_keeps_freed") else "")
+                    + (f"\n\n{report.QUARTILES_NOTE}" if report.has_quartiles(shown) else "")
                     + f"\n\n{report.format_markdown_by_command(doc, shown)}\n")
         written = [paths["json"], paths["md"]]
         if plot and report.plot(doc, paths["png"]):

@@ -8,7 +8,10 @@ of the round, the host free to run ahead), on the CPU by ``perf_counter``.
 ``ms`` is the median round's time per step. With ``interleave`` (the default
 at ``--size cpu``) the providers of one case and configuration take turns,
 round by round (:func:`time_interleaved`), so that load from other processes
-on a shared machine falls on all of them alike and their ratios stay fair.
+on a shared machine falls on all of them alike and their ratios stay fair;
+round i of every provider then ran back to back, so each round gives a ratio of
+its own: the ratios reported are the median of those, with their quartiles
+(``ratio_vs_*_quartiles``), which say how far a ratio moved from round to round.
 
 Ceilings, measured in the same run on the same device: copy bandwidth (a large
 device-to-device ``copy_``, counting read + write) and matmul throughput
@@ -183,6 +186,18 @@ def time_interleaved(steps: Dict[str, Callable[[], None]], device: torch.device,
             per_step[name].append((time.perf_counter() - t) * 1e3 / max(1, n_steps))
     return {name: Timing(statistics.median(v), min(v), v, first[name])
             for name, v in per_step.items()}
+
+
+def paired_ratios(ref_rounds: List[float], rounds: List[float]
+                  ) -> Optional[Tuple[float, float, float]]:
+    """(median, lower quartile, upper quartile) of ref / this over rounds timed in
+    turn (round i of both ran back to back, :func:`time_interleaved`), so that each
+    round gives a ratio of its own; None below 3 rounds."""
+    if len(ref_rounds) != len(rounds) or len(rounds) < 3 or min(rounds) <= 0:
+        return None
+    ratios = [r / m for r, m in zip(ref_rounds, rounds)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return median, q1, q3
 
 
 # ---- ceilings ----------------------------------------------------------------------------
@@ -372,6 +387,10 @@ class Row:
     ratio_vs_compile: Optional[float] = None
     ratio_vs_conv_alone: Optional[float] = None
     ratio_vs_cudnn_fe: Optional[float] = None  # cudnn_fe ms / this ms (training conv + BN + ReLU)
+    # interleaved rounds: the ratios above are the median of the rounds' own ratios, and
+    # these their [lower, upper] quartiles (paired_ratios)
+    ratio_vs_eager_quartiles: Optional[List[float]] = None
+    ratio_vs_compile_quartiles: Optional[List[float]] = None
     flops: Optional[int] = None
     tflops: Optional[float] = None
     bytes: Optional[int] = None
@@ -628,6 +647,12 @@ class Runner:
                 other = self.measure(case, row.dtype, row.layout, ref)
             if other is not None and other.status == "ok" and other.ms and row.ms:
                 setattr(row, attr, other.ms / row.ms)
+                paired = (paired_ratios(other.ms_rounds, row.ms_rounds)
+                          if self.s.interleave and ref in ("eager", "compile")
+                          and other is not row else None)
+                if paired is not None:  # the rounds' median ratio, and their quartiles
+                    setattr(row, attr, paired[0])
+                    setattr(row, attr + "_quartiles", list(paired[1:]))
         return row
 
     def rows(self) -> List[Row]:

@@ -109,18 +109,35 @@ def _layout(layout: str) -> str:
     return {"channels_last": "NHWC", "nchw": "NCHW"}.get(layout, layout)
 
 
+QUARTILES_NOTE = ("ratios are the median of the timed rounds' own ratios (each round ran every "
+                  "provider in turn), [a-b] their lower and upper quartile")
+
+
+def has_quartiles(rows: Sequence[Dict[str, object]]) -> bool:
+    return any(r.get("ratio_vs_eager_quartiles") or r.get("ratio_vs_compile_quartiles")
+               for r in rows)
+
+
+def _ratio(r: Dict[str, object], key: str) -> str:
+    """'0.95x', with the quartiles of the per-round ratios where the rounds were
+    interleaved: '0.95x [0.91-0.99]'."""
+    text = _num(r.get(key), "{:.2f}x")
+    q = r.get(key + "_quartiles")
+    return text if not q or r.get(key) is None else f"{text} [{q[0]:.2f}-{q[1]:.2f}]"
+
+
 def row_cells(r: Dict[str, object]) -> List[str]:
     bench = f"{r['name']} {r['mode']} {r['dtype']} {_layout(r['layout'])}"
     if r["status"] != "ok":
         return [bench, r["provider"], r["status"]] + [""] * 8 + [(r.get("reason") or "")[:90]]
-    vs_eager = _num(r.get("ratio_vs_eager"), "{:.2f}x")
+    vs_eager = _ratio(r, "ratio_vs_eager")
     if r.get("ratio_vs_conv_alone") is not None:
         vs_eager += f" ({r['ratio_vs_conv_alone']:.2f}x conv)"
     pct = "-" if r.get("pct_of_ceiling") is None else (
         f"{r['pct_of_ceiling']:.0f}% {'copy' if r.get('bound') == 'memory' else 'mm'}")
     ips = r.get("images_per_s")
     return [bench, r["provider"], _num(ips, "{:.0f}" if ips and ips >= 100 else "{:.1f}"),
-            _num(r.get("ms"), "{:.3f}"), vs_eager, _num(r.get("ratio_vs_compile"), "{:.2f}x"),
+            _num(r.get("ms"), "{:.3f}"), vs_eager, _ratio(r, "ratio_vs_compile"),
             _num(r.get("tflops"), "{:.3g}"), _num(r.get("gbs"), "{:.3g}"), pct,
             _num(r.get("peak_mem_mb"), "{:.0f}"), _num(r.get("first_call_s"), "{:.1f}"),
             r.get("kernel_path") or ""]
@@ -212,10 +229,14 @@ def plot(doc: Dict[str, object], path: str) -> Optional[str]:
             # bars grow from 1x (log scale): right of the line is faster, left slower
             ax.barh([y + off for y, v in zip(ys, vals) if v], [v - 1.0 for v in vals if v],
                     left=1.0, height=h, label=label, color=color)
-            for y, v in zip(ys, vals):
+            for y, v, r in zip(ys, vals, ours):
                 if v:
                     ax.text(v, y + off, f" {v:.2f}x", va="center", ha="left" if v >= 1 else "right",
                             fontsize=6)
+                q = r.get(key + "_quartiles")
+                if v and q:  # the rounds' quartiles, around their median v
+                    ax.errorbar(v, y + off, xerr=[[v - q[0]], [q[1] - v]], fmt="none",
+                                ecolor="black", elinewidth=0.7, capsize=2)
         ax.set_xscale("log", base=2)
         from matplotlib.ticker import FuncFormatter
 

@@ -4,8 +4,10 @@ BatchNorm ops (schemas, CPU and CUDA kernels in csrc/): fake implementations
 and autograd formulas are registered in :mod:`resfast.ops.bn`. The conv op is
 defined in Python (:mod:`resfast.ops.conv2d_bn`): oneDNN on the CPU
 (:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64.
+``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
+channels_last.
 """
-from . import bn, conv2d_bn  # noqa: F401  (registration side effects)
+from . import bn, conv2d_bn, layout  # noqa: F401  (registration side effects)
 from .conv2d_bn import conv2d_bn_backward_reference, conv2d_bn_forward_reference  # noqa: F401
 
 OPS = (
@@ -18,4 +20,5 @@ OPS = (
     "bn_act_backward",
     "conv2d_bn",
     "conv2d_bn_backward",
+    "relayout",
 )

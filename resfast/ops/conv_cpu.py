@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from . import fold as _fold
+from .layout import to_memory_format
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -54,8 +55,9 @@ def runs_onednn(x: Tensor, weight: Tensor) -> bool:
 
 
 def _channels_last(t: Tensor) -> Tensor:
-    # A no-op for channels_last tensors; NCHW callers pay one copy (see the module docstring).
-    return t.contiguous(memory_format=_CL)
+    # A no-op for channels_last tensors; NCHW callers pay one copy (see the module docstring),
+    # by tiles (resfast::relayout).
+    return to_memory_format(t, _CL)
 
 
 def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> Tensor:

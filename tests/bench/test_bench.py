@@ -613,3 +613,45 @@ def test_keep_freed_memory_is_recorded(tmp_path):
     assert res.returncode == 0, res.stderr
     assert json.loads((tmp_path / "run.json").read_text())["settings"]["malloc_keeps_freed"]
     assert "glibc keeps freed memory (--keep-freed-memory)" in (tmp_path / "run.md").read_text()
+
+
+def test_paired_ratios_of_interleaved_rounds():
+    from resfast.bench.measure import paired_ratios
+
+    # round i of both ran back to back: the ratios are 2, 2, 2, 1, 4 (sorted 1, 2, 2, 2, 4)
+    ref = [2.0, 4.0, 6.0, 1.0, 8.0]
+    ours = [1.0, 2.0, 3.0, 1.0, 2.0]
+    assert paired_ratios(ref, ours) == (2.0, 2.0, 2.0)
+    assert paired_ratios([1.0, 3.0, 2.0, 4.0], [1.0, 1.0, 1.0, 1.0]) == (2.5, 1.75, 3.25)
+    assert paired_ratios([1.0, 2.0], [1.0, 2.0]) is None  # too few rounds
+    assert paired_ratios([1.0, 2.0, 3.0], [1.0, 2.0]) is None  # not paired
+
+
+def test_interleaved_run_reports_the_rounds_median_ratio_and_quartiles():
+    import dataclasses
+
+    from resfast.bench import report
+
+    settings = dataclasses.replace(default_settings("cpu", "cpu-tiny", "off", rounds=5),
+                                   interleave=True, providers=("resfast", "eager"))
+    runner = Runner(settings,
+                    ceilings={"copy_gbs": 1.0, "matmul_tflops": {"fp32": 1.0, "bf16": 1.0}})
+    case = C.Case("bn_add_relu-4x4x4", "ops", "bn_add_relu", "train", 2, (4, 4, 4), ())
+    ours = runner.complete(runner.measure(case, "fp32", "channels_last", "resfast"), case)
+    eager = runner.complete(runner.measure(case, "fp32", "channels_last", "eager"), case)
+    assert ours.status == eager.status == "ok", (ours.reason, eager.reason)
+    assert len(ours.ms_rounds) == len(eager.ms_rounds) == 5
+    ratios = sorted(e / o for e, o in zip(eager.ms_rounds, ours.ms_rounds))
+    lo, hi = ours.ratio_vs_eager_quartiles
+    # 5 rounds: the quartiles are the 2nd and 4th ratio, the median the 3rd, inside them
+    assert (lo, ours.ratio_vs_eager, hi) == pytest.approx((ratios[1], ratios[2], ratios[3]))
+    cell = report.row_cells(ours.as_dict())[4]
+    assert cell == f"{ours.ratio_vs_eager:.2f}x [{lo:.2f}-{hi:.2f}]"
+    assert report.has_quartiles([ours.as_dict()])
+    # the reference against itself: 1x, no spread to show
+    assert eager.ratio_vs_eager == 1.0 and eager.ratio_vs_eager_quartiles is None
+    # rounds timed one provider after the other (cpu-tiny, GPUs) are not paired: no quartiles
+    plain = Runner(default_settings("cpu", "cpu-tiny", "off", rounds=5),
+                   ceilings={"copy_gbs": 1.0, "matmul_tflops": {"fp32": 1.0, "bf16": 1.0}})
+    assert plain.complete(plain.measure(case, "fp32", "channels_last", "resfast"),
+                          case).ratio_vs_eager_quartiles is None

@@ -728,6 +728,8 @@ def isa_cases():
                 "bn_stats_backward",
                 (vector(shape[1], adt), vector(shape[1], adt), y, vector(shape[1], adt)),
             ),
+            # the copy into the other layout (tiles of 16 with partial ones at both edges)
+            ("relayout", (y, layout == "nchw")),
         ]
     return cases
 
@@ -757,6 +759,11 @@ def test_each_instruction_set(capability, tmp_path):
             assert_within("out", result, expected, bound)
         elif name == "bn_act_backward":
             check_act_backward(*args[:7], ours=result, centre=args[7])
+        elif name == "relayout":
+            x, channels_last = args
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert result.is_contiguous(memory_format=fmt)
+            assert torch.equal(result, x), f"relayout {x.dtype} {tuple(x.shape)}"
         else:
             grad_mean, grad_var, y, mean = args
             expected = ref.bn_stats_backward(*args)

@@ -116,6 +116,8 @@ def _cases(device):
          (torch.randn_like(y_out), _vec(4, device, **F64), _vec(4, device, **F64), x.detach(),
           w3.detach(), y_out, _vec(4, device, **F64), scale.detach(), shift.detach(), True,
           1, 2, False, [True, True, True], centre.detach(), 2)),
+        ("relayout", (y, True)),
+        ("relayout", (x32, False)),
     ]
 
 

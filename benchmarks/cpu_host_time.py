@@ -1,0 +1,93 @@
+"""Host time of one training layer on the CPU: conv + BN + ReLU, forward and
+backward, on an input so small (2x8x4x4, 1x1 conv, 1 thread) that the kernels
+take a few microseconds and what is timed is the framework around them:
+dispatch, autograd, Python.
+
+    python3 benchmarks/cpu_host_time.py
+
+Prints the medians of interleaved calls for torch.nn (Conv2d, BatchNorm2d,
+ReLU) and for resfast.functional.conv_bn_relu, and for the pieces of resfast's
+forward: the conv2d_bn op with and without autograd, and the bare oneDNN call
+it makes; and torch.library's own fill_defaults, which the autograd wrapper of
+every op with a Python autograd formula calls on each call (a private torch
+function: skipped where this torch has none). It prints measurements only.
+"""
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(
+    0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+)  # this checkout's resfast
+from resfast import functional as F  # noqa: E402
+
+ops = torch.ops.resfast
+CL = torch.channels_last
+
+
+def main(rounds: int = 15, calls: int = 50) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL).requires_grad_()
+    conv = torch.nn.Conv2d(8, 8, 1, bias=False).to(memory_format=CL)
+    bn = torch.nn.BatchNorm2d(8)
+    bn_args = F.BatchNormArgs.of(bn)
+    w = conv.weight
+
+    def torch_step():
+        torch.relu(bn(conv(x))).sum().backward()
+
+    def resfast_step():
+        F.conv_bn_relu(x, w, None, bn_args).sum().backward()
+
+    def op_with_autograd():
+        ops.conv2d_bn(x, w, None, None, None, False, 1, 0, True, False)
+
+    def op_no_grad():
+        with torch.no_grad():
+            ops.conv2d_bn(x, w, None, None, None, False, 1, 0, True, False)
+
+    def onednn_conv():
+        with torch.no_grad():
+            torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none",
+                                                    [], "")
+
+    try:  # what torch.library's autograd wrapper does to conv2d_bn's arguments on every call
+        from torch._library.utils import fill_defaults
+
+        schema = ops.conv2d_bn.default._schema
+        args = (x, w, None, None, None, False, 1, 0, True, False)
+
+        def defaults():
+            fill_defaults(schema, args, {})
+    except ImportError:
+        defaults = None
+
+    cases = {"torch.nn conv+BN+ReLU, forward + backward": torch_step,
+             "resfast conv_bn_relu, forward + backward": resfast_step,
+             "  conv2d_bn op (with autograd)": op_with_autograd,
+             "  conv2d_bn op (no grad)": op_no_grad,
+             "  its oneDNN call alone": onednn_conv}
+    if defaults is not None:
+        cases["  torch.library's fill_defaults of its arguments"] = defaults
+    times = {name: [] for name in cases}
+    for f in cases.values():
+        for _ in range(calls):
+            f()
+    for _ in range(rounds):
+        for name, f in cases.items():
+            t = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times[name].append((time.perf_counter() - t) / calls * 1e6)
+    print(f"# 1 thread, torch {torch.__version__}; median us per call over {rounds} interleaved "
+          f"rounds of {calls}")
+    for name, v in times.items():
+        print(f"{name:<50} {statistics.median(v):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The CPU measurement scripts of benchmarks/ run (on tiny inputs) and print
+what their docstrings promise; they are run by hand, so nothing else would
+notice them break."""
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _run(*args):
+    res = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_cpu_host_time_prints_each_measurement():
+    out = _run("-c", "import sys; sys.path.insert(0, 'benchmarks'); import cpu_host_time; "
+                     "cpu_host_time.main(rounds=2, calls=2)")
+    for label in ("torch.nn conv+BN+ReLU, forward + backward",
+                  "resfast conv_bn_relu, forward + backward", "conv2d_bn op (with autograd)",
+                  "conv2d_bn op (no grad)", "its oneDNN call alone"):
+        line = next(ln for ln in out.splitlines() if label in ln)
+        assert float(line.split()[-2]) > 0
+
+
+def test_cpu_bn_ops_relayout_rows():
+    out = _run("benchmarks/cpu_bn_ops.py", "--cases", "relayout", "--shapes", "2x16x4x8",
+               "--dtypes", "float32", "--reps", "2")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("relayout")]
+    assert [r[3] for r in rows] == ["channels_last", "nchw"]
+    assert all(float(r[-1]) > 0 for r in rows)
