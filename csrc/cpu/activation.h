@@ -27,23 +27,22 @@ inline Geometry geometry(const at::Tensor& y, at::MemoryFormat format) {
           format == at::MemoryFormat::ChannelsLast ? Layout::kRows : Layout::kPlanes};
 }
 
-// t copied into `format`: by tiles (kernels().transpose_images) when t is an
-// activation dense in the other of the two layouts with C and H*W both at least
-// one tile (16) wide, and the CPU's instruction set transposes its element size
-// in registers; else by ATen's copy_. Measured (benchmarks/cpu_bn_ops.py --cases
-// relayout): a network's 3-channel input, in tiles 3/16 full, was 2.5-5x slower.
+// t copied into `format`: by tiles (kernels().transpose_images, which declines
+// the tensors its tiles would not speed up) when t is an activation dense in the
+// other of the two layouts; else by ATen's copy_.
 inline at::Tensor relayout(const at::Tensor& t, at::MemoryFormat format) {
-  constexpr int64_t kTile = 16;  // the loop's tile (cpu/kernels/layout_kernel.cpp)
   at::Tensor out = at::empty(t.sizes(), t.options().memory_format(format));
   const bool to_rows = format == at::MemoryFormat::ChannelsLast;
   const bool other_layout = t.dim() == 4 && !t.is_conj() && !t.is_neg() &&
                             (to_rows ? t.is_contiguous()
                                      : t.is_contiguous(at::MemoryFormat::ChannelsLast));
-  const int64_t C = other_layout ? t.size(1) : 0, HW = other_layout ? t.size(2) * t.size(3) : 0;
-  if (other_layout && C >= kTile && HW >= kTile && t.size(0) > 0 &&
-      kernels().transpose_images({t.const_data_ptr(), t.scalar_type(), t.size(0),
-                                  to_rows ? C : HW, to_rows ? HW : C, out.mutable_data_ptr()})) {
-    return out;
+  if (other_layout) {
+    const int64_t C = t.size(1), HW = t.size(2) * t.size(3);
+    if (kernels().transpose_images({t.const_data_ptr(), t.scalar_type(), t.size(0),
+                                    to_rows ? C : HW, to_rows ? HW : C,
+                                    out.mutable_data_ptr()})) {
+      return out;
+    }
   }
   return out.copy_(t);
 }

@@ -87,7 +87,8 @@ struct ActBackwardArgs {
 // dst[n][j][i] = src[n][i][j] for N dense [rows, cols] matrices: an activation
 // copied between NCHW ([C, HW] per image) and channels_last ([HW, C]), any dtype
 // (the copy moves bits). The loop returns false, having done nothing, where its
-// instruction set has no vector transpose for the element size.
+// instruction set has no vector transpose for the element size or a side is
+// under one tile (16).
 struct TransposeArgs {
   const void* src;
   c10::ScalarType dtype;

@@ -14,7 +14,6 @@ namespace resfast::cpu::CPU_CAPABILITY {
 namespace {
 
 // 16 x 16 elements: one 64-byte line per row for float, a register per row on AVX512.
-// (cpu/activation.h sends no tensor with C or H*W under this to the loop.)
 constexpr int64_t kTile = 16;
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -64,6 +63,9 @@ void transpose_images(const T* src, T* dst, int64_t N, int64_t rows, int64_t col
 }  // namespace
 
 bool transpose_images(const TransposeArgs& a) {
+  // A side under one tile leaves the tiles mostly empty: a network's 3-channel input
+  // was 2.5-5x slower in tiles 3/16 full (benchmarks/cpu_bn_ops.py --cases relayout).
+  if (a.N == 0 || std::min(a.rows, a.cols) < kTile) return false;
   // The copy moves bits: 16-bit types go as bfloat16, 32-bit ones as float.
   const auto bytes = c10::elementSize(a.dtype);
   if (bytes == 2 && kVector16Bit) {
