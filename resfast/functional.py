@@ -29,6 +29,7 @@ from torch import Tensor
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
 from .dtypes import stats_dtype
 from .ops import conv2d_bn as _conv_ops
+from .ops import eager as _eager
 from .ops import fold as _fold
 from .ops.layout import to_memory_format
 
@@ -142,7 +143,7 @@ def _centred(mean: Tensor, var: Tensor, bn: BatchNormArgs):
     (v - centre) * scale + shift. bn_finalize with a zero mean gives exactly that
     scale and shift, and its backward the gradients of var, gamma and beta; that
     of the mean comes from the centre."""
-    scale, shift = ops.bn_finalize(torch.zeros_like(var), var, bn.weight, bn.bias, bn.eps)
+    scale, shift = _eager.bn_finalize(torch.zeros_like(var), var, bn.weight, bn.bias, bn.eps)
     return scale, shift, mean
 
 
@@ -185,8 +186,8 @@ def _conv_input(src: Tensor, pending: Optional[Pending]):
     if pending is None:
         return src, None, None, False, None
     if _conv_ops.writes_prologue_apart(src):
-        return (ops.bn_act(src, pending.scale, pending.shift, None, pending.relu, pending.centre),
-                None, None, False, None)
+        a = _eager.bn_act(src, pending.scale, pending.shift, None, pending.relu, pending.centre)
+        return a, None, None, False, None
     return src, pending.scale, pending.shift, pending.relu, pending.centre
 
 
@@ -213,7 +214,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         if residual is not None:
             raise ValueError("in training mode the residual is added by finish(), after the "
                              "batch statistics")
-        y, mean, var = ops.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
+        y, mean, var = _eager.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
                                      in_shift, in_relu, stride, padding, True, False, in_centre,
                                      dilation=dilation)
         scale, shift, centre = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
@@ -224,7 +225,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
     if residual is not None:
         _check_residual(residual, src.device)
         residual = _cast(residual, dtype)
-    y, _, _ = ops.conv2d_bn(src, _cast_param(weight, dtype), _cast_param(bias, dtype), in_scale,
+    y, _, _ = _eager.conv2d_bn(src, _cast_param(weight, dtype), _cast_param(bias, dtype), in_scale,
                             in_shift, in_relu, stride, padding, False, relu, in_centre, scale,
                             shift, centre, residual, dilation)
     return Pending(y, None, None, False)
@@ -273,7 +274,7 @@ def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] =
         residual = _cast(residual, p.y.dtype)
     if p.scale is None and residual is None and not relu:
         return p.y
-    return ops.bn_act(p.y, p.scale, p.shift, residual, relu, p.centre)
+    return _eager.bn_act(p.y, p.scale, p.shift, residual, relu, p.centre)
 
 
 def materialize(h) -> Tensor:
@@ -301,7 +302,7 @@ def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
     _check_input(x)
     _check_bn(bn, x.shape[1], x.device)
     if _uses_batch_stats(bn):
-        mean, var = ops.bn_stats(x)
+        mean, var = _eager.bn_stats(x)
         scale, shift, centre = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
     else:
         scale, shift, centre = _running_scale_shift(bn, stats_dtype(x))
@@ -332,7 +333,7 @@ def bn_relu_conv(x: Tensor, bn: BatchNormArgs, weight: Tensor, bias: Optional[Te
                          "input channels")
     # x stays in its own precision: the prologue normalizes it before rounding.
     a, in_scale, in_shift, in_relu, in_centre = _conv_input(x, pending)
-    y, _, _ = ops.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
+    y, _, _ = _eager.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
                             in_relu, stride, padding, False, False, in_centre, dilation=dilation)
     return _like_input(y, x)
 
@@ -350,7 +351,7 @@ def conv2d(x, weight: Tensor, bias: Optional[Tensor] = None, *, stride: int = 1,
                          "input channels")
     dtype = _conv_dtype(src, weight)
     a, in_scale, in_shift, in_relu, in_centre = _conv_input(_cast(src, dtype), pending_in)
-    y, _, _ = ops.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
+    y, _, _ = _eager.conv2d_bn(a, _cast(weight, dtype), _cast(bias, dtype), in_scale, in_shift,
                             in_relu, stride, padding, False, relu, in_centre, dilation=dilation)
     return _like_input(y, src)
 

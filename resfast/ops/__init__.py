@@ -5,7 +5,8 @@ and autograd formulas are registered in :mod:`resfast.ops.bn`. The conv op is
 defined in Python (:mod:`resfast.ops.conv2d_bn`): oneDNN on the CPU
 (:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64.
 ``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
-channels_last.
+channels_last. resfast's layers call the ops through :mod:`resfast.ops.eager`, which
+skips torch.library's Python dispatch for eager calls on the CPU.
 """
 from . import bn, conv2d_bn, layout  # noqa: F401  (registration side effects)
 from .conv2d_bn import conv2d_bn_backward_reference, conv2d_bn_forward_reference  # noqa: F401

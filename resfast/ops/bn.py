@@ -64,23 +64,23 @@ def _(grad_out, y, scale, shift, residual, relu, output_mask, centre=None):
 
 # ---- autograd ---------------------------------------------------------------
 
-def _stats_setup(ctx, inputs, output):
+def stats_setup(ctx, inputs, output):
     (y,) = inputs
     mean, _ = output
     ctx.save_for_backward(y, mean)
 
 
-def _stats_backward(ctx, grad_mean, grad_var):
+def stats_backward(ctx, grad_mean, grad_var):
     y, mean = ctx.saved_tensors
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var
     return ops.bn_stats_backward(grad_mean, grad_var, y, mean)
 
 
-register_autograd("resfast::bn_stats", _stats_backward, setup_context=_stats_setup)
+register_autograd("resfast::bn_stats", stats_backward, setup_context=stats_setup)
 
 
-def _finalize_setup(ctx, inputs, output):
+def finalize_setup(ctx, inputs, output):
     mean, var, weight, bias, eps = inputs
     ctx.eps = eps
     ctx.has_weight = weight is not None
@@ -88,7 +88,7 @@ def _finalize_setup(ctx, inputs, output):
     ctx.save_for_backward(mean, var, weight)
 
 
-def _finalize_backward(ctx, grad_scale, grad_shift):
+def finalize_backward(ctx, grad_scale, grad_shift):
     mean, var, weight = ctx.saved_tensors
     grad_scale = torch.zeros_like(mean) if grad_scale is None else grad_scale
     grad_shift = torch.zeros_like(mean) if grad_shift is None else grad_shift
@@ -98,16 +98,16 @@ def _finalize_backward(ctx, grad_scale, grad_shift):
             grad_bias if ctx.has_bias else None, None)
 
 
-register_autograd("resfast::bn_finalize", _finalize_backward, setup_context=_finalize_setup)
+register_autograd("resfast::bn_finalize", finalize_backward, setup_context=finalize_setup)
 
 
-def _act_setup(ctx, inputs, output):
+def act_setup(ctx, inputs, output):
     y, scale, shift, residual, relu, centre = inputs
     ctx.relu = relu
     ctx.save_for_backward(y, scale, shift, residual, centre)
 
 
-def _act_backward(ctx, grad_out):
+def act_backward(ctx, grad_out):
     y, scale, shift, residual, centre = ctx.saved_tensors
     # one entry per argument passed: centre may not be
     need_y, need_scale, need_shift, need_residual = ctx.needs_input_grad[:4]
@@ -126,4 +126,4 @@ def _act_backward(ctx, grad_out):
             -scale * sum_g if need_centre else None)[:len(ctx.needs_input_grad)]
 
 
-register_autograd("resfast::bn_act", _act_backward, setup_context=_act_setup)
+register_autograd("resfast::bn_act", act_backward, setup_context=act_setup)

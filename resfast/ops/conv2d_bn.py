@@ -419,15 +419,44 @@ def _dispatch(op: str, x: Tensor, weight: Tensor, args, reference, onednn, gpu):
     oneDNN has no kernel for), oneDNN on the CPU, else the GPU paths (which record their own
     choice)."""
     # The op fixes its own precision (the weight's dtype, float32 accumulation): autocast, still
-    # active inside a custom op, must not recast the ATen calls of its implementations.
-    with torch.autocast(x.device.type, enabled=False):
-        if _on_reference(x, weight):
-            _took(op, "aten")
-            return reference(*args)
-        if _on_cpu(x):
-            _took(op, "onednn")
-            return onednn(*args)
-        return gpu(*args)
+    # active inside a custom op, must not recast the ATen calls of its implementations. (The
+    # guard is entered only when needed: it costs ~10 us a call.)
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return _dispatch(op, x, weight, args, reference, onednn, gpu)
+    if _on_reference(x, weight):
+        _took(op, "aten")
+        return reference(*args)
+    if _on_cpu(x):
+        _took(op, "onednn")
+        return onednn(*args)
+    return gpu(*args)
+
+
+def forward_impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+                 in_centre=None, out_scale=None, out_shift=None, out_centre=None, residual=None,
+                 dilation=1):
+    """What ``resfast::conv2d_bn`` computes, below autograd: its checks and implementation
+    (also called directly by :mod:`resfast.ops.eager`)."""
+    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
+                      in_centre, out_scale, out_shift, out_centre, residual, dilation)
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+            in_centre, out_scale, out_shift, out_centre, residual, dilation)
+    return _dispatch("conv2d_bn", x, weight, args, conv2d_bn_forward_reference, conv_cpu.forward,
+                     _gpu_forward)
+
+
+def backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu,
+                  stride, padding, out_relu, output_mask, in_centre=None, dilation=1):
+    """What ``resfast::conv2d_bn_backward`` computes (see :func:`forward_impl`)."""
+    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                               stride, padding, out_relu, output_mask, in_centre, dilation)
+    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
+            padding, out_relu, output_mask, in_centre, dilation)
+    grad_a, grad_w, grad_b = _dispatch("conv2d_bn_backward", x, weight, args,
+                                       conv2d_bn_backward_reference, conv_cpu.backward,
+                                       _gpu_backward)
+    return grad_a, _like(weight, grad_w) if output_mask[1] else grad_w, grad_b
 
 
 @custom_op("resfast::conv2d_bn", mutates_args=(), device_types=("cpu", "cuda"))
@@ -438,12 +467,8 @@ def conv2d_bn(x: Tensor, weight: Tensor, bias: Optional[Tensor], in_scale: Optio
               out_centre: Optional[Tensor] = None,
               residual: Optional[Tensor] = None,
               dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
-                      in_centre, out_scale, out_shift, out_centre, residual, dilation)
-    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
-            in_centre, out_scale, out_shift, out_centre, residual, dilation)
-    return _dispatch("conv2d_bn", x, weight, args, conv2d_bn_forward_reference, conv_cpu.forward,
-                     _gpu_forward)
+    return forward_impl(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats,
+                        out_relu, in_centre, out_scale, out_shift, out_centre, residual, dilation)
 
 
 @register_fake("resfast::conv2d_bn")
@@ -467,14 +492,8 @@ def conv2d_bn_backward(grad_y: Optional[Tensor], grad_mean: Optional[Tensor],
                        output_mask: List[bool],
                        in_centre: Optional[Tensor] = None,
                        dilation: int = 1) -> Tuple[Tensor, Tensor, Tensor]:
-    check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
-                               stride, padding, out_relu, output_mask, in_centre, dilation)
-    args = (grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_relu, stride,
-            padding, out_relu, output_mask, in_centre, dilation)
-    grad_a, grad_w, grad_b = _dispatch("conv2d_bn_backward", x, weight, args,
-                                       conv2d_bn_backward_reference, conv_cpu.backward,
-                                       _gpu_backward)
-    return grad_a, _like(weight, grad_w) if output_mask[1] else grad_w, grad_b
+    return backward_impl(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
+                         in_relu, stride, padding, out_relu, output_mask, in_centre, dilation)
 
 
 @register_fake("resfast::conv2d_bn_backward")
@@ -498,10 +517,10 @@ class _Conf(NamedTuple):
     has_bias: bool
     has_residual: bool
     dilation: int
-    x_nchw_leaf: bool  # an NCHW leaf on the CPU (see _backward)
+    x_nchw_leaf: bool  # an NCHW leaf on the CPU (see backward_formula)
 
 
-def _setup(ctx, inputs, output):
+def setup(ctx, inputs, output):
     (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu, in_centre,
      out_scale, out_shift, out_centre, residual, dilation) = inputs
     y, mean, _ = output
@@ -542,6 +561,13 @@ def _epilogue_backward(ctx, grad_y, needs):
 
 
 def _backward(ctx, grad_y, grad_mean, grad_var):
+    return backward_formula(ctx, grad_y, grad_mean, grad_var, ops.conv2d_bn_backward)
+
+
+def backward_formula(ctx, grad_y, grad_mean, grad_var, conv_backward):
+    """The autograd formula of ``resfast::conv2d_bn``, with ``conv_backward`` the
+    ``resfast::conv2d_bn_backward`` op or, in :mod:`resfast.ops.eager`, its
+    implementation."""
     x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale, _, _ = ctx.saved_tensors
     conf = ctx.conf
     # one entry per argument passed (the optional ones at the end may not be)
@@ -557,7 +583,7 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
                                                   or need_in_centre))
     if not conf.stats:
         grad_mean = grad_var = None
-    grad_a, grad_w, grad_b = ops.conv2d_bn_backward(
+    grad_a, grad_w, grad_b = conv_backward(
         grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, conf.in_relu,
         conf.stride, conf.padding, conf.out_relu and not epilogue,
         [need_a, need_w, need_b and conf.has_bias], in_centre, conf.dilation)
@@ -585,4 +611,4 @@ def _backward(ctx, grad_y, grad_mean, grad_var):
             grad_centre, *grad_out, None)[:len(ctx.needs_input_grad)]
 
 
-register_autograd("resfast::conv2d_bn", _backward, setup_context=_setup)
+register_autograd("resfast::conv2d_bn", _backward, setup_context=setup)

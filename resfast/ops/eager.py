@@ -1,0 +1,140 @@
+"""The resfast ops called on the CPU in eager mode without torch.library's Python dispatch.
+
+An op whose autograd formula is registered from Python is reached through Python twice per
+call: the dispatcher calls torch.library's autograd wrapper (an ``autograd.Function`` built
+for the call, the schema's defaults filled in, a redispatch), and ``resfast::conv2d_bn``'s
+implementation is Python too. On the CPU that host time is a large part of a layer:
+``benchmarks/cpu_host_time.py`` measured 650 us for one conv + BN + ReLU layer's forward and
+backward against 150 us for torch.nn, about 27 ms of a ResNet-50 training step.
+
+Where nothing needs to see the op (:func:`_unobserved`: eager mode, CPU tensors of plain type,
+no tracer, dispatch or function mode, functorch transform or autocast), the functions below
+run the same checks, implementations and autograd formulas (:mod:`resfast.ops.conv2d_bn`,
+:mod:`resfast.ops.bn`) through a plain ``autograd.Function`` whose forward and backward call
+the C++ kernels below autograd. Everything else calls the op: torch.compile and export see the
+registered op, the GPU paths and the float64 reference are untouched. Both routes compute with
+the same kernels, so their results are bitwise equal (tests/ops/test_eager_calls.py).
+
+A profile names the op as the dispatcher would (``resfast::conv2d_bn``, ...). The backward
+works once: differentiating it again raises, as through the op, whose backward ops have no
+autograd formula.
+"""
+import contextlib
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import bn as _bn
+from . import conv2d_bn as _conv
+
+ops = torch.ops.resfast
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+
+
+def _unobserved(tensors) -> bool:
+    """Whether a call on these tensors may skip the op's dispatch: eager, on the CPU, no
+    autocast, and nothing that traces, transforms or intercepts it (a Parameter is a
+    plain tensor here)."""
+    return (not torch.compiler.is_compiling()
+            and all((type(t) is Tensor or type(t) is torch.nn.Parameter)
+                    and t.device.type == "cpu" for t in tensors)
+            and not torch.is_autocast_enabled("cpu")
+            and torch._C._len_torch_dispatch_stack() == 0
+            and not torch._C._is_torch_function_mode_enabled()
+            and torch._C._functorch.peek_interpreter_stack() is None
+            and not torch.jit.is_tracing())
+
+
+def _named(op: str):
+    if torch.autograd.profiler._is_profiler_enabled:
+        return torch.profiler.record_function(op)
+    return contextlib.nullcontext()
+
+
+def _direct_backward(formula):
+    """``formula(ctx, *grads)`` below autograd (the kernels straight away), once: under
+    ``create_graph`` the results carry an error for a second backward instead of a
+    silently wrong graph."""
+    @once_differentiable
+    def backward(ctx, *grads):
+        with _below_autograd():
+            return formula(ctx, *grads)
+    return staticmethod(backward)
+
+
+def _forward(impl, name: str, setup):
+    """The forward of a direct call: ``impl`` below autograd, then the op's own
+    ``setup_context``. (Called from ``forward`` rather than given as the Function's
+    ``setup_context``: with one, ``Function.apply`` binds the arguments to the forward's
+    signature through ``inspect`` on every call, ~25 us.)"""
+    def forward(ctx, *args):
+        with _below_autograd(), _named(name):
+            output = impl(*args)
+        setup(ctx, args, output)
+        return output
+    return staticmethod(forward)
+
+
+class _Conv2dBN(torch.autograd.Function):
+    forward = _forward(_conv.forward_impl, "resfast::conv2d_bn", _conv.setup)
+    backward = _direct_backward(
+        lambda ctx, gy, gm, gv: _conv.backward_formula(ctx, gy, gm, gv, _conv_backward))
+
+
+def _conv_backward(*args):
+    with _named("resfast::conv2d_bn_backward"):
+        return _conv.backward_impl(*args)
+
+
+def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+              in_centre=None, out_scale=None, out_shift=None, out_centre=None, residual=None,
+              dilation=1):
+    """``torch.ops.resfast.conv2d_bn`` with the same arguments."""
+    args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
+            in_centre, out_scale, out_shift, out_centre, residual, dilation)
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor)
+            and _unobserved([a for a in args if isinstance(a, Tensor)])
+            and not _conv._triton_on_cpu() and not _conv._on_reference(x, weight)):
+        return _Conv2dBN.apply(*args)
+    return ops.conv2d_bn(*args)
+
+
+class _BnAct(torch.autograd.Function):
+    forward = _forward(ops.bn_act.default, "resfast::bn_act", _bn.act_setup)
+    backward = _direct_backward(_bn.act_backward)
+
+
+class _BnFinalize(torch.autograd.Function):
+    forward = _forward(ops.bn_finalize.default, "resfast::bn_finalize", _bn.finalize_setup)
+    backward = _direct_backward(_bn.finalize_backward)
+
+
+class _BnStats(torch.autograd.Function):
+    forward = _forward(ops.bn_stats.default, "resfast::bn_stats", _bn.stats_setup)
+    backward = _direct_backward(_bn.stats_backward)
+
+
+def _tensors(*ts):
+    return [t for t in ts if t is not None]
+
+
+def bn_act(y, scale, shift, residual, relu, centre=None):
+    """``torch.ops.resfast.bn_act`` with the same arguments."""
+    if isinstance(y, Tensor) and _unobserved(_tensors(y, scale, shift, residual, centre)):
+        return _BnAct.apply(y, scale, shift, residual, relu, centre)
+    return ops.bn_act(y, scale, shift, residual, relu, centre)
+
+
+def bn_finalize(mean, var, weight, bias, eps):
+    """``torch.ops.resfast.bn_finalize`` with the same arguments."""
+    if isinstance(mean, Tensor) and _unobserved(_tensors(mean, var, weight, bias)):
+        return _BnFinalize.apply(mean, var, weight, bias, eps)
+    return ops.bn_finalize(mean, var, weight, bias, eps)
+
+
+def bn_stats(y):
+    """``torch.ops.resfast.bn_stats``."""
+    if isinstance(y, Tensor) and _unobserved([y]):
+        return _BnStats.apply(y)
+    return ops.bn_stats(y)
