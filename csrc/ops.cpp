@@ -56,6 +56,22 @@ TORCH_LIBRARY(resfast, m) {
       "bn_act_backward(Tensor grad_out, Tensor y, Tensor? scale, Tensor? shift, Tensor? residual, bool relu,"
       " bool[4] output_mask, Tensor? centre=None)"
       " -> (Tensor grad_y, Tensor grad_scale, Tensor grad_shift, Tensor grad_residual)");
+  // A training BatchNorm on batch statistics in one op: bn_finalize with a zero mean, then
+  // bn_act with the mean as centre, i.e. out = [relu]((y - mean) * weight / sqrt(var + eps)
+  // + bias [+ residual]) (weight, bias default 1, 0), rounded as that chain rounds it.
+  m.def(
+      "bn_batch_act(Tensor y, Tensor mean, Tensor var, Tensor? weight, Tensor? bias,"
+      " Tensor? residual, bool relu, float eps) -> Tensor");
+  // The backward of bn_batch_act where (mean, var) = bn_stats(y): grad_y includes the path
+  // through mean and var (as batch_norm(training=True)'s backward does), so mean and var
+  // get no gradient of their own. Two passes over the activations: the ReLU-masked
+  // gradient's per-channel sums, then grad_y. output_mask selects (grad_y, grad_weight,
+  // grad_bias, grad_residual); unselected outputs are empty, and so are grad_weight
+  // without a weight and grad_bias without a bias.
+  m.def(
+      "bn_batch_act_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor var, Tensor? weight,"
+      " Tensor? bias, Tensor? residual, bool relu, float eps, bool[4] output_mask)"
+      " -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
   // always. On the CPU an activation dense in the other layout is copied by tiles,
   // several times faster than ATen's copy_ between the two.

@@ -68,6 +68,10 @@ struct ActArgs {
 // g = grad_out [* (pre-activation > 0)]; grad_y = g [* scale]; grad_residual = g;
 // sum_gy[c] = sum of g * (y - centre), sum_g[c] = sum of g over channel c.
 // Null outputs are skipped; sum_gy and sum_g are null together.
+// stats_slope, stats_offset (null together; given only with scale and grad_y, and
+// without the sums): grad_y = g * scale + (y - centre) * stats_slope + stats_offset,
+// the path through the batch statistics added in the same write
+// (bn_batch_act_backward's second pass).
 struct ActBackwardArgs {
   const void* grad_out;
   const void* y;
@@ -82,6 +86,8 @@ struct ActBackwardArgs {
   void* grad_residual;
   void* sum_gy;
   void* sum_g;
+  const void* stats_slope = nullptr;
+  const void* stats_offset = nullptr;
 };
 
 // dst[n][j][i] = src[n][i][j] for N dense [rows, cols] matrices: an activation

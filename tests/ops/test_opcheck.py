@@ -118,7 +118,20 @@ def _cases(device):
           1, 2, False, [True, True, True], centre.detach(), 2)),
         ("relayout", (y, True)),
         ("relayout", (x32, False)),
+        # y's own batch statistics (detached: their gradient is inside grad_y)
+        ("bn_batch_act", (x, *_stats(x), gamma, beta, r, True, 1e-5)),
+        ("bn_batch_act", (y, *_stats(y), None, None, None, False, 1e-3)),
+        ("bn_batch_act_backward",
+         (torch.randn_like(x), x.detach(), *_stats(x), gamma.detach(), beta.detach(), r.detach(),
+          True, 1e-5, [True, True, True, True])),
+        ("bn_batch_act_backward",
+         (torch.randn_like(y), y.detach(), *_stats(y), None, beta.detach(), None, False, 1e-5,
+          [True, True, True, False])),
     ]
+
+
+def _stats(y):
+    return tuple(t.detach() for t in ops.bn_stats(y))
 
 
 def test_every_op_is_covered():
@@ -135,7 +148,10 @@ def test_opcheck(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", [c for c, (name, args) in enumerate(_cases("cpu"))
                                   if not name.endswith("backward") and not name.endswith("_")
-                                  and args[0].dtype == torch.float64])
+                                  and args[0].dtype == torch.float64
+                                  # its mean and var must be y's: gradchecked with bn_stats
+                                  # in tests/kernels/test_bn_batch_act.py
+                                  and name != "bn_batch_act"])
 def test_gradcheck(device, case):
     name, args = _cases(device)[case]
     op = getattr(ops, name)

@@ -1,4 +1,6 @@
 // bn_act and bn_act_backward: one read of each input, one write of each output.
+// bn_batch_act_backward runs the backward twice: once for the sums only, then
+// with the batch statistics' gradient added to grad_y (kStatsGrad).
 //
 // The backward produces grad_y, grad_residual and both per-channel sums in the
 // same pass. Sums are accumulated per block in the accumulation type (in
@@ -10,10 +12,12 @@
 namespace resfast::cpu::CPU_CAPABILITY {
 namespace {
 
-// Compile-time choices of one bn_act(_backward) call.
-template <bool Scale, bool Residual, bool Relu, bool Sums = false>
+// Compile-time choices of one bn_act(_backward) call. kStatsGrad: grad_y also
+// receives (y - centre) * stats_slope + stats_offset (with a scale, no sums).
+template <bool Scale, bool Residual, bool Relu, bool Sums = false, bool StatsGrad = false>
 struct Flags {
   static constexpr bool kScale = Scale, kResidual = Residual, kRelu = Relu, kSums = Sums;
+  static constexpr bool kStatsGrad = StatsGrad;
 };
 
 template <typename F>
@@ -59,15 +63,22 @@ struct Act {
     T* grad_residual;
   };
 
-  // The scale, shift and centre of every channel, padded with zeros to whole vectors.
+  // The scale, shift and centre of every channel (and the statistics'
+  // gradient coefficients, when given), padded with zeros to whole vectors.
   struct Channels {
-    std::vector<A> sc, sh, cc;
-    Channels(const void* scale, const void* shift, const void* centre, int64_t C)
+    std::vector<A> sc, sh, cc, slope, offset;
+    Channels(const void* scale, const void* shift, const void* centre, int64_t C,
+             const void* stats_slope = nullptr, const void* stats_offset = nullptr)
         : sc(padded(C), A(0)), sh(padded(C), A(0)), cc(padded(C), A(0)) {
       if (scale == nullptr) return;
       std::copy_n(static_cast<const A*>(scale), C, sc.begin());
       std::copy_n(static_cast<const A*>(shift), C, sh.begin());
       std::copy_n(static_cast<const A*>(centre), C, cc.begin());
+      if (stats_slope == nullptr) return;
+      slope.assign(padded(C), A(0));
+      offset.assign(padded(C), A(0));
+      std::copy_n(static_cast<const A*>(stats_slope), C, slope.begin());
+      std::copy_n(static_cast<const A*>(stats_offset), C, offset.begin());
     }
   };
   static int64_t padded(int64_t C) { return (C + K - 1) / K * K; }
@@ -155,12 +166,13 @@ struct Act {
   // ---- backward ----
 
   // g for n <= K elements at offset `off` (also writing grad_y and
-  // grad_residual); yv receives y - centre where the sums need it.
+  // grad_residual); yv receives y - centre where the sums need it. With
+  // kStatsGrad, grad_y = g * sc + (y - centre) * slope + offset.
   template <typename F>
   static V backward_vec(const Tensors& t, int64_t off, int64_t n, const V& sc, const V& sh,
-                        const V& cc, V& yv) {
+                        const V& cc, V& yv, const V& slope = V(0), const V& offset = V(0)) {
     V g = load(t.in + off, n);
-    if constexpr (F::kRelu || F::kSums) {
+    if constexpr (F::kRelu || F::kSums || F::kStatsGrad) {
       yv = load(t.y + off, n);
       if constexpr (F::kScale) yv = yv - cc;
     }
@@ -170,7 +182,11 @@ struct Act {
       // A product, not a select: NaN and Inf in grad_out survive the mask.
       g = g * z.gt(V(0));
     }
-    if (t.out) store(t.out + off, F::kScale ? g * sc : g, n);
+    if constexpr (F::kStatsGrad) {
+      store(t.out + off, at::vec::fmadd(yv, slope, at::vec::fmadd(g, sc, offset)), n);
+    } else if (t.out) {
+      store(t.out + off, F::kScale ? g * sc : g, n);
+    }
     if (t.grad_residual) store(t.grad_residual + off, g, n);
     return g;
   }
@@ -257,16 +273,20 @@ struct Act {
   static void backward_rows(const ActBackwardArgs& a) {
     const int64_t M = a.g.rows(), C = a.g.C;
     const Tensors tensors = backward_tensors(a);
-    const Channels ch(a.scale, a.shift, a.centre, C);
+    const Channels ch(a.scale, a.shift, a.centre, C, a.stats_slope, a.stats_offset);
     if constexpr (!F::kSums) {
       at::parallel_for(0, M, grain(C), [&](int64_t r0, int64_t r1) {
         const Tensors t = tensors;
         walk_rows(r0, r1, C, ch,
-                  [&](auto rows, int64_t off, int64_t, int64_t n, const V& sc, const V& sh,
+                  [&](auto rows, int64_t off, int64_t c, int64_t n, const V& sc, const V& sh,
                       const V& cc) {
-                    V unused;
+                    V unused, slope(0), offset(0);
+                    if constexpr (F::kStatsGrad) {
+                      slope = V::loadu(ch.slope.data() + c);
+                      offset = V::loadu(ch.offset.data() + c);
+                    }
                     for (int i = 0; i < decltype(rows)::value; ++i) {
-                      backward_vec<F>(t, off + i * C, n, sc, sh, cc, unused);
+                      backward_vec<F>(t, off + i * C, n, sc, sh, cc, unused, slope, offset);
                     }
                   });
       });
@@ -301,11 +321,12 @@ struct Act {
   // acc_gy/acc_g (two of each: two dependency chains, each half as long).
   template <typename F>
   static void plane_span(const Tensors& t, int64_t p, int64_t HW, int64_t i0, int64_t i1,
-                         const V& sc, const V& sh, const V& cc, V* acc_gy, V* acc_g) {
+                         const V& sc, const V& sh, const V& cc, V* acc_gy, V* acc_g,
+                         const V& slope = V(0), const V& offset = V(0)) {
     const int64_t base = p * HW;
     auto vec = [&](int64_t i, int64_t n, int chain) {
       V yv;
-      const V g = backward_vec<F>(t, base + i, n, sc, sh, cc, yv);
+      const V g = backward_vec<F>(t, base + i, n, sc, sh, cc, yv, slope, offset);
       if constexpr (F::kSums) {
         acc_gy[chain] = at::vec::fmadd(g, yv, acc_gy[chain]);
         acc_g[chain] += g;
@@ -385,14 +406,15 @@ struct Act {
   static void backward_planes(const ActBackwardArgs& a) {
     const int64_t N = a.g.N, C = a.g.C, HW = a.g.HW;
     const Tensors tensors = backward_tensors(a);
-    const Channels ch(a.scale, a.shift, a.centre, C);
+    const Channels ch(a.scale, a.shift, a.centre, C, a.stats_slope, a.stats_offset);
     if constexpr (!F::kSums) {
       at::parallel_for(0, N * C, grain(HW), [&](int64_t p0, int64_t p1) {
         const Tensors t = tensors;
         for (int64_t p = p0, c = p0 % C; p < p1; ++p, c = c + 1 == C ? 0 : c + 1) {
           V unused_gy[2], unused_g[2];
           plane_span<F>(t, p, HW, 0, HW, V(ch.sc[c]), V(ch.sh[c]), V(ch.cc[c]), unused_gy,
-                        unused_g);
+                        unused_g, F::kStatsGrad ? V(ch.slope[c]) : V(0),
+                        F::kStatsGrad ? V(ch.offset[c]) : V(0));
         }
       });
       return;
@@ -454,6 +476,17 @@ void bn_act(const ActArgs& a) {
 
 void bn_act_backward(const ActBackwardArgs& a) {
   with_dtype(a.dtype, [&](auto t) {
+    using Loops = Act<decltype(t)>;
+    if (a.stats_slope != nullptr) {
+      // bn_batch_act_backward's second pass: a scale, grad_y, no sums.
+      with_bool(a.relu && a.residual != nullptr, [&](auto r) {
+        with_bool(a.relu, [&](auto act) {
+          Loops::template backward<Flags<true, decltype(r)::value, decltype(act)::value, false,
+                                         true>>(a);
+        });
+      });
+      return;
+    }
     // The residual only matters through the ReLU mask.
     with_flags(a.scale != nullptr, a.relu && a.residual != nullptr, a.relu, a.sum_g != nullptr,
                [&](auto f) { Act<decltype(t)>::template backward<decltype(f)>(a); });
