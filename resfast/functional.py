@@ -16,6 +16,15 @@ gamma / std and shift = beta: its backward then reduces the gradient of gamma
 as sum(g * (y - mean)) / std, as torch.nn does, where the uncentred
 sum(g * y) - mean * sum(g) would lose every digit when |mean| >> std.
 
+On the CPU, where the pending activation is applied as a pass of its own, a
+training BN stays as its batch statistics (:class:`BatchStatistics`) and is applied
+by ``resfast::bn_batch_act``: one node whose backward is BatchNorm's own in two
+passes over y, the gradient through the statistics included (scale and shift would
+add a bn_finalize node and one more pass over y in the conv's backward).
+
+The ops are called through :mod:`resfast.ops.eager`, which skips torch.library's
+Python dispatch for eager CPU calls.
+
 In eval mode BN is folded into the conv (once per weight version,
 :mod:`resfast.ops.fold`) with the ReLU, and a residual where one is added, in
 the same call; the gradients of gamma and beta are still reduced from the
@@ -68,15 +77,28 @@ def constant_batch_norm(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     return BatchNormArgs(weight, bias, mean, var, None, training=False, momentum=None, eps=eps)
 
 
+class BatchStatistics(NamedTuple):
+    """A training-mode BatchNorm of a tensor on that tensor's own batch statistics
+    (``mean``, biased ``var``), not yet turned into a scale and shift."""
+
+    mean: Tensor
+    var: Tensor
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+    eps: float
+
+
 class Pending(NamedTuple):
     """The activation ``relu((y - centre) * scale + shift)`` (``relu`` optional;
-    centre 0 when None), not yet computed."""
+    centre 0 when None), not yet computed; or, with ``batch`` (scale, shift and
+    centre None), ``relu(batch_norm(y))`` on y's own batch statistics."""
 
     y: Tensor
     scale: Optional[Tensor]
     shift: Optional[Tensor]
     relu: bool
     centre: Optional[Tensor] = None
+    batch: Optional[BatchStatistics] = None
 
 
 # ---- autocast and checks ------------------------------------------------------
@@ -147,10 +169,25 @@ def _centred(mean: Tensor, var: Tensor, bn: BatchNormArgs):
     return scale, shift, mean
 
 
-def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs):
-    """(scale, shift, centre) from batch statistics; updates the running statistics."""
-    if bn.stats_reducer is not None:
+def _batch_pending(y: Tensor, mean: Tensor, var: Tensor, bn: BatchNormArgs,
+                   relu: bool) -> Pending:
+    """BN (-> ReLU) of y on its batch statistics, left pending; updates the running
+    statistics. Where the consumer applies it as a pass of its own (the CPU), it stays
+    a :class:`BatchStatistics`: ``resfast::bn_batch_act`` applies it in one call and
+    its backward is BN's own in two passes over y, the statistics' gradient included
+    (a bn_finalize node and one pass fewer than scale and shift)."""
+    count = y.numel() // max(y.shape[1], 1)
+    if bn.stats_reducer is not None:  # global statistics: no longer y's own
         mean, var, count = bn.stats_reducer(mean, var, count)
+    _update_running_stats(mean, var, count, bn)
+    if bn.stats_reducer is None and _conv_ops.writes_prologue_apart(y):
+        return Pending(y, None, None, relu,
+                       batch=BatchStatistics(mean, var, bn.weight, bn.bias, bn.eps))
+    scale, shift, centre = _centred(mean, var, bn)
+    return Pending(y, scale, shift, relu, centre)
+
+
+def _update_running_stats(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs) -> None:
     if bn.running_mean is not None and bn.training:
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count}")
@@ -162,7 +199,6 @@ def _batch_scale_shift(mean: Tensor, var: Tensor, count: int, bn: BatchNormArgs)
                 momentum = 1.0 / float(bn.num_batches_tracked)
         ops.bn_update_running_stats_(bn.running_mean, bn.running_var, mean.detach(), var.detach(),
                                      count, momentum)
-    return _centred(mean, var, bn)
 
 
 def _running_scale_shift(bn: BatchNormArgs, dtype):
@@ -186,8 +222,9 @@ def _conv_input(src: Tensor, pending: Optional[Pending]):
     if pending is None:
         return src, None, None, False, None
     if _conv_ops.writes_prologue_apart(src):
-        a = _eager.bn_act(src, pending.scale, pending.shift, None, pending.relu, pending.centre)
-        return a, None, None, False, None
+        return _apply(pending._replace(y=src), None, pending.relu), None, None, False, None
+    if pending.batch is not None:
+        pending = _scale_shift(pending)
     return src, pending.scale, pending.shift, pending.relu, pending.centre
 
 
@@ -217,8 +254,7 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         y, mean, var = _eager.conv2d_bn(src, _cast(weight, dtype), _cast(bias, dtype), in_scale,
                                      in_shift, in_relu, stride, padding, True, False, in_centre,
                                      dilation=dilation)
-        scale, shift, centre = _batch_scale_shift(mean, var, y.numel() // max(y.shape[1], 1), bn)
-        return Pending(y, scale, shift, relu, centre)
+        return _batch_pending(y, mean, var, bn, relu)
     # eval: BN is the conv's epilogue, folded into its weights (cached), with the residual
     # and the ReLU: one oneDNN call on the CPU.
     scale, shift, centre = _running_scale_shift(bn, stats_dtype(src))
@@ -272,9 +308,23 @@ def finish(p: Pending, residual: Optional[Tensor] = None, relu: Optional[bool] =
             raise ValueError(f"residual is on {residual.device} but the branch output is on "
                              f"{p.y.device}")
         residual = _cast(residual, p.y.dtype)
-    if p.scale is None and residual is None and not relu:
+    if p.scale is None and p.batch is None and residual is None and not relu:
         return p.y
+    return _apply(p, residual, relu)
+
+
+def _apply(p: Pending, residual: Optional[Tensor], relu: bool) -> Tensor:
+    """``relu(p + residual)`` in one pass."""
+    if p.batch is not None:
+        b = p.batch
+        return _eager.bn_batch_act(p.y, b.mean, b.var, b.weight, b.bias, residual, relu, b.eps)
     return _eager.bn_act(p.y, p.scale, p.shift, residual, relu, p.centre)
+
+
+def _scale_shift(p: Pending) -> Pending:
+    """p with its batch statistics turned into (scale, shift, centre)."""
+    scale, shift, centre = _centred(p.batch.mean, p.batch.var, p.batch)
+    return Pending(p.y, scale, shift, p.relu, centre)
 
 
 def materialize(h) -> Tensor:
@@ -302,10 +352,8 @@ def batch_norm_pending(x: Tensor, bn: BatchNormArgs, *, relu: bool) -> Pending:
     _check_input(x)
     _check_bn(bn, x.shape[1], x.device)
     if _uses_batch_stats(bn):
-        mean, var = _eager.bn_stats(x)
-        scale, shift, centre = _batch_scale_shift(mean, var, x.numel() // max(x.shape[1], 1), bn)
-    else:
-        scale, shift, centre = _running_scale_shift(bn, stats_dtype(x))
+        return _batch_pending(x, *_eager.bn_stats(x), bn, relu)
+    scale, shift, centre = _running_scale_shift(bn, stats_dtype(x))
     return Pending(x, scale, shift, relu, centre)
 
 

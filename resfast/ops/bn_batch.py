@@ -80,13 +80,13 @@ def _(grad_out, y, mean, var, weight, bias, residual, relu, eps, output_mask):
             torch.empty_like(y) if output_mask[3] else y.new_empty((0,)))
 
 
-def _setup(ctx, inputs, output):
+def setup(ctx, inputs, output):
     y, mean, var, weight, bias, residual, relu, eps = inputs
     ctx.relu, ctx.eps = relu, eps
     ctx.save_for_backward(y, mean, var, weight, bias, residual)
 
 
-def _backward(ctx, grad_out):
+def backward(ctx, grad_out):
     y, mean, var, weight, bias, residual = ctx.saved_tensors
     need = ctx.needs_input_grad
     grad_y, grad_weight, grad_bias, grad_residual = ops.bn_batch_act_backward(
@@ -100,4 +100,4 @@ def _backward(ctx, grad_out):
             grad_residual if need[5] and residual is not None else None, None, None)
 
 
-register_autograd("resfast::bn_batch_act", _backward, setup_context=_setup)
+register_autograd("resfast::bn_batch_act", backward, setup_context=setup)

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import bn as _bn
+from . import bn_batch as _bn_batch
 from . import conv2d_bn as _conv
 
 ops = torch.ops.resfast
@@ -105,6 +106,11 @@ class _BnAct(torch.autograd.Function):
     backward = _direct_backward(_bn.act_backward)
 
 
+class _BnBatchAct(torch.autograd.Function):
+    forward = _forward(ops.bn_batch_act.default, "resfast::bn_batch_act", _bn_batch.setup)
+    backward = _direct_backward(_bn_batch.backward)
+
+
 class _BnFinalize(torch.autograd.Function):
     forward = _forward(ops.bn_finalize.default, "resfast::bn_finalize", _bn.finalize_setup)
     backward = _direct_backward(_bn.finalize_backward)
@@ -124,6 +130,13 @@ def bn_act(y, scale, shift, residual, relu, centre=None):
     if isinstance(y, Tensor) and _unobserved(_tensors(y, scale, shift, residual, centre)):
         return _BnAct.apply(y, scale, shift, residual, relu, centre)
     return ops.bn_act(y, scale, shift, residual, relu, centre)
+
+
+def bn_batch_act(y, mean, var, weight, bias, residual, relu, eps):
+    """``torch.ops.resfast.bn_batch_act`` with the same arguments."""
+    if isinstance(y, Tensor) and _unobserved(_tensors(y, mean, var, weight, bias, residual)):
+        return _BnBatchAct.apply(y, mean, var, weight, bias, residual, relu, eps)
+    return ops.bn_batch_act(y, mean, var, weight, bias, residual, relu, eps)
 
 
 def bn_finalize(mean, var, weight, bias, eps):

@@ -22,12 +22,14 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16
                             else [])
 # resfast.functional with every op call going through the dispatcher
 THROUGH_OPS = types.SimpleNamespace(conv2d_bn=ops.conv2d_bn, bn_act=ops.bn_act,
-                                    bn_finalize=ops.bn_finalize, bn_stats=ops.bn_stats)
+                                    bn_batch_act=ops.bn_batch_act, bn_finalize=ops.bn_finalize,
+                                    bn_stats=ops.bn_stats)
 
 
 def _direct(t: torch.Tensor) -> bool:
     """Whether t came out of a direct call (its node is eager.py's Function's)."""
-    return type(t.grad_fn).__name__.startswith(("_Conv2dBN", "_BnAct", "_BnFinalize", "_BnStats"))
+    return type(t.grad_fn).__name__.startswith(("_Conv2dBN", "_BnAct", "_BnBatchAct", "_BnFinalize",
+                                               "_BnStats"))
 
 
 def _equal(a, b, name):
@@ -101,6 +103,28 @@ def test_bn_ops_equal_the_ops():
     ours = run(eager.bn_stats, eager.bn_finalize, eager.bn_act)
     assert all(_direct(t) for t in ours[:5])
     ref = run(ops.bn_stats, ops.bn_finalize, ops.bn_act)
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        _equal(a, b, str(i))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_batch_act_equals_the_op(affine):
+    torch.manual_seed(0)
+    y = torch.randn(4, 6, 5, 3).contiguous(memory_format=torch.channels_last)
+    res = torch.randn(4, 6, 5, 3)
+    gamma, beta = (torch.rand(6) + 0.5, torch.randn(6)) if affine else (None, None)
+
+    def run(stats, act):
+        leaves = [None if t is None else t.clone().requires_grad_() for t in (y, res, gamma, beta)]
+        yy, rr, gg, bb = leaves
+        mean, var = stats(yy)
+        out = act(yy, mean, var, gg, bb, rr, True, 1e-5)
+        out.backward(torch.linspace(-1, 1, out.numel()).view(out.shape))
+        return [out] + [None if t is None else t.grad for t in leaves]
+
+    ours = run(eager.bn_stats, eager.bn_batch_act)
+    assert _direct(ours[0])
+    ref = run(ops.bn_stats, ops.bn_batch_act)
     for i, (a, b) in enumerate(zip(ours, ref)):
         _equal(a, b, str(i))
 
