@@ -28,6 +28,11 @@ resfast.functional and resfast/ops/conv_cpu.py chain them (centre = mean):
                  (threshold_backward, mul, two sums)
   relayout       y copied into the other layout (the layout column is y's):
                  resfast::relayout vs y.contiguous(memory_format=...)
+  bn_batch_bwd   the backward of a training BN + ReLU through autograd (grad of y,
+                 weight, bias): bn_batch_act vs batch_norm + relu, and a third column,
+                 the chain bn_batch_act replaces (bn_stats -> bn_finalize -> bn_act(centre):
+                 bn_act_backward, bn_finalize_backward, bn_stats_backward)
+  bn_batch_add_bwd  the same with a residual added before the ReLU (its gradient too)
 """
 
 import argparse
@@ -217,6 +222,43 @@ def torch_relayout(t):
     return lambda: t["y"].contiguous(memory_format=fmt)
 
 
+def _graph(t, residual, build):
+    """lambda: the gradients of y, weight, bias (and the residual) of build(y, weight,
+    bias, res) through autograd, the graph built once and kept."""
+    leaves = [t["y"].clone().requires_grad_(), t["weight"].clone().requires_grad_(),
+              t["bias"].clone().requires_grad_()]
+    if residual:
+        leaves.append(t["res"].clone().requires_grad_())
+    out = build(*leaves[:3], leaves[3] if residual else None)
+    return lambda: torch.autograd.grad(out, leaves, t["grad"], retain_graph=True)
+
+
+def ours_batch_bwd(t, residual):
+    def build(y, weight, bias, res):
+        mean, var = ops.bn_stats(y.detach())
+        return ops.bn_batch_act(y, mean, var, weight, bias, res, True, EPS)
+
+    return _graph(t, residual, build)
+
+
+def chain_batch_bwd(t, residual):
+    def build(y, weight, bias, res):
+        mean, var = ops.bn_stats(y)
+        scale, shift = ops.bn_finalize(torch.zeros_like(var), var, weight, bias, EPS)
+        return ops.bn_act(y, scale, shift, res, True, mean)
+
+    return _graph(t, residual, build)
+
+
+def torch_batch_bwd(t, residual):
+    def build(y, weight, bias, res):
+        out = F.batch_norm(y, t["running_mean"].clone(), t["running_var"].clone(), weight, bias,
+                           True, MOMENTUM, EPS)
+        return F.relu(out + res if residual else out)
+
+    return _graph(t, residual, build)
+
+
 CASES = {
     "bn_train_fwd": (lambda t: ours_train(t, False), lambda t: torch_train(t, False)),
     "bn_add_relu": (lambda t: ours_train(t, True), lambda t: torch_train(t, True)),
@@ -225,6 +267,10 @@ CASES = {
     "bn_stats": (lambda t: lambda: ops.bn_stats(t["y"]), torch_stats),
     "bn_act_bwd": (ours_act_bwd, torch_act_bwd),
     "relayout": (ours_relayout, torch_relayout),
+    "bn_batch_bwd": (lambda t: ours_batch_bwd(t, False), lambda t: torch_batch_bwd(t, False),
+                     lambda t: chain_batch_bwd(t, False)),
+    "bn_batch_add_bwd": (lambda t: ours_batch_bwd(t, True), lambda t: torch_batch_bwd(t, True),
+                         lambda t: chain_batch_bwd(t, True)),
 }
 COMPILABLE = ("bn_train_fwd", "bn_add_relu", "bn_eval")
 
@@ -255,9 +301,10 @@ def main():
         f"{torch.__version__}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"resfast CPU kernels {ops.cpu_isa()}"
     )
-    print("# medians of interleaved calls; ratio = torch / resfast (> 1: resfast faster)")
+    print("# medians of interleaved calls; ratio = torch / resfast (> 1: resfast faster); for"
+          " bn_batch_*: chain ms, chain / bn_batch_act")
     header = (
-        f"{'case':<13} {'shape':<13} {'dtype':<8} {'layout':<13} {'resfast ms':>10} "
+        f"{'case':<16} {'shape':<13} {'dtype':<8} {'layout':<13} {'resfast ms':>10} "
         f"{'torch ms':>9} {'ratio':>6}"
     )
     print(header + ("  compile ms  ratio" if args.compile else ""))
@@ -267,14 +314,14 @@ def main():
         reps = args.reps or max(15, min(200, int(3e8 / math.prod(shape))))
         t = make_inputs(shape, getattr(torch, dtype_name), layout == "channels_last")
         for case in args.cases:
-            ours_of, torch_of = CASES[case]
-            fns = [ours_of(t), torch_of(t)]
+            ours_of, torch_of, *chain_of = CASES[case]
+            fns = [ours_of(t), torch_of(t)] + [f(t) for f in chain_of]
             if args.compile and case in COMPILABLE:
                 fns.append(torch.compile(torch_of(t), dynamic=False))
             timings = time_interleaved(dict(enumerate(fns)), CPU, 3, 1, reps)
             ms = [timings[i].ms for i in range(len(fns))]
             row = (
-                f"{case:<13} {shape_text:<13} {dtype_name:<8} {layout:<13} "
+                f"{case:<16} {shape_text:<13} {dtype_name:<8} {layout:<13} "
                 f"{ms[0]:>10.3f} {ms[1]:>9.3f} {ms[1] / ms[0]:>6.2f}"
             )
             if len(ms) == 3:

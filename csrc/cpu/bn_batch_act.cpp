@@ -83,7 +83,8 @@ at::Tensor bn_batch_act_cpu(const at::Tensor& y, const at::Tensor& mean, const a
 }
 
 // Pass 1 reduces sum_g = sum(g) and sum_gy = sum(g * (y - mean)) (and writes
-// grad_residual = g); pass 2 writes grad_y = g * scale + (y - mean) * slope + offset,
+// grad_residual = g, which pass 2 then reads in place of grad_out, the residual
+// and the ReLU mask); pass 2 writes grad_y = g * scale + (y - mean) * slope + offset,
 // the path through mean and var being slope = 2 grad_var / count and
 // offset = grad_mean / count, with grad_var and grad_mean as bn_finalize_backward and
 // bn_act's centre give them.
@@ -119,8 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_batch_act_backward
                          affine.scale.const_data_ptr(), affine.shift.const_data_ptr(),
                          centre.const_data_ptr(), data_or_null(res), relu,
                          nullptr, nullptr, nullptr, nullptr};
+    at::Tensor gr_buffer;  // outlives pass 1: pass 2 reads g from it
     if (y.numel() > 0) {
-      at::Tensor gr_buffer = output_mask[3] ? buffer_for(grad_residual, format) : at::Tensor();
+      gr_buffer = output_mask[3] ? buffer_for(grad_residual, format) : at::Tensor();
       args.grad_residual = mutable_data_or_null(gr_buffer);
       args.sum_gy = sums ? sum_gy.mutable_data_ptr() : nullptr;
       args.sum_g = sums ? sum_g.mutable_data_ptr() : nullptr;
@@ -142,18 +144,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_batch_act_backward
                                                  count_per_channel(y), 1)));
     A* sl = slope.mutable_data_ptr<A>();
     A* of = offset.mutable_data_ptr<A>();
+    A* gw = want_weight ? grad_weight.mutable_data_ptr<A>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const A wc = wp ? wp[c] : A(1);
       const A grad_var = gy[c] * wc * A(-0.5) * is[c] * is[c] * is[c];
       const A grad_mean = -sc[c] * g[c];
       sl[c] = A(2) * grad_var * inv_count;
       of[c] = grad_mean * inv_count;
-      if (want_weight) grad_weight.mutable_data_ptr<A>()[c] = gy[c] * is[c];
+      if (gw) gw[c] = gy[c] * is[c];
     }
     if (want_bias) grad_bias = sum_g;
     if (!output_mask[0] || y.numel() == 0) return;
     at::Tensor gy_buffer = buffer_for(grad_y, format);
     args.grad_y = gy_buffer.mutable_data_ptr();
+    if (args.grad_residual != nullptr) {
+      // g itself, written by pass 1: read it instead of grad_out and the mask's inputs.
+      args.grad_out = args.grad_residual;
+      args.residual = nullptr;
+      args.relu = false;
+    }
     args.grad_residual = args.sum_gy = args.sum_g = nullptr;
     args.stats_slope = slope.const_data_ptr();
     args.stats_offset = offset.const_data_ptr();

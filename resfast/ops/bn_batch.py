@@ -39,8 +39,6 @@ def batch_act_backward_composite(grad_out, y, mean, var, weight, bias, residual,
     grad_direct, sum_gy, sum_g, grad_residual = ops.bn_act_backward(
         grad_out, y, scale, shift, residual, relu,
         [output_mask[0], sums, sums, output_mask[3]], mean)
-    if output_mask[3] and grad_residual.numel() == 0:
-        grad_residual = torch.empty_like(y)  # an empty batch
     if not output_mask[3]:
         grad_residual = empty
     if not sums:

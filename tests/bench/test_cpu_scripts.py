@@ -31,3 +31,13 @@ def test_cpu_bn_ops_relayout_rows():
     rows = [ln.split() for ln in out.splitlines() if ln.startswith("relayout")]
     assert [r[3] for r in rows] == ["channels_last", "nchw"]
     assert all(float(r[-1]) > 0 for r in rows)
+
+
+def test_cpu_bn_ops_batch_backward_rows():
+    """bn_batch_act's rows: its time, torch's, their ratio, the old chain's and its ratio."""
+    out = _run("benchmarks/cpu_bn_ops.py", "--cases", "bn_batch_bwd", "bn_batch_add_bwd",
+               "--shapes", "2x16x4x8", "--dtypes", "float32", "bfloat16", "--reps", "2")
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("bn_batch_")]
+    assert sorted({r[0] for r in rows}) == ["bn_batch_add_bwd", "bn_batch_bwd"]
+    assert len(rows) == 8 and all(len(r) == 9 for r in rows)
+    assert all(float(x) > 0 for r in rows for x in r[4:])

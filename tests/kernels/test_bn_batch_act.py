@@ -219,6 +219,18 @@ def test_large_mean_small_variance(layout, dtype, mean, std):
     check(grad_out, y, weight, bias, res, True, *run(grad_out, y, weight, bias, res, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_res", [False, True])
+def test_channels_last_past_the_row_group_threshold(dtype, use_res):
+    """Pass 2 walks channels_last rows one after another beyond 2^20 elements (the
+    other shapes: 4 at a time), reading g back from grad_residual when there is one."""
+    torch.manual_seed(9)
+    shape = (4, 40, 81, 81)
+    y, weight, bias, res = inputs(shape, dtype, "nhwc", True, use_res, mean=5.0)
+    grad_out = grad_for(y, weight, bias, res, True, "nhwc")
+    check(grad_out, y, weight, bias, res, True, *run(grad_out, y, weight, bias, res, True))
+
+
 @pytest.mark.parametrize("mask", list(itertools.product([False, True], repeat=4)))
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("affine", [False, True])

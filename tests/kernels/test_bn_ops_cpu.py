@@ -326,6 +326,17 @@ def test_bn_act_channels_last_past_the_row_group_threshold(dtype):
     assert_within("out", out, expected, elementwise_bound(expected, mag, dtype, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bn_act_backward_without_sums_past_the_row_group_threshold(dtype):
+    """grad_y alone (no sums) walks channels_last rows as the forward does, one after
+    another beyond 2^20 elements."""
+    shape = (4, 40, 81, 81)
+    y, scale, shift, res, centre = act_inputs(shape, dtype, "nhwc", True, True, centred=True)
+    grad_out = masked_grad_out(make(shape, dtype, "nhwc"), y, scale, shift, res, dtype, centre)
+    check_act_backward(grad_out, y, scale, shift, res, True, [True, False, False, True],
+                       centre=centre)
+
+
 @pytest.mark.parametrize(
     "y_layout,res_layout", [("nhwc", "nchw"), ("nchw", "nhwc"), ("nhwc", "sliced")]
 )

@@ -105,10 +105,10 @@ struct Act {
     for (; r < r1; ++r) group(r, std::integral_constant<int, 1>{});
   }
 
-  // The forward walks rows in groups while the activation is at most this
-  // many elements (in cache, the group saves loads of the channel vectors);
-  // a larger one streams from memory, which the groups' interleaved rows
-  // slow down (measured: 2x at 8x256x56x56 float32).
+  // The forward (and the backward without sums) walks rows in groups while the
+  // activation is at most this many elements (in cache, the group saves loads
+  // of the channel vectors); a larger one streams from memory, which the
+  // groups' interleaved rows slow down (measured: 2x at 8x256x56x56 float32).
   static constexpr int64_t kGroupedForward = int64_t{1} << 20;
 
   // ---- forward ----
@@ -275,20 +275,26 @@ struct Act {
     const Tensors tensors = backward_tensors(a);
     const Channels ch(a.scale, a.shift, a.centre, C, a.stats_slope, a.stats_offset);
     if constexpr (!F::kSums) {
+      // Grouped rows only in cache, as in the forward (kGroupedForward).
+      const bool grouped = M * C <= kGroupedForward;
       at::parallel_for(0, M, grain(C), [&](int64_t r0, int64_t r1) {
         const Tensors t = tensors;
-        walk_rows(r0, r1, C, ch,
-                  [&](auto rows, int64_t off, int64_t c, int64_t n, const V& sc, const V& sh,
-                      const V& cc) {
-                    V unused, slope(0), offset(0);
-                    if constexpr (F::kStatsGrad) {
-                      slope = V::loadu(ch.slope.data() + c);
-                      offset = V::loadu(ch.offset.data() + c);
-                    }
-                    for (int i = 0; i < decltype(rows)::value; ++i) {
-                      backward_vec<F>(t, off + i * C, n, sc, sh, cc, unused, slope, offset);
-                    }
-                  });
+        auto f = [&](auto rows, int64_t off, int64_t c, int64_t n, const V& sc, const V& sh,
+                     const V& cc) {
+          V unused, slope(0), offset(0);
+          if constexpr (F::kStatsGrad) {
+            slope = V::loadu(ch.slope.data() + c);
+            offset = V::loadu(ch.offset.data() + c);
+          }
+          for (int i = 0; i < decltype(rows)::value; ++i) {
+            backward_vec<F>(t, off + i * C, n, sc, sh, cc, unused, slope, offset);
+          }
+        };
+        if (grouped) {
+          walk_rows(r0, r1, C, ch, f);
+        } else {
+          walk_rows<1>(r0, r1, C, ch, f);
+        }
       });
       return;
     }
