@@ -68,9 +68,12 @@ def stats_setup(ctx, inputs, output):
     (y,) = inputs
     mean, _ = output
     ctx.save_for_backward(y, mean)
+    ctx.set_materialize_grads(False)  # unused statistics: None, not zeros (stats_backward)
 
 
 def stats_backward(ctx, grad_mean, grad_var):
+    if grad_mean is None and grad_var is None:
+        return None  # statistics that reach no loss (bn_batch_act takes their path into y's)
     y, mean = ctx.saved_tensors
     grad_mean = torch.zeros_like(mean) if grad_mean is None else grad_mean
     grad_var = torch.zeros_like(mean) if grad_var is None else grad_var

@@ -528,6 +528,9 @@ def setup(ctx, inputs, output):
                    and not x.is_contiguous(memory_format=_CL))
     ctx.conf = _Conf(in_relu, stride, padding, stats, out_relu, bias is not None,
                      residual is not None, dilation, x_nchw_leaf)
+    # Outputs nothing differentiates arrive as None, not zeros: statistics that reach no loss
+    # (bn_batch_act takes their gradient into that of y) then cost no pass over y.
+    ctx.set_materialize_grads(False)
     # bias and the prologue's vectors are kept for recomputing z (the epilogue's scale gradient)
     ctx.save_for_backward(x, weight, bias, y, mean, in_scale, in_shift, in_centre, out_scale,
                           out_shift, out_centre)

@@ -44,3 +44,32 @@ def test_prologue_in_the_op_when_the_gemm_applies_it(monkeypatch):
     recomputed, backward = _calls_in_backward(m, x)
     assert recomputed == 1  # the op recomputes a = relu(bn(x)) for the weight's gradient
     assert backward == 1
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last],
+                         ids=["nchw", "nhwc"])
+def test_a_training_bn_backward_is_one_node_with_no_extra_pass(layout):
+    # conv + BN + ReLU in training mode: the BN's backward (bn_batch_act_backward) gives y's whole
+    # gradient, the statistics' path included; the conv's backward then gets no gradient for
+    # its statistics and makes no pass of its own over y (a bn_act: the statistics' gradient).
+    torch.manual_seed(0)
+    m = resfast.nn.Conv2dBNReLU(8, 8, 3).train()
+    x = torch.randn(2, 8, 9, 9).to(memory_format=layout).requires_grad_()
+    passes, backward = _calls_in_backward(m, x)
+    assert backward == 1
+    assert passes == 0
+
+
+def test_bn_add_relu_backward_makes_no_statistics_pass():
+    # BN + add + ReLU on a tensor (its statistics from bn_stats): bn_batch_act_backward gives y's
+    # whole gradient, so bn_stats' own backward (a pass over y) must not run, with zeros.
+    torch.manual_seed(0)
+    m = resfast.nn.BatchNormAddReLU(8).train()
+    y = torch.randn(2, 8, 5, 5, requires_grad=True)
+    r = torch.randn(2, 8, 5, 5, requires_grad=True)
+    loss = m(y, r).square().sum()
+    with torch.profiler.profile() as prof:
+        loss.backward()
+    names = [e.name for e in prof.events()]
+    assert names.count("resfast::bn_batch_act_backward") == 1
+    assert names.count("resfast::bn_stats_backward") == 0
