@@ -17,7 +17,8 @@ as sum(g * (y - mean)) / std, as torch.nn does, where the uncentred
 sum(g * y) - mean * sum(g) would lose every digit when |mean| >> std.
 
 On the CPU, where the pending activation is applied as a pass of its own, a
-training BN stays as its batch statistics (:class:`BatchStatistics`) and is applied
+training BN (unless synchronised: global statistics are not y's own) stays as its
+batch statistics (:class:`BatchStatistics`) and is applied
 by ``resfast::bn_batch_act``: one node whose backward is BatchNorm's own in two
 passes over y, the gradient through the statistics included (scale and shift would
 add a bn_finalize node and one more pass over y in the conv's backward).
@@ -223,7 +224,7 @@ def _conv_input(src: Tensor, pending: Optional[Pending]):
         return src, None, None, False, None
     if _conv_ops.writes_prologue_apart(src):
         return _apply(pending._replace(y=src), None, pending.relu), None, None, False, None
-    if pending.batch is not None:
+    if pending.batch is not None:  # defensive: batch is made only where the prologue is apart
         pending = _scale_shift(pending)
     return src, pending.scale, pending.shift, pending.relu, pending.centre
 

@@ -1,6 +1,11 @@
 """``resfast::bn_batch_act`` and its backward: a training BatchNorm on the batch
 statistics (+ residual) (+ ReLU) as one op pair.
 
+The contract: ``mean`` and ``var`` are y's own biased batch statistics (``bn_stats(y)``
+or ``conv2d_bn``'s), so their gradient is part of y's and the autograd formula gives them
+none. Statistics that are not y's own (synchronised BN's global ones) must go through
+bn_finalize and bn_act instead, as :func:`resfast.functional._batch_pending` does.
+
 The CPU kernels are C++ (csrc/cpu/bn_batch_act.cpp). On CUDA there is no kernel
 of its own yet: the ops run as the composite of the existing ones
 (:func:`batch_act_composite`, :func:`batch_act_backward_composite`), which is

@@ -118,13 +118,16 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
     if stats and (out_scale is not None or residual is not None):
         raise ValueError("stats cannot be combined with out_scale or residual (the statistics "
                          "are of the convolution's own output)")
+    for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
     if stride not in (1, 2) or padding < 0:
         raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, "
                          f"padding={padding}")
     if stats and out_relu:
         raise ValueError("out_relu cannot be combined with stats (the statistics are of the "
                          "pre-ReLU output)")
-    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+    if dilation < 1:
         raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
     span = dilation * (weight.shape[2] - 1) + 1  # the kernel's extent in x
     if x.shape[2] + 2 * padding < span or x.shape[3] + 2 * padding < span:

@@ -8,7 +8,9 @@ implementation is Python too. On the CPU that host time is a large part of a lay
 backward against 150 us for torch.nn, about 27 ms of a ResNet-50 training step.
 
 Where nothing needs to see the op (:func:`_unobserved`: eager mode, CPU tensors of plain type,
-no tracer, dispatch or function mode, functorch transform or autocast), the functions below
+no tracer, dispatch or function mode, functorch transform or autocast; ``torch.device`` used
+as a context manager or ``torch.set_default_device`` install a function mode, so they too
+take the op), the functions below
 run the same checks, implementations and autograd formulas (:mod:`resfast.ops.conv2d_bn`,
 :mod:`resfast.ops.bn`) through a plain ``autograd.Function`` whose forward and backward call
 the C++ kernels below autograd. Everything else calls the op: torch.compile and export see the
@@ -16,8 +18,9 @@ registered op, the GPU paths and the float64 reference are untouched. Both route
 the same kernels, so their results are bitwise equal (tests/ops/test_eager_calls.py).
 
 A profile names the op as the dispatcher would (``resfast::conv2d_bn``, ...). The backward
-works once: differentiating it again raises, as through the op, whose backward ops have no
-autograd formula.
+works once: differentiating it again raises (``once_differentiable``). Through the op it does
+not raise: the backward ops have no autograd formula, and torch only warns that
+differentiating them gives wrong results. Forward-mode AD raises here (no ``jvp``).
 """
 import contextlib
 

@@ -129,6 +129,17 @@ def test_bn_batch_act_equals_the_op(affine):
         _equal(a, b, str(i))
 
 
+def test_synchronised_bn_keeps_scale_and_shift():
+    # global statistics are not y's own: bn_batch_act (which folds the statistics' gradient
+    # into y's) must not apply them
+    bn = torch.nn.BatchNorm2d(4)
+    args = F.BatchNormArgs.of(bn)._replace(stats_reducer=lambda m, v, n: (m, v, n))
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    p = F.batch_norm_pending(x, args, relu=True)
+    assert p.batch is None and p.scale is not None
+    assert F.batch_norm_pending(x, F.BatchNormArgs.of(bn), relu=True).batch is not None
+
+
 def _conv_args(dtype=torch.float32, requires_grad=True):
     x = torch.randn(2, 4, 6, 6, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(5, 4, 3, 3, dtype=dtype)
@@ -218,6 +229,41 @@ def test_double_backward_raises():
     (gx,) = torch.autograd.grad(y.square().sum(), args[0], create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         gx.sum().backward()
+    t = torch.randn(2, 3, 4, 4, requires_grad=True)
+    out = eager.bn_batch_act(t, *eager.bn_stats(t), None, None, None, True, 1e-5)
+    (gt,) = torch.autograd.grad(out.square().sum(), t, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gt.sum().backward()
+
+
+def test_tracing_and_transforms_call_the_op():
+    x, w = _conv_args(requires_grad=False)[:2]
+
+    def f(x):
+        return eager.conv2d_bn(x, w, None, None, None, False, 1, 1, False, False)[0]
+
+    traced = torch.jit.trace(f, (x,), check_trace=False)
+    assert "resfast::conv2d_bn" in str(traced.graph)
+    seen = []
+
+    def g(x):  # inside torch.func.grad a functorch transform is active
+        seen.append(eager._unobserved([x]))
+        return x.sum()
+
+    torch.func.grad(g)(x)
+    assert seen == [False] and eager._unobserved([x])
+    with torch.device("cpu"):  # a function mode
+        y = eager.conv2d_bn(*_conv_args())[0]
+    assert not _direct(y)
+
+
+def test_forward_mode_ad_raises():
+    import torch.autograd.forward_ad as fwAD
+
+    x, w = _conv_args(requires_grad=False)[:2]
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        eager.conv2d_bn(dual, w, None, None, None, False, 1, 1, True, False)
 
 
 @pytest.mark.parametrize("fn", [eager.conv2d_bn, ops.conv2d_bn], ids=["direct", "op"])
@@ -227,5 +273,15 @@ def test_bad_input_names_the_argument(fn):
         fn(x[:, :3], w, None, None, None, False, 1, 1, True, False)
     with pytest.raises(ValueError, match="bias must have shape"):
         fn(x, w, torch.zeros(3), None, None, False, 1, 1, True, False)
+    # (the op's schema turns a bool into an int: dilation=True is 1 there)
+    bad_values = [("stride", "1"), ("padding", 1.0)] + (
+        [("dilation", True)] if fn is eager.conv2d_bn else [])
+    for name, bad in bad_values:
+        kw = {"stride": 1, "padding": 1, "dilation": 1, name: bad}
+        # the op's schema rejects a wrong type first, naming the argument too
+        error = ValueError if fn is eager.conv2d_bn else (ValueError, RuntimeError)
+        with pytest.raises(error, match=name):
+            fn(x, w, None, None, None, False, kw["stride"], kw["padding"], True, False,
+               dilation=kw["dilation"])
     with pytest.raises((ValueError, RuntimeError), match="scale"):
         eager.bn_act(x, torch.ones(3), torch.zeros(4), None, True)
