@@ -119,7 +119,7 @@ def check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stat
         raise ValueError("stats cannot be combined with out_scale or residual (the statistics "
                          "are of the convolution's own output)")
     for name, v in (("stride", stride), ("padding", padding), ("dilation", dilation)):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool) or not hasattr(type(v), "__index__"):  # int, SymInt, numpy ints
             raise ValueError(f"{name} must be an integer, got {v!r}")
     if stride not in (1, 2) or padding < 0:
         raise ValueError(f"stride must be 1 or 2 and padding >= 0, got stride={stride}, "
