@@ -124,33 +124,29 @@ class _BnStats(torch.autograd.Function):
     backward = _direct_backward(_bn.stats_backward)
 
 
-def _tensors(*ts):
-    return [t for t in ts if t is not None]
+def _call(function, op, *args):
+    """``function.apply(*args)`` where nothing observes the call, else the op; a first
+    argument that is no tensor goes to the op, for its error."""
+    if isinstance(args[0], Tensor) and _unobserved([a for a in args if isinstance(a, Tensor)]):
+        return function.apply(*args)
+    return op(*args)
 
 
 def bn_act(y, scale, shift, residual, relu, centre=None):
     """``torch.ops.resfast.bn_act`` with the same arguments."""
-    if isinstance(y, Tensor) and _unobserved(_tensors(y, scale, shift, residual, centre)):
-        return _BnAct.apply(y, scale, shift, residual, relu, centre)
-    return ops.bn_act(y, scale, shift, residual, relu, centre)
+    return _call(_BnAct, ops.bn_act, y, scale, shift, residual, relu, centre)
 
 
 def bn_batch_act(y, mean, var, weight, bias, residual, relu, eps):
     """``torch.ops.resfast.bn_batch_act`` with the same arguments."""
-    if isinstance(y, Tensor) and _unobserved(_tensors(y, mean, var, weight, bias, residual)):
-        return _BnBatchAct.apply(y, mean, var, weight, bias, residual, relu, eps)
-    return ops.bn_batch_act(y, mean, var, weight, bias, residual, relu, eps)
+    return _call(_BnBatchAct, ops.bn_batch_act, y, mean, var, weight, bias, residual, relu, eps)
 
 
 def bn_finalize(mean, var, weight, bias, eps):
     """``torch.ops.resfast.bn_finalize`` with the same arguments."""
-    if isinstance(mean, Tensor) and _unobserved(_tensors(mean, var, weight, bias)):
-        return _BnFinalize.apply(mean, var, weight, bias, eps)
-    return ops.bn_finalize(mean, var, weight, bias, eps)
+    return _call(_BnFinalize, ops.bn_finalize, mean, var, weight, bias, eps)
 
 
 def bn_stats(y):
     """``torch.ops.resfast.bn_stats``."""
-    if isinstance(y, Tensor) and _unobserved([y]):
-        return _BnStats.apply(y)
-    return ops.bn_stats(y)
+    return _call(_BnStats, ops.bn_stats, y)
