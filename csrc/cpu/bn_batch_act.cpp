@@ -5,10 +5,9 @@
 // the loops are those of bn_act (kernels/bn_act_kernel.cpp).
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "../checks.h"
 #include "activation.h"
+#include "bn_affine.h"
 
 namespace resfast::cpu {
 namespace {
@@ -43,7 +42,7 @@ struct Affine {
     A* ip = invstd.mutable_data_ptr<A>();
     const A e = static_cast<A>(eps);
     for (int64_t c = 0; c < C; ++c) {
-      ip[c] = A(1) / std::sqrt(vp[c] + e);
+      ip[c] = bn_invstd(vp[c], e);
       sp[c] = wp ? ip[c] * wp[c] : ip[c];
     }
   }
@@ -147,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_batch_act_backward
     A* gw = want_weight ? grad_weight.mutable_data_ptr<A>() : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       const A wc = wp ? wp[c] : A(1);
-      const A grad_var = gy[c] * wc * A(-0.5) * is[c] * is[c] * is[c];
+      const A grad_var = bn_grad_var(gy[c], wc, is[c]);
       const A grad_mean = -sc[c] * g[c];
       sl[c] = A(2) * grad_var * inv_count;
       of[c] = grad_mean * inv_count;

@@ -11,6 +11,7 @@
 
 #include "../checks.h"
 #include "activation.h"
+#include "bn_affine.h"
 
 namespace resfast::cpu {
 namespace {
@@ -59,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> bn_finalize_cpu(const at::Tensor& mean, const
     scalar_t* shift_out = shift.mutable_data_ptr<scalar_t>();
     const A e = static_cast<A>(eps);
     for (int64_t c = 0; c < C; ++c) {
-      A s = A(1) / std::sqrt(v[c] + e);
+      A s = bn_invstd(v[c], e);
       if (w) s = s * w[c];
       A t = -mu[c] * s;
       if (b) t = t + b[c];
@@ -92,12 +93,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_finalize_backward_
         scalar_t* gw_out = grad_weight.mutable_data_ptr<scalar_t>();
         const A e = static_cast<A>(eps);
         for (int64_t c = 0; c < C; ++c) {
-          const A invstd = A(1) / std::sqrt(v[c] + e);
+          const A invstd = bn_invstd(v[c], e);
           const A wc = w ? w[c] : A(1);
           // shift = bias - mean * scale, so scale also receives -mean * grad_shift.
           const A gs_total = gs[c] - gsh[c] * mu[c];
           gm_out[c] = static_cast<scalar_t>(-gsh[c] * wc * invstd);
-          gv_out[c] = static_cast<scalar_t>(gs_total * wc * A(-0.5) * invstd * invstd * invstd);
+          gv_out[c] = static_cast<scalar_t>(bn_grad_var(gs_total, wc, invstd));
           gw_out[c] = static_cast<scalar_t>(gs_total * invstd);
         }
       });
