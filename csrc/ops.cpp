@@ -6,6 +6,7 @@
 //  * per-channel vectors (mean, var, scale, shift, their gradients) are float32,
 //    or float64 when the activation is float64;
 //  * `var` is the biased (population) batch variance.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "cpu/bn_kernels.h"
@@ -80,4 +81,15 @@ TORCH_LIBRARY(resfast, m) {
   m.def("build_info() -> str", [] { return std::string("cuda_archs=") + RESFAST_CUDA_ARCHS; });
   // The instruction set of the CPU kernels in use: "AVX512", "AVX2" or "DEFAULT".
   m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
+}
+
+// The *_backward ops have no derivative of their own. Without an Autograd kernel the
+// dispatcher only warns and returns outputs that do not require grad, so a double backward
+// through them would silently give zero gradients; this fallback makes it raise instead
+// (and costs only a requires_grad check when no input needs a gradient).
+TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
+  for (const char* op :
+       {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward"}) {
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
+  }
 }

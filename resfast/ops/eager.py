@@ -18,9 +18,9 @@ registered op, the GPU paths and the float64 reference are untouched. Both route
 the same kernels, so their results are bitwise equal (tests/ops/test_eager_calls.py).
 
 A profile names the op as the dispatcher would (``resfast::conv2d_bn``, ...). The backward
-works once: differentiating it again raises (``once_differentiable``). Through the op it does
-not raise: the backward ops have no autograd formula, and torch only warns that
-differentiating them gives wrong results. Forward-mode AD raises here (no ``jvp``).
+works once: differentiating it again raises (``once_differentiable``), as it does through the
+op (the backward ops have no derivative; csrc/ops.cpp makes them raise rather than return
+zeros). Forward-mode AD raises here (no ``jvp``).
 """
 import contextlib
 
