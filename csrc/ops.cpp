@@ -73,6 +73,18 @@ TORCH_LIBRARY(resfast, m) {
       "bn_batch_act_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor var, Tensor? weight,"
       " Tensor? bias, Tensor? residual, bool relu, float eps, bool[4] output_mask)"
       " -> (Tensor grad_y, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+  // The CPU training layer: y = conv2d(x, weight) [+ bias] (oneDNN; channels_last) and y's
+  // per-channel batch mean and biased variance, as conv2d_bn(x, weight, bias, stats=True)
+  // without prologue or epilogue computes them, with its autograd formula in C++
+  // (cpu/conv2d_stats.cpp). CPU only, float32 or bfloat16 weights.
+  m.def(
+      "conv2d_stats(Tensor x, Tensor weight, Tensor? bias, int stride, int padding, int dilation)"
+      " -> (Tensor y, Tensor mean, Tensor var)");
+  // output_mask selects (grad_x, grad_weight, grad_bias); unselected outputs are empty.
+  m.def(
+      "conv2d_stats_backward(Tensor? grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x,"
+      " Tensor weight, Tensor y, Tensor mean, int stride, int padding, int dilation,"
+      " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
   // always. On the CPU an activation dense in the other layout is copied by tiles,
   // several times faster than ATen's copy_ between the two.
@@ -89,7 +101,8 @@ TORCH_LIBRARY(resfast, m) {
 // (and costs only a requires_grad check when no input needs a gradient).
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   for (const char* op :
-       {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward"}) {
+       {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward",
+        "conv2d_stats_backward"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -5,12 +5,13 @@ and autograd formulas are registered in :mod:`resfast.ops.bn` (those of the
 training BatchNorm pair ``bn_batch_act``/``bn_batch_act_backward`` in
 :mod:`resfast.ops.bn_batch`). The conv op is defined in Python
 (:mod:`resfast.ops.conv2d_bn`): oneDNN on the CPU
-(:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64.
+(:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64; its training
+case on the CPU is also the C++ op ``conv2d_stats`` (:mod:`resfast.ops.conv2d_stats`).
 ``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
 channels_last. resfast's layers call the ops through :mod:`resfast.ops.eager`, which
 skips torch.library's Python dispatch for eager calls on the CPU.
 """
-from . import bn, bn_batch, conv2d_bn, layout  # noqa: F401  (registration side effects)
+from . import bn, bn_batch, conv2d_bn, conv2d_stats, layout  # noqa: F401  (registration side effects)
 from .conv2d_bn import conv2d_bn_backward_reference, conv2d_bn_forward_reference  # noqa: F401
 
 OPS = (
@@ -25,5 +26,7 @@ OPS = (
     "bn_batch_act_backward",
     "conv2d_bn",
     "conv2d_bn_backward",
+    "conv2d_stats",
+    "conv2d_stats_backward",
     "relayout",
 )

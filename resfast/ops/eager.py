@@ -13,11 +13,16 @@ as a context manager or ``torch.set_default_device`` install a function mode, so
 take the op), the functions below
 run the same checks, implementations and autograd formulas (:mod:`resfast.ops.conv2d_bn`,
 :mod:`resfast.ops.bn`) through a plain ``autograd.Function`` whose forward and backward call
-the C++ kernels below autograd. Everything else calls the op: torch.compile and export see the
-registered op, the GPU paths and the float64 reference are untouched. Both routes compute with
-the same kernels, so their results are bitwise equal (tests/ops/test_eager_calls.py).
+the C++ kernels below autograd. The training layer's conv (statistics, no prologue or
+epilogue) goes further: after the op's own checks it calls ``resfast::conv2d_stats``, whose
+implementation and autograd formula are C++ (:mod:`resfast.ops.conv2d_stats`), as are
+``resfast::bn_batch_act``'s on the CPU. Everything else calls the op: torch.compile and export
+see the registered op, the GPU paths and the float64 reference are untouched. Both routes
+compute with the same kernels, so their results are bitwise equal
+(tests/ops/test_eager_calls.py).
 
-A profile names the op as the dispatcher would (``resfast::conv2d_bn``, ...). The backward
+A profile names the op as the dispatcher would (``resfast::conv2d_bn``,
+``resfast::conv2d_stats``, ...). The backward
 works once: differentiating it again raises (``once_differentiable``), as it does through the
 op (the backward ops have no derivative; csrc/ops.cpp makes them raise rather than return
 zeros). Forward-mode AD raises here (no ``jvp``).
@@ -29,7 +34,6 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import bn as _bn
-from . import bn_batch as _bn_batch
 from . import conv2d_bn as _conv
 
 ops = torch.ops.resfast
@@ -100,6 +104,14 @@ def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, sta
     if (isinstance(x, Tensor) and isinstance(weight, Tensor)
             and _unobserved([a for a in args if isinstance(a, Tensor)])
             and not _conv._triton_on_cpu() and not _conv._on_reference(x, weight)):
+        if (stats and in_scale is None and not in_relu and out_scale is None
+                and residual is None):
+            # the training layer: checked as the op checks it, then C++ all the way
+            # (resfast::conv2d_stats, its autograd formula included)
+            _conv.check_conv_inputs(*args[:2], bias, in_scale, in_shift, stride, padding, stats,
+                                    out_relu, in_centre, out_scale, out_shift, out_centre,
+                                    residual, dilation)
+            return ops.conv2d_stats.default(x, weight, bias, stride, padding, dilation)
         return _Conv2dBN.apply(*args)
     return ops.conv2d_bn(*args)
 
@@ -107,11 +119,6 @@ def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, sta
 class _BnAct(torch.autograd.Function):
     forward = _forward(ops.bn_act.default, "resfast::bn_act", _bn.act_setup)
     backward = _direct_backward(_bn.act_backward)
-
-
-class _BnBatchAct(torch.autograd.Function):
-    forward = _forward(ops.bn_batch_act.default, "resfast::bn_batch_act", _bn_batch.setup)
-    backward = _direct_backward(_bn_batch.backward)
 
 
 class _BnFinalize(torch.autograd.Function):
@@ -138,8 +145,9 @@ def bn_act(y, scale, shift, residual, relu, centre=None):
 
 
 def bn_batch_act(y, mean, var, weight, bias, residual, relu, eps):
-    """``torch.ops.resfast.bn_batch_act`` with the same arguments."""
-    return _call(_BnBatchAct, ops.bn_batch_act, y, mean, var, weight, bias, residual, relu, eps)
+    """``torch.ops.resfast.bn_batch_act`` itself: on the CPU its autograd formula is
+    C++ already (csrc/cpu/conv2d_stats.cpp), so there is no dispatch to skip."""
+    return ops.bn_batch_act(y, mean, var, weight, bias, residual, relu, eps)
 
 
 def bn_finalize(mean, var, weight, bias, eps):

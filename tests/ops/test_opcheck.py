@@ -50,7 +50,20 @@ def _cases(device):
                                (4, -1, 1))]
     res32 = torch.randn(2, 4, 6, 7, **k32).contiguous(
         memory_format=torch.channels_last).requires_grad_()
-    return [
+    # the CPU training conv in C++ (float32 / bfloat16 only: no float64 gradcheck; its
+    # results are held bitwise to conv2d_bn's in tests/ops/test_conv2d_stats.py)
+    cpu_only = [
+        ("conv2d_stats", (x32, w32, vec32[4], 1, 1, 1)),
+        ("conv2d_stats", (x32, w32, None, 2, 2, 2)),
+        ("conv2d_stats_backward",
+         (torch.randn_like(y_out).float(), _vec(4, device, dtype=torch.float32), None,
+          x32.detach(), w32.detach(), y_out.float(), _vec(4, device, dtype=torch.float32), 1, 1,
+          1, [True, True, True])),
+        ("conv2d_stats_backward",
+         (None, None, _vec(4, device, dtype=torch.float32), x32.detach(), w32.detach(),
+          y_out.float(), _vec(4, device, dtype=torch.float32), 1, 1, 1, [False, True, False])),
+    ]
+    return cpu_only + [
         ("bn_stats", (y,)),
         ("bn_stats", (x,)),
         ("bn_stats_backward",
@@ -142,6 +155,8 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
+    if name.startswith("conv2d_stats") and device != "cpu":
+        pytest.skip("conv2d_stats is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)
 
 

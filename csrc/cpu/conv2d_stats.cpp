@@ -1,0 +1,289 @@
+// The CPU training layer in C++: resfast::conv2d_stats (oneDNN's convolution, then the
+// batch statistics of its output) and its backward, with autograd formulas in C++ for it
+// and for resfast::bn_batch_act.
+//
+// resfast's layers run a training conv + BN + ReLU on the CPU as two autograd nodes:
+// conv2d_stats, then bn_batch_act applying the BN (+ residual, ReLU) on those statistics.
+// Written as Python autograd Functions, the two cost ~0.27 ms of host time per layer more
+// than torch.nn's three C++ nodes (benchmarks/cpu_host_time.py); here they are C++ nodes.
+// conv2d_stats computes what resfast::conv2d_bn computes for these arguments (no prologue
+// or epilogue, stats=True) with the same oneDNN and BN calls (resfast/ops/conv_cpu.py),
+// so the two agree bitwise (tests/ops/test_eager_calls.py).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+
+namespace resfast::cpu {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
+
+// t dense in `format`, as resfast.ops.layout.to_memory_format makes it: t itself, or an
+// activation dense in the other layout copied by the relayout op (named in profiles, as
+// the Python route's copies are), or ATen's copy.
+at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (t.is_contiguous(format)) return t;
+  const bool to_rows = format == kChannelsLast;
+  if (t.dim() == 4 && (to_rows ? t.is_contiguous() : t.is_contiguous(kChannelsLast))) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resfast::relayout", "")
+                               .typed<at::Tensor(const at::Tensor&, bool)>();
+    return op.call(t, to_rows);
+  }
+  return t.contiguous(format);
+}
+
+// What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype, channels_last.
+at::Tensor gemm_input(const at::Tensor& x, at::ScalarType dtype) {
+  return to_memory_format(x.to(dtype), kChannelsLast);
+}
+
+at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
+                       const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
+                       int64_t dilation) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
+                            std::string_view, c10::List<std::optional<c10::Scalar>>,
+                            std::optional<std::string_view>)>();
+  return op.call(a, weight, bias, {padding, padding}, {stride, stride}, {dilation, dilation}, 1,
+                 "none", c10::List<std::optional<c10::Scalar>>(), "");
+}
+
+void check_conv2d_stats_inputs(const at::Tensor& x, const at::Tensor& weight,
+                               const std::optional<at::Tensor>& bias, int64_t stride,
+                               int64_t padding, int64_t dilation) {
+  TORCH_CHECK_VALUE(x.dim() == 4, "x must be a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == weight.size(3),
+                    "weight must be (C_out, C_in, K, K), got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight has ", weight.size(1),
+                    " input channels but x has ", x.size(1));
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
+                    "conv2d_stats runs oneDNN in float32 or bfloat16, got weight of dtype ",
+                    weight.scalar_type());
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() || x.scalar_type() == at::kFloat,
+                    "weight dtype ", weight.scalar_type(), " does not go with x dtype ",
+                    x.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(),
+                    "conv2d_stats is a CPU op; got x on ", x.device(), " and weight on ",
+                    weight.device());
+  TORCH_CHECK_VALUE(x.numel() > 0, "conv2d_stats needs a non-empty x, got ", x.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
+                      weight.size(0), ",), got ", bias->sizes());
+  }
+  TORCH_CHECK_VALUE((stride == 1 || stride == 2) && padding >= 0 && dilation >= 1,
+                    "stride must be 1 or 2, padding >= 0 and dilation >= 1, got stride=", stride,
+                    ", padding=", padding, ", dilation=", dilation);
+  const int64_t span = dilation * (weight.size(2) - 1) + 1;
+  TORCH_CHECK_VALUE(x.size(2) + 2 * padding >= span && x.size(3) + 2 * padding >= span,
+                    "x spatial size ", x.sizes().slice(2), " is smaller than the kernel (", span,
+                    "x", span, ") with padding ", padding);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t stride, int64_t padding, int64_t dilation) {
+  check_conv2d_stats_inputs(x, weight, bias, stride, padding, dilation);
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->to(weight.scalar_type());
+  at::Tensor y = onednn_conv(gemm_input(x, weight.scalar_type()), weight, b, stride, padding,
+                             dilation);
+  static const auto stats = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("resfast::bn_stats", "")
+                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  auto [mean, var] = stats.call(y);
+  return {y, mean, var};
+}
+
+// g + (grad_mean + 2 (y - mean) grad_var) / count in one centred bn_act pass, as
+// conv_cpu.stats_gradient computes it (the same scalars, so the same rounding).
+at::Tensor add_stats_gradient(const std::optional<at::Tensor>& g,
+                              const std::optional<at::Tensor>& grad_mean,
+                              const std::optional<at::Tensor>& grad_var, const at::Tensor& y,
+                              const at::Tensor& mean) {
+  const int64_t count = y.numel() / y.size(1);
+  const at::Tensor gm = grad_mean.has_value() ? *grad_mean : at::zeros_like(mean);
+  const at::Tensor gv = grad_var.has_value() ? *grad_var : at::zeros_like(mean);
+  static const auto act =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("resfast::bn_act", "")
+          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                            bool, const std::optional<at::Tensor>&)>();
+  return act.call(y, gv * (2.0 / static_cast<double>(count)), gm / count, g, false, mean);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
+    const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_mean,
+    const std::optional<at::Tensor>& grad_var, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& y, const at::Tensor& mean, int64_t stride, int64_t padding,
+    int64_t dilation, std::array<bool, 3> output_mask) {
+  check_conv2d_stats_inputs(x, weight, std::nullopt, stride, padding, dilation);
+  const auto dtype = weight.scalar_type();
+  at::Tensor g;
+  if (grad_mean.has_value() || grad_var.has_value()) {
+    g = add_stats_gradient(grad_y, grad_mean, grad_var, y, mean);
+  } else if (grad_y.has_value()) {
+    g = *grad_y;
+  } else {
+    g = at::zeros_like(y);
+  }
+  auto [grad_a, grad_w, grad_b] = at::convolution_backward(
+      to_memory_format(g.to(dtype), kChannelsLast), gemm_input(x, dtype), weight,
+      at::OptionalIntArrayRef({weight.size(0)}), {stride, stride}, {padding, padding},
+      {dilation, dilation}, false, {0, 0}, 1, output_mask);
+  const auto empty = [&] { return at::empty({0}, x.options()); };
+  if (output_mask[1] && grad_w.strides() != weight.strides()) {
+    grad_w = at::empty_like(weight).copy_(grad_w);  // in the weight's layout, as the fake says
+  }
+  return {output_mask[0] ? grad_a.to(x.scalar_type()) : empty(),
+          output_mask[1] ? grad_w : empty(), output_mask[2] ? grad_b.to(dtype) : empty()};
+}
+
+template <typename Fn>
+auto op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+// ---- autograd ------------------------------------------------------------------------
+
+// An NCHW leaf's gradient goes back in NCHW, as torch.nn's convolution returns it (the
+// formula of resfast::conv2d_bn does the same; see its backward_formula).
+bool is_nchw_leaf(const at::Tensor& x) {
+  return x.is_leaf() && x.is_contiguous() && !x.is_contiguous(kChannelsLast);
+}
+
+struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               int64_t stride, int64_t padding, int64_t dilation) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+        int64_t)>("resfast::conv2d_stats");
+    auto [y, mean, var] = op.call(x, weight, bias, stride, padding, dilation);
+    // Statistics that reach no loss arrive as undefined, not zeros: then they cost no pass.
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({x, weight, y, mean});
+    ctx->saved_data["conf"] = std::vector<int64_t>{stride, padding, dilation, bias.has_value(),
+                                                   is_nchw_leaf(x)};
+    return {y, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto conf = ctx->saved_data["conf"].toIntVector();
+    const bool has_bias = conf[3] != 0;
+    const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
+    const bool need_b = has_bias && ctx->needs_input_grad(2);
+    if (!need_x && !need_w && !need_b) return variable_list(6);
+    auto maybe = [](const at::Tensor& t) -> std::optional<at::Tensor> {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, int64_t, int64_t, std::array<bool, 3>)>(
+        "resfast::conv2d_stats_backward");
+    auto [grad_x, grad_w, grad_b] =
+        op.call(maybe(grads[0]), maybe(grads[1]), maybe(grads[2]), saved[0], saved[1], saved[2],
+                saved[3], conf[0], conf[1], conf[2], {need_x, need_w, need_b});
+    if (need_x && conf[4] != 0) grad_x = to_memory_format(grad_x, at::MemoryFormat::Contiguous);
+    variable_list out(6);
+    if (need_x) out[0] = grad_x;
+    if (need_w) out[1] = grad_w;
+    if (need_b) out[2] = grad_b;
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    int64_t stride, int64_t padding, int64_t dilation) {
+  auto out = Conv2dStats::apply(x, weight, bias, stride, padding, dilation);
+  return {out[0], out[1], out[2]};
+}
+
+struct BnBatchAct : public torch::autograd::Function<BnBatchAct> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& mean,
+                            const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, bool relu, double eps) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = op_handle<at::Tensor(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double)>(
+        "resfast::bn_batch_act");
+    at::Tensor out = op.call(y, mean, var, weight, bias, residual, relu, eps);
+    ctx->save_for_backward({y, mean, var, weight.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor()), residual.value_or(at::Tensor())});
+    ctx->saved_data["relu"] = relu;
+    ctx->saved_data["eps"] = eps;
+    return out;
+  }
+
+  // The gradient of y includes the path through mean and var, which must be y's own
+  // statistics (bn_batch_act_backward's contract): mean and var get none of their own.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &y = saved[0], &mean = saved[1], &var = saved[2];
+    const at::Tensor &weight = saved[3], &bias = saved[4], &residual = saved[5];
+    // needs_input_grad counts only the tensors given (an absent optional has no edge)
+    int64_t edge = 3;
+    const bool need_y = ctx->needs_input_grad(0);
+    const bool need_w = weight.defined() && ctx->needs_input_grad(edge++);
+    const bool need_b = bias.defined() && ctx->needs_input_grad(edge++);
+    const bool need_r = residual.defined() && ctx->needs_input_grad(edge++);
+    variable_list out(8);
+    if (!need_y && !need_w && !need_b && !need_r) return out;
+    auto maybe = [](const at::Tensor& t) -> std::optional<at::Tensor> {
+      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, bool, double, std::array<bool, 4>)>(
+        "resfast::bn_batch_act_backward");
+    auto [grad_y, grad_w, grad_b, grad_r] =
+        op.call(grads[0], y, mean, var, maybe(weight), maybe(bias), maybe(residual),
+                ctx->saved_data["relu"].toBool(), ctx->saved_data["eps"].toDouble(),
+                {need_y, need_w, need_b, need_r});
+    if (need_y) out[0] = grad_y;
+    if (need_w) out[3] = grad_w;
+    if (need_b) out[4] = grad_b;
+    if (need_r) out[5] = grad_r;
+    return out;
+  }
+};
+
+at::Tensor bn_batch_act_autograd(const at::Tensor& y, const at::Tensor& mean,
+                                 const at::Tensor& var, const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, bool relu,
+                                 double eps) {
+  return BnBatchAct::apply(y, mean, var, weight, bias, residual, relu, eps);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("conv2d_stats", &conv2d_stats_cpu);
+  m.impl("conv2d_stats_backward", &conv2d_stats_backward_cpu);
+}
+
+// On the CPU these take precedence over the Python formulas registered for the Autograd key
+// (resfast/ops/bn_batch.py), which the other devices keep.
+TORCH_LIBRARY_IMPL(resfast, AutogradCPU, m) {
+  m.impl("conv2d_stats", &conv2d_stats_autograd);
+  m.impl("bn_batch_act", &bn_batch_act_autograd);
+}
+
+}  // namespace resfast::cpu
