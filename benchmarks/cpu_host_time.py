@@ -7,10 +7,11 @@ dispatch, autograd, Python.
 
 Prints the medians of interleaved calls for torch.nn (Conv2d, BatchNorm2d,
 ReLU) and for resfast.functional.conv_bn_relu, and for the pieces of resfast's
-forward: the conv2d_bn op with and without autograd, and the bare oneDNN call
-it makes; and torch.library's own fill_defaults, which the autograd wrapper of
-every op with a Python autograd formula calls on each call (a private torch
-function: skipped where this torch has none). It prints measurements only.
+forward: the conv2d_bn op with and without autograd, the conv2d_stats op the
+layer calls (C++, autograd included), and the bare oneDNN call they make; and
+torch.library's own fill_defaults, which the autograd wrapper of every op with a
+Python autograd formula calls on each call (a private torch function: skipped
+where this torch has none). It prints measurements only.
 """
 import os
 import statistics
@@ -50,6 +51,9 @@ def main(rounds: int = 15, calls: int = 50) -> None:
         with torch.no_grad():
             ops.conv2d_bn(x, w, None, None, None, False, 1, 0, True, False)
 
+    def stats_op_with_autograd():
+        ops.conv2d_stats(x, w, None, 1, 0, 1)
+
     def onednn_conv():
         with torch.no_grad():
             torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none",
@@ -70,6 +74,7 @@ def main(rounds: int = 15, calls: int = 50) -> None:
              "resfast conv_bn_relu, forward + backward": resfast_step,
              "  conv2d_bn op (with autograd)": op_with_autograd,
              "  conv2d_bn op (no grad)": op_no_grad,
+             "  conv2d_stats op (with autograd; what the layer calls)": stats_op_with_autograd,
              "  its oneDNN call alone": onednn_conv}
     if defaults is not None:
         cases["  torch.library's fill_defaults of its arguments"] = defaults
@@ -86,7 +91,7 @@ def main(rounds: int = 15, calls: int = 50) -> None:
     print(f"# 1 thread, torch {torch.__version__}; median us per call over {rounds} interleaved "
           f"rounds of {calls}")
     for name, v in times.items():
-        print(f"{name:<50} {statistics.median(v):8.1f} us")
+        print(f"{name:<58} {statistics.median(v):8.1f} us")
 
 
 if __name__ == "__main__":

@@ -333,8 +333,17 @@ def materialize(h) -> Tensor:
     return finish(h) if isinstance(h, Pending) else h
 
 
+def channels_last_input(x: Tensor) -> Tensor:
+    """A network's input made channels_last, where a network starts: the ops compute in
+    their input's layout (an NCHW op stays NCHW, as torch.nn's does), and channels_last is
+    the faster one for a whole network (one copy of the few-channel input, then none)."""
+    if isinstance(x, Tensor) and x.dim() == 4:
+        return to_memory_format(x, torch.channels_last)
+    return x
+
+
 def _like_input(out: Tensor, x: Tensor) -> Tensor:
-    # The kernels write channels_last; hand NCHW callers NCHW back.
+    # On the GPU the kernels write channels_last; hand NCHW callers NCHW back.
     if x.is_contiguous(memory_format=torch.channels_last) or out.dim() != 4:
         return out
     return to_memory_format(out, torch.contiguous_format)

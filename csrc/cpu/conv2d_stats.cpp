@@ -6,7 +6,7 @@
 // conv2d_stats, then bn_batch_act applying the BN (+ residual, ReLU) on those statistics.
 // Written as Python autograd Functions, the two cost ~0.27 ms of host time per layer more
 // than torch.nn's three C++ nodes (benchmarks/cpu_host_time.py); here they are C++ nodes.
-// conv2d_stats computes what resfast::conv2d_bn computes for these arguments (no prologue
+// conv2d_stats computes what resfast::conv2d_bn computes on the CPU for these arguments (no prologue
 // or epilogue, stats=True) with the same oneDNN and BN calls (resfast/ops/conv_cpu.py),
 // so the two agree bitwise (tests/ops/test_eager_calls.py).
 #include <ATen/ATen.h>
@@ -38,9 +38,22 @@ at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   return t.contiguous(format);
 }
 
-// What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype, channels_last.
+// The layout the convolution runs in (conv_cpu.layout_of): NCHW for an x dense in NCHW
+// only, else channels_last.
+at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.is_contiguous() && !x.is_contiguous(kChannelsLast) ? at::MemoryFormat::Contiguous
+                                                               : kChannelsLast;
+}
+
+// What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype and layout.
 at::Tensor gemm_input(const at::Tensor& x, at::ScalarType dtype) {
-  return to_memory_format(x.to(dtype), kChannelsLast);
+  return to_memory_format(x.to(dtype), layout_of(x));
+}
+
+// The weight as the convolution takes it: an NCHW convolution with a channels_last weight
+// would compute channels_last (ATen's rule), so it gets an NCHW one.
+at::Tensor gemm_weight(const at::Tensor& weight, const at::Tensor& a) {
+  return layout_of(a) == kChannelsLast ? weight : weight.contiguous();
 }
 
 at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
@@ -94,8 +107,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
   check_conv2d_stats_inputs(x, weight, bias, stride, padding, dilation);
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(weight.scalar_type());
-  at::Tensor y = onednn_conv(gemm_input(x, weight.scalar_type()), weight, b, stride, padding,
-                             dilation);
+  const at::Tensor a = gemm_input(x, weight.scalar_type());
+  at::Tensor y = onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation);
   static const auto stats = c10::Dispatcher::singleton()
                                 .findSchemaOrThrow("resfast::bn_stats", "")
                                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
@@ -136,8 +149,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
   } else {
     g = at::zeros_like(y);
   }
+  const at::Tensor a = gemm_input(x, dtype);
   auto [grad_a, grad_w, grad_b] = at::convolution_backward(
-      to_memory_format(g.to(dtype), kChannelsLast), gemm_input(x, dtype), weight,
+      to_memory_format(g.to(dtype), layout_of(a)), a, gemm_weight(weight, a),
       at::OptionalIntArrayRef({weight.size(0)}), {stride, stride}, {padding, padding},
       {dilation, dilation}, false, {0, 0}, 1, output_mask);
   const auto empty = [&] { return at::empty({0}, x.options()); };

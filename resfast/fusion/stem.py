@@ -42,6 +42,7 @@ def fused_resnet_class():
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         conv = self.conv1
+        x = F.channels_last_input(x)  # the fused network runs channels_last from here
         x = F.finish(F.conv_bn_pending(x, conv.weight, conv.bias, bn_args(self.bn1), relu=True,
                                        **conv_args(conv)))
         x = self.maxpool(x)

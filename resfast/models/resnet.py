@@ -118,8 +118,10 @@ class StemAndStages(nn.Module):
 
     def _stem_forward(self, x: Tensor) -> Union[Tensor, Pending]:
         """conv1 with bn1 + ReLU pending (applied by the first block's conv), or
-        applied before the max-pool."""
+        applied before the max-pool. The network runs channels_last: an NCHW input is
+        copied once, here (the ops compute in their input's layout)."""
         conv = self.conv1
+        x = F.channels_last_input(x)
         h: Union[Tensor, Pending] = F.conv_bn_pending(x, conv.weight, None,
                                                       BatchNormArgs.of(self.bn1),
                                                       stride=conv.stride[0],

@@ -118,7 +118,7 @@ class FusedResidualBlock(nn.Module):
         y = F.finish(out, shortcut, relu=plan.relu)
         if (x.dim() == 4 and x.is_contiguous()
                 and not x.is_contiguous(memory_format=torch.channels_last)):
-            y = y.contiguous()  # the kernels write channels_last; NCHW callers get NCHW
+            y = y.contiguous()  # NCHW callers get NCHW (the GPU's kernels write channels_last)
         return y
 
     def extra_repr(self) -> str:

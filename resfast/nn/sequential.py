@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..ops.layout import to_memory_format
 from .fusable import bn_args, conv_args, is_fusable_bn, is_fusable_conv, is_plain_relu
 
 __all__ = ["FusedSequential", "Step", "fusion_plan", "run_plan", "describe_plan", "FUSED_KINDS"]
@@ -112,8 +113,9 @@ class FusedSequential(nn.Sequential):
     (:func:`fusion_plan`): the same children, indices and ``state_dict``.
 
     The plan is rebuilt on every call (a few isinstance checks), so the
-    Sequential may still be edited. Internally activations stay channels_last;
-    the output comes back in the input's memory format."""
+    Sequential may still be edited. Internally activations stay channels_last (an
+    NCHW input is copied once, at the entry); the output comes back in the input's
+    memory format."""
 
     def forward(self, x):
         plan = fusion_plan(self)
@@ -121,13 +123,12 @@ class FusedSequential(nn.Sequential):
             return super().forward(x)
         mods = list(self)
         h = x
-        if (plan[0].kind.startswith("conv")
-            and not x.is_contiguous(memory_format=torch.channels_last)):
-            h = x.contiguous(memory_format=torch.channels_last)
+        if plan[0].kind.startswith("conv"):
+            h = F.channels_last_input(x)
         out = F.materialize(run_plan(mods, plan, h))
         if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()
                 and not x.is_contiguous(memory_format=torch.channels_last)):
-            out = out.contiguous()
+            out = to_memory_format(out, torch.contiguous_format)
         return out
 
     def plan(self) -> List[Step]:

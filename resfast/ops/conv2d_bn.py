@@ -23,7 +23,8 @@ version (:mod:`resfast.ops.fold`), so the forward is one convolution. Its
 backward reduces the gradients of out_scale from the normalized activation z,
 which it recomputes (one convolution more, only when out_scale needs a gradient).
 
-y is always channels_last. On CUDA the op runs one of two paths, chosen per
+y is channels_last on the GPU; on the CPU it is in x's layout (NCHW for an NCHW x,
+as torch.nn's convolution gives it; :func:`output_format`). On CUDA the op runs one of two paths, chosen per
 problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
 in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
 the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
@@ -218,7 +219,7 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
         var, mean = torch.var_mean(y.to(dt), dim=(0, 2, 3), correction=0)
     else:
         mean, var = y.new_empty((0,), dtype=dt), y.new_empty((0,), dtype=dt)
-    return y.contiguous(memory_format=_CL), mean, var
+    return y.contiguous(memory_format=output_format(x)), mean, var
 
 
 def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
@@ -239,7 +240,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
-    return (grad_a.to(x.dtype).contiguous(memory_format=_CL) if output_mask[0]
+    return (grad_a.to(x.dtype).contiguous(memory_format=output_format(x)) if output_mask[0]
             else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
@@ -357,6 +358,13 @@ def _on_reference(x, weight) -> bool:
 
 def _on_cpu(x) -> bool:
     return x.device.type == "cpu" and not _triton_on_cpu()
+
+
+def output_format(x: Tensor) -> torch.memory_format:
+    """The memory format of y (and of the gradient of x): x's own layout on the CPU
+    (:func:`resfast.ops.conv_cpu.layout_of`: NCHW for an NCHW x, as torch.nn's
+    convolution gives), channels_last on the GPU, where the kernels write nothing else."""
+    return conv_cpu.layout_of(x) if _on_cpu(x) else _CL
 
 
 def writes_prologue_apart(x: Tensor) -> bool:
@@ -481,7 +489,7 @@ def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
                       in_centre, out_scale, out_shift, out_centre, residual, dilation)
     y = weight.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(
-        memory_format=_CL)
+        memory_format=output_format(x))
     n = weight.shape[0] if stats else 0
     return (y, x.new_empty((n,), dtype=stats_dtype(weight)),
             x.new_empty((n,), dtype=stats_dtype(weight)))
@@ -504,7 +512,8 @@ def _(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift, in_re
       out_relu, output_mask, in_centre=None, dilation=1):
     check_conv_backward_inputs(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift,
                                stride, padding, out_relu, output_mask, in_centre, dilation)
-    return (torch.empty_like(x, memory_format=_CL) if output_mask[0] else x.new_empty((0,)),
+    return (torch.empty_like(x, memory_format=output_format(x)) if output_mask[0]
+            else x.new_empty((0,)),
             torch.empty_like(weight) if output_mask[1] else x.new_empty((0,)),
             weight.new_empty((weight.shape[0],)) if output_mask[2] else x.new_empty((0,)))
 
@@ -607,7 +616,7 @@ def backward_formula(ctx, grad_y, grad_mean, grad_var, conv_backward):
         if conf.x_nchw_leaf:
             # An NCHW leaf's gradient in NCHW, as torch.nn's convolution returns it: AccumulateGrad
             # would copy it there anyway, element by element (ATen's copy_, up to 5x slower than
-            # relayout). Gradients of other tensors stay channels_last (the ops read either).
+            # relayout). On the CPU it is NCHW already (the op computed in x's layout).
             grad_x = to_memory_format(grad_a, torch.contiguous_format)
     return (grad_x if need_x else None, grad_w if need_w else None,
             grad_b if need_b and conf.has_bias else None,

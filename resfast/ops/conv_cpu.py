@@ -5,15 +5,16 @@ resfast's one-pass BatchNorm kernels around it.
 Forward:
   * the prologue ``[relu]((x - centre) * scale + shift)`` is one pass of
     ``resfast::bn_act`` (oneDNN has no input-side elementwise fusion);
-  * the convolution runs channels_last: it is the layout oneDNN's direct
-    convolutions read without reordering (measured on ResNet-20/50 layers:
-    1.1-1.9x faster than NCHW, forward + backward; README, Performance), and
-    the op's output is channels_last on every device. An NCHW input costs one
-    copy (the first conv of a network, where it has 3 channels; NCHW users of
-    a single op or block). Handing oneDNN the NCHW input with a packed weight
-    does not avoid it: ``_convolution_pointwise`` then makes the input
-    channels_last itself, the same ATen copy (ONEDNN_VERBOSE shows the
-    convolution reading nhwc and no reorder; timed equal);
+  * the convolution runs in x's layout (:func:`layout_of`): channels_last, the
+    layout oneDNN's direct convolutions read without reordering (measured on
+    ResNet-20/50 layers: 1.1-1.9x faster than NCHW, forward + backward; README,
+    Performance), or NCHW for an NCHW x, as torch.nn's convolution does. Copying
+    an NCHW x to channels_last and the result back (the op's layout until
+    2026-11-30) cost more than the faster convolution saves for a single op or
+    block: 0.54-0.98x torch.nn in NCHW. resfast's networks make their input
+    channels_last once, at their entry, and run channels_last throughout. An
+    NCHW convolution gets an unpacked weight: with a packed one,
+    ``_convolution_pointwise`` makes the input channels_last itself;
   * with an epilogue (eval-mode BN) the conv, BN, residual add and ReLU are
     one oneDNN call, its weight prepacked into oneDNN's blocked format once per
     weight version (:mod:`resfast.ops.fold`). In float32 without a residual,
@@ -54,24 +55,29 @@ def runs_onednn(x: Tensor, weight: Tensor) -> bool:
     return weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def _channels_last(t: Tensor) -> Tensor:
-    # A no-op for channels_last tensors; NCHW callers pay one copy (see the module docstring),
-    # by tiles (resfast::relayout).
-    return to_memory_format(t, _CL)
+def layout_of(x: Tensor) -> torch.memory_format:
+    """The layout the op computes in for input x: NCHW for an x dense in NCHW only,
+    else channels_last (x dense in both, C == 1 or H*W == 1, needs no copy either way)."""
+    if x.is_contiguous() and not x.is_contiguous(memory_format=_CL):
+        return torch.contiguous_format
+    return _CL
 
 
 def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> Tensor:
     """a = [relu]((x - in_centre) * in_scale + in_shift) in x's precision, then in
-    the GEMM's dtype and channels_last: one pass of bn_act when there is a
-    prologue; the dtype cast happens only under mixed precision (a float32
-    network input with bfloat16 weights)."""
+    the GEMM's dtype and layout: one pass of bn_act when there is a prologue; the
+    dtype cast happens only under mixed precision (a float32 network input with
+    bfloat16 weights)."""
+    fmt = layout_of(x)
     if in_scale is not None or in_relu:
         x = ops.bn_act(x, in_scale, in_shift, None, in_relu, in_centre)
-    return _channels_last(x.to(dtype))
+    return to_memory_format(x.to(dtype), fmt)
 
 
-def _pack(stride: int, padding: int, dilation: int, input_shape):
+def _pack(stride: int, padding: int, dilation: int, input_shape, fmt):
     def pack(w: Tensor) -> Tensor:
+        if fmt != _CL:  # see the module docstring
+            return w.contiguous()
         return torch.ops.mkldnn._reorder_convolution_weight(
             w.contiguous(), [padding, padding], [stride, stride], [dilation, dilation], 1,
             list(input_shape))
@@ -85,8 +91,13 @@ def _conv(a: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[
     if residual is None:
         return torch.ops.mkldnn._convolution_pointwise(a, weight, bias, *args,
                                                        "relu" if relu else "none", [], "")
+    if layout_of(a) != _CL and a.dtype != torch.float32:
+        # NCHW bfloat16 has no fused add in ATen (its fallback's add_relu rejects bfloat16):
+        # the add and ReLU as one pass of their own
+        y = torch.ops.mkldnn._convolution_pointwise(a, weight, bias, *args, "none", [], "")
+        return ops.bn_act(y, None, None, residual.to(y.dtype), relu)
     return torch.ops.mkldnn._convolution_pointwise.binary(
-        a, _channels_last(residual), weight, bias, *args, "add", 1.0,
+        a, to_memory_format(residual, layout_of(a)), weight, bias, *args, "add", 1.0,
         "relu" if relu else None, [], None)
 
 
@@ -115,11 +126,12 @@ def _scaled_epilogue(weight, bias, scale, shift, centre, pack):
 def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual, dilation):
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
+    fmt = layout_of(a)
     # packed for the full input shape, batch included: oneDNN picks its kernel (and so its
     # summation order) by shape, and a weight packed for another batch would give results
     # that depend on the calls before this one
-    target = ("onednn", stride, padding, dilation, tuple(a.shape))
-    pack = _pack(stride, padding, dilation, a.shape)
+    target = ("onednn", stride, padding, dilation, tuple(a.shape), fmt)
+    pack = _pack(stride, padding, dilation, a.shape, fmt)
     if residual is not None:
         residual = residual.to(weight.dtype)
     if out_scale is not None and residual is None and weight.dtype == torch.float32:
@@ -132,8 +144,8 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
     else:
         if out_scale is not None:
             w, b = _fold.fold(weight, bias, out_scale, out_shift, out_centre, target, pack)
-        else:
-            w, b = weight, bias
+        else:  # (an NCHW convolution with a channels_last weight would compute channels_last)
+            w, b = (weight if fmt == _CL else weight.contiguous()), bias
         y = _conv(a, w, None if b is None else b.to(weight.dtype), residual, out_relu, stride,
                   padding, dilation)
     if stats:
@@ -162,14 +174,16 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
         g = stats_gradient(g, grad_mean, grad_var, y, mean)
     if g is None:
         g = torch.zeros_like(y)
-    g = _channels_last(g.to(weight.dtype))
     need_a = output_mask[0]
     # a is recomputed (one bn_act pass when there is a prologue): the op keeps only x. resfast's
     # layers do not pass a prologue on the CPU: they apply it as its own autograd node, which
     # keeps a (functional._conv_input), as torch.nn keeps its ReLU's output.
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
+    fmt = layout_of(a)
+    g = to_memory_format(g.to(weight.dtype), fmt)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, a, weight, [weight.shape[0]], [stride, stride], [padding, padding],
+        g, a, weight if fmt == _CL else weight.contiguous(), [weight.shape[0]], [stride, stride],
+        [padding, padding],
         [dilation, dilation], False, [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),

@@ -4,8 +4,9 @@ ATen's ``copy_`` between the two layouts writes element by element and is up to
 5x slower than copying by tiles transposed in vector registers, which the CPU
 kernel does (csrc/cpu/kernels/layout_kernel.cpp; measured with
 ``benchmarks/cpu_bn_ops.py --cases relayout``). It is called only where a copy
-between the two layouts is due anyway: the CPU convolution's channels_last
-input, results handed back to NCHW callers, and the gradient of an NCHW leaf.
+between the two layouts is due anyway: a network's NCHW input made channels_last
+at its entry (:func:`resfast.functional.channels_last_input`), results handed
+back to NCHW callers, and tensors that meet an op in the other layout.
 """
 import torch
 from torch import Tensor
