@@ -24,10 +24,10 @@ backward reduces the gradients of out_scale from the normalized activation z,
 which it recomputes (one convolution more, only when out_scale needs a gradient).
 
 y is channels_last on the GPU; on the CPU it is in x's layout (NCHW for an NCHW x,
-as torch.nn's convolution gives it; :func:`output_format`). On CUDA the op runs one of two paths, chosen per
-problem by measurement (:mod:`resfast.ops.conv_path`): the Triton implicit GEMM
-in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and statistics inside
-the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
+as torch.nn's convolution gives it; :func:`output_format`). On CUDA the op runs one
+of two paths, chosen per problem by measurement (:mod:`resfast.ops.conv_path`): the
+Triton implicit GEMM in :mod:`resfast.kernels.conv2d_bn` (prologue, bias, ReLU and
+statistics inside the GEMM), or cuDNN's GEMM with the prologue written out by ``bn_act`` and the
 statistics by ``bn_stats`` (CUDA C++); a residual is added after the GEMM by
 ``bn_act``. On the CPU it runs oneDNN (:mod:`resfast.ops.conv_cpu`); float64
 stays on ATen on every device (the reference below, float32 accumulation

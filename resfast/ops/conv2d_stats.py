@@ -2,8 +2,9 @@
 
 ``conv2d_stats(x, weight, bias, stride, padding, dilation) -> (y, mean, var)`` is
 ``conv2d_bn(x, weight, bias, stats=True)`` without prologue or epilogue: oneDNN's
-convolution (in x's layout, as conv2d_bn on the CPU) and the batch statistics of its output, computed by the same
-calls as :mod:`resfast.ops.conv_cpu` (so bitwise equal to ``conv2d_bn``). Its CPU kernel,
+convolution (in x's layout, as conv2d_bn on the CPU) and the batch statistics of its
+output, computed by the same calls as :mod:`resfast.ops.conv_cpu` (so bitwise equal to
+``conv2d_bn``). Its CPU kernel,
 its backward op ``conv2d_stats_backward`` and its autograd formula are C++
 (csrc/cpu/conv2d_stats.cpp): ``resfast.ops.eager`` calls it for every training conv on the
 CPU, where the Python formula of ``conv2d_bn`` cost ~0.27 ms of host time per layer. CPU
@@ -15,7 +16,6 @@ from torch.library import register_fake
 from ..dtypes import stats_dtype
 from .conv2d_bn import _out_shape
 from .conv_cpu import layout_of
-
 
 
 @register_fake("resfast::conv2d_stats")
