@@ -30,6 +30,7 @@ zeros). Forward-mode AD raises here (no ``jvp``).
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -52,6 +53,13 @@ def _unobserved(tensors) -> bool:
             and not torch._C._is_torch_function_mode_enabled()
             and torch._C._functorch.peek_interpreter_stack() is None
             and not torch.jit.is_tracing())
+
+
+def _records(tensors) -> bool:
+    """Whether autograd would record a call on these tensors (else the call needs no node):
+    a tensor that needs a gradient, or forward-mode AD under way (its tangents)."""
+    return ((torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or _forward_ad._current_level >= 0)
 
 
 def _named(op: str):
@@ -101,9 +109,12 @@ def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, sta
     """``torch.ops.resfast.conv2d_bn`` with the same arguments."""
     args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual, dilation)
-    if (isinstance(x, Tensor) and isinstance(weight, Tensor)
-            and _unobserved([a for a in args if isinstance(a, Tensor)])
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and _unobserved(tensors)
             and not _conv._triton_on_cpu() and not _conv._on_reference(x, weight)):
+        if not _records(tensors):  # inference: the implementation itself, no node
+            with _below_autograd(), _named("resfast::conv2d_bn"):
+                return _conv.forward_impl(*args)
         if (stats and in_scale is None and not in_relu and out_scale is None
                 and residual is None):
             # the training layer: checked as the op checks it, then C++ all the way
@@ -132,9 +143,14 @@ class _BnStats(torch.autograd.Function):
 
 
 def _call(function, op, *args):
-    """``function.apply(*args)`` where nothing observes the call, else the op; a first
-    argument that is no tensor goes to the op, for its error."""
-    if isinstance(args[0], Tensor) and _unobserved([a for a in args if isinstance(a, Tensor)]):
+    """``function.apply(*args)`` where nothing observes the call (the op's kernel itself
+    where autograd records nothing), else the op; a first argument that is no tensor goes
+    to the op, for its error."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if isinstance(args[0], Tensor) and _unobserved(tensors):
+        if not _records(tensors):
+            with _below_autograd(), _named(op.default.name()):
+                return op.default(*args)
         return function.apply(*args)
     return op(*args)
 
