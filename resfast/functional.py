@@ -220,8 +220,9 @@ def _conv_input(src: Tensor, pending: Optional[Pending]):
     fusion), it is applied here instead, as its own autograd node: autograd then keeps
     its output for the convolution's backward, where the op would recompute it (one pass
     less per conv; torch.nn keeps the same tensor, its ReLU's output)."""
-    if pending is None:
-        return src, None, None, False, None
+    if pending is None or (pending.scale is None and pending.batch is None
+                           and not pending.relu):
+        return src, None, None, False, None  # nothing pending (an eval conv's output): no pass
     if _conv_ops.writes_prologue_apart(src):
         return _apply(pending._replace(y=src), None, pending.relu), None, None, False, None
     if pending.batch is not None:  # defensive: batch is made only where the prologue is apart
