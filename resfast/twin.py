@@ -189,6 +189,14 @@ class _PreActResNet:
 
 
 class _VGG:
+    def forward(self, x: Tensor) -> Tensor:
+        if self.dense:
+            return self.forward_dense(x)
+        x = self.features(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
     def score_map(self, x: Tensor) -> Tensor:
         fc1, relu1, drop1, fc2, relu2, drop2, fc3 = self.classifier
         h = self.features(x)

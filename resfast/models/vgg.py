@@ -91,7 +91,7 @@ class VGG(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.dense:
             return self.forward_dense(x)
-        x = self.features(x)
+        x = self.features(F.channels_last_input(x))  # the network runs channels_last
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
         return self.classifier(x)
@@ -105,7 +105,7 @@ class VGG(nn.Module):
     def score_map(self, x: Tensor) -> Tensor:
         """The (N, num_classes, H', W') class score map of dense evaluation."""
         fc1, relu1, drop1, fc2, relu2, drop2, fc3 = self.classifier
-        h = self.features(x)
+        h = self.features(F.channels_last_input(x))
         k = self.avgpool.output_size
         k = k if isinstance(k, int) else k[0]
         if h.shape[2] < k or h.shape[3] < k:

@@ -113,9 +113,9 @@ class FusedSequential(nn.Sequential):
     (:func:`fusion_plan`): the same children, indices and ``state_dict``.
 
     The plan is rebuilt on every call (a few isinstance checks), so the
-    Sequential may still be edited. Internally activations stay channels_last (an
-    NCHW input is copied once, at the entry); the output comes back in the input's
-    memory format."""
+    Sequential may still be edited. On a GPU activations stay channels_last inside (an
+    NCHW input is copied once, at the entry); on the CPU the ops compute in the input's
+    layout. The output comes back in the input's memory format."""
 
     def forward(self, x):
         plan = fusion_plan(self)
@@ -123,7 +123,9 @@ class FusedSequential(nn.Sequential):
             return super().forward(x)
         mods = list(self)
         h = x
-        if plan[0].kind.startswith("conv"):
+        if plan[0].kind.startswith("conv") and x.device.type != "cpu":
+            # (on the CPU the ops compute in x's layout: an NCHW Sequential inside an NCHW
+            # model stays NCHW, with no copy in or out; a network converts once at its entry)
             h = F.channels_last_input(x)
         out = F.materialize(run_plan(mods, plan, h))
         if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()

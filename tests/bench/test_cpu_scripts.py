@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -41,3 +43,13 @@ def test_cpu_bn_ops_batch_backward_rows():
     assert sorted({r[0] for r in rows}) == ["bn_batch_add_bwd", "bn_batch_bwd"]
     assert len(rows) == 8 and all(len(r) == 9 for r in rows)
     assert all(float(x) > 0 for r in rows for x in r[4:])
+
+
+def test_cpu_fuse_prints_a_row_per_model_and_step():
+    pytest.importorskip("torchvision")
+    out = _run("benchmarks/cpu_fuse.py", "--models", "tv:resnet18", "--modes", "eval",
+               "--rounds", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("tv:")]
+    assert [r[:2] for r in rows] == [["tv:resnet18", "eval"]]
+    ratios = [float(v.rstrip("x")) for v in rows[0][6:]]
+    assert len(ratios) == 4 and all(r > 0 for r in ratios)

@@ -153,9 +153,7 @@ def test_a_network_makes_its_nchw_input_channels_last_once(name):
     model = get_model(name, num_classes=10).train()
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     out, forward = _relayouts(lambda: model(x))
-    # (a VGG's features, a FusedSequential, hand their last map back in x's layout: one more
-    # copy where that map is larger than 1x1)
-    assert 1 <= forward <= (2 if name.startswith("vgg") else 1)
+    assert forward == 1
     _, backward = _relayouts(lambda: out.sum().backward())
     assert backward <= 1  # at most the input's gradient, handed back in NCHW
     assert x.grad.is_contiguous()
