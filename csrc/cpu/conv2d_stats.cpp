@@ -39,10 +39,12 @@ at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
 }
 
 // The layout the convolution runs in (conv_cpu.layout_of): NCHW for an x dense in NCHW
-// only, else channels_last.
+// only; for an x dense in both (C == 1 or H*W == 1) the one its strides suggest, which is
+// what oneDNN reads it as and writes y in; else channels_last.
 at::MemoryFormat layout_of(const at::Tensor& x) {
-  return x.is_contiguous() && !x.is_contiguous(kChannelsLast) ? at::MemoryFormat::Contiguous
-                                                               : kChannelsLast;
+  const bool nchw = x.is_contiguous(), cl = x.is_contiguous(kChannelsLast);
+  if (nchw && cl) return x.suggest_memory_format();
+  return nchw ? at::MemoryFormat::Contiguous : kChannelsLast;
 }
 
 // What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype and layout.
@@ -140,6 +142,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
     const at::Tensor& y, const at::Tensor& mean, int64_t stride, int64_t padding,
     int64_t dilation, std::array<bool, 3> output_mask) {
   check_conv2d_stats_inputs(x, weight, std::nullopt, stride, padding, dilation);
+  const int64_t span = dilation * (weight.size(2) - 1) + 1;
+  const std::vector<int64_t> out_shape = {x.size(0), weight.size(0),
+                                          (x.size(2) + 2 * padding - span) / stride + 1,
+                                          (x.size(3) + 2 * padding - span) / stride + 1};
+  TORCH_CHECK_VALUE(y.sizes() == out_shape, "y must have the output's shape ", out_shape,
+                    ", got ", y.sizes());
+  TORCH_CHECK_VALUE(!grad_y.has_value() || grad_y->sizes() == out_shape,
+                    "grad_y must have the output's shape ", out_shape, ", got ",
+                    grad_y.has_value() ? grad_y->sizes() : y.sizes());
+  TORCH_CHECK_VALUE(mean.dim() == 1 && mean.size(0) == weight.size(0),
+                    "mean must have shape (", weight.size(0), ",), got ", mean.sizes());
   const auto dtype = weight.scalar_type();
   at::Tensor g;
   if (grad_mean.has_value() || grad_var.has_value()) {
@@ -169,12 +182,6 @@ auto op_handle(const char* name) {
 
 // ---- autograd ------------------------------------------------------------------------
 
-// An NCHW leaf's gradient goes back in NCHW, as torch.nn's convolution returns it (the
-// formula of resfast::conv2d_bn does the same; see its backward_formula).
-bool is_nchw_leaf(const at::Tensor& x) {
-  return x.is_leaf() && x.is_contiguous() && !x.is_contiguous(kChannelsLast);
-}
-
 struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
                                const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -187,8 +194,7 @@ struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
     // Statistics that reach no loss arrive as undefined, not zeros: then they cost no pass.
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({x, weight, y, mean});
-    ctx->saved_data["conf"] = std::vector<int64_t>{stride, padding, dilation, bias.has_value(),
-                                                   is_nchw_leaf(x)};
+    ctx->saved_data["conf"] = std::vector<int64_t>{stride, padding, dilation, bias.has_value()};
     return {y, mean, var};
   }
 
@@ -210,7 +216,6 @@ struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
     auto [grad_x, grad_w, grad_b] =
         op.call(maybe(grads[0]), maybe(grads[1]), maybe(grads[2]), saved[0], saved[1], saved[2],
                 saved[3], conf[0], conf[1], conf[2], {need_x, need_w, need_b});
-    if (need_x && conf[4] != 0) grad_x = to_memory_format(grad_x, at::MemoryFormat::Contiguous);
     variable_list out(6);
     if (need_x) out[0] = grad_x;
     if (need_w) out[1] = grad_w;

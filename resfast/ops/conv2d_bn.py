@@ -219,7 +219,7 @@ def conv2d_bn_forward_reference(x, weight, bias, in_scale, in_shift, in_relu, st
         var, mean = torch.var_mean(y.to(dt), dim=(0, 2, 3), correction=0)
     else:
         mean, var = y.new_empty((0,), dtype=dt), y.new_empty((0,), dtype=dt)
-    return y.contiguous(memory_format=output_format(x)), mean, var
+    return _in_format(y, output_format(x)), mean, var
 
 
 def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale,
@@ -240,7 +240,7 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
         g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
         [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
-    return (grad_a.to(x.dtype).contiguous(memory_format=output_format(x)) if output_mask[0]
+    return (_in_format(grad_a.to(x.dtype), output_format(x)) if output_mask[0]
             else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))
@@ -367,6 +367,14 @@ def output_format(x: Tensor) -> torch.memory_format:
     return conv_cpu.layout_of(x) if _on_cpu(x) else _CL
 
 
+def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
+    """t with the strides ``torch.empty(..., memory_format=fmt)`` gives, as the fakes promise
+    (``contiguous`` leaves a tensor dense in both layouts with the strides it has)."""
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    return t if t.stride() == want else torch.empty(
+        t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+
+
 def writes_prologue_apart(x: Tensor) -> bool:
     """Whether the op applies its prologue to x as a pass of its own, before the GEMM
     (oneDNN and the ATen reference on the CPU), rather than inside it: callers that
@@ -488,8 +496,8 @@ def _(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_
       dilation=1):
     check_conv_inputs(x, weight, bias, in_scale, in_shift, stride, padding, stats, out_relu,
                       in_centre, out_scale, out_shift, out_centre, residual, dilation)
-    y = weight.new_empty(_out_shape(x, weight, stride, padding, dilation)).contiguous(
-        memory_format=output_format(x))
+    y = torch.empty(_out_shape(x, weight, stride, padding, dilation), dtype=weight.dtype,
+                    device=x.device, memory_format=output_format(x))
     n = weight.shape[0] if stats else 0
     return (y, x.new_empty((n,), dtype=stats_dtype(weight)),
             x.new_empty((n,), dtype=stats_dtype(weight)))

@@ -14,14 +14,16 @@ import torch
 from torch.library import register_fake
 
 from ..dtypes import stats_dtype
-from .conv2d_bn import _out_shape
+from .conv2d_bn import _out_shape, check_conv_inputs
 from .conv_cpu import layout_of
 
 
 @register_fake("resfast::conv2d_stats")
 def _(x, weight, bias, stride, padding, dilation):
+    check_conv_inputs(x, weight, bias, None, None, stride, padding, True, False,
+                      dilation=dilation)
     shape = _out_shape(x, weight, stride, padding, dilation)
-    y = x.new_empty(shape, dtype=weight.dtype).contiguous(memory_format=layout_of(x))
+    y = torch.empty(shape, dtype=weight.dtype, device=x.device, memory_format=layout_of(x))
     channels = (weight.shape[0],)
     dt = stats_dtype(y)
     return y, x.new_empty(channels, dtype=dt), x.new_empty(channels, dtype=dt)

@@ -38,6 +38,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch._prims_common import suggest_memory_format
 
 from . import fold as _fold
 from .layout import to_memory_format
@@ -56,11 +57,13 @@ def runs_onednn(x: Tensor, weight: Tensor) -> bool:
 
 
 def layout_of(x: Tensor) -> torch.memory_format:
-    """The layout the op computes in for input x: NCHW for an x dense in NCHW only,
-    else channels_last (x dense in both, C == 1 or H*W == 1, needs no copy either way)."""
-    if x.is_contiguous() and not x.is_contiguous(memory_format=_CL):
-        return torch.contiguous_format
-    return _CL
+    """The layout the op computes in for input x: NCHW for an x dense in NCHW only; for an
+    x dense in both (C == 1 or H*W == 1) the one its strides suggest, which is what
+    oneDNN reads it as and writes y in; else channels_last."""
+    nchw, cl = x.is_contiguous(), x.is_contiguous(memory_format=_CL)
+    if nchw and cl:
+        return suggest_memory_format(x)
+    return torch.contiguous_format if nchw else _CL
 
 
 def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> Tensor:

@@ -122,3 +122,46 @@ def test_nothing_to_differentiate_costs_no_backward_call():
     backward = [e for e in prof.events() if e.name == "aten::convolution_backward"]
     assert len(backward) == 1
     assert not any(e.name == "resfast::bn_act" for e in prof.events())  # no statistics' pass
+
+
+def _cl_view(t):
+    n, c, h, w = t.shape
+    return t.as_strided(t.shape, (c * h * w, 1, w * c, c))
+
+
+@pytest.mark.parametrize("op", ["conv2d_stats", "conv2d_bn"])
+@pytest.mark.parametrize("x", [
+    lambda: torch.randn(2, 1, 8, 8),            # C == 1: dense in both layouts, NCHW strides
+    lambda: _cl_view(torch.randn(2, 1, 8, 8)),  # ... channels_last strides
+    lambda: torch.randn(2, 5, 1, 1),            # H*W == 1, padded to a 3x3 output
+    lambda: _cl_view(torch.randn(2, 5, 1, 1)),
+], ids=["c1-nchw", "c1-cl", "hw1-nchw", "hw1-cl"])
+def test_a_tensor_dense_in_both_layouts_gets_the_strides_its_fake_promises(op, x):
+    # such a tensor is read in the layout its strides suggest, and y written in it; the fake
+    # must say the same (torch.compile trusts its strides)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = x()
+    w = torch.randn(4, x.shape[1], 3, 3)
+    call = {"conv2d_stats": lambda x, w: ops.conv2d_stats(x, w, None, 1, 1, 1),
+            "conv2d_bn": lambda x, w: ops.conv2d_bn(x, w, None, None, None, False, 1, 1, True,
+                                                    False)}[op]
+    real = call(x, w)
+    with FakeTensorMode() as mode:
+        fake = call(mode.from_tensor(x), mode.from_tensor(w))
+    assert real[0].shape == fake[0].shape and real[0].stride() == fake[0].stride()
+    xg = x.clone().requires_grad_() if x.is_contiguous() else _cl_view(x.clone()).detach()
+    xg.requires_grad_()
+    y = call(xg, w)[0]
+    (gx,) = torch.autograd.grad(y.sum(), xg)
+    assert gx.shape == xg.shape
+
+
+def test_a_grayscale_network_input_is_made_channels_last():
+    from resfast import functional as F
+
+    x = torch.randn(2, 1, 8, 8)  # dense in both layouts, NCHW strides
+    h = F.channels_last_input(x)
+    assert h.stride() == (64, 1, 8, 1) and torch.equal(h, x)
+    y = ops.conv2d_stats(h, torch.randn(4, 1, 3, 3), None, 1, 1, 1)[0]
+    assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
