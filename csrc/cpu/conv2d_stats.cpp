@@ -6,9 +6,9 @@
 // conv2d_stats, then bn_batch_act applying the BN (+ residual, ReLU) on those statistics.
 // Written as Python autograd Functions, the two cost ~0.27 ms of host time per layer more
 // than torch.nn's three C++ nodes (benchmarks/cpu_host_time.py); here they are C++ nodes.
-// conv2d_stats computes what resfast::conv2d_bn computes on the CPU for these arguments (no prologue
-// or epilogue, stats=True) with the same oneDNN and BN calls (resfast/ops/conv_cpu.py),
-// so the two agree bitwise (tests/ops/test_eager_calls.py).
+// conv2d_stats computes what resfast::conv2d_bn computes on the CPU for these arguments (no
+// prologue or epilogue, stats=True) with the same oneDNN and BN calls
+// (resfast/ops/conv_cpu.py), so the two agree bitwise (tests/ops/test_conv2d_stats.py).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -23,6 +23,12 @@ using torch::autograd::variable_list;
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
+// A registered op with signature Fn, called through the dispatcher (so profiles name it).
+template <typename Fn>
+auto op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
 // t dense in `format`, as resfast.ops.layout.to_memory_format makes it: t itself, or an
 // activation dense in the other layout copied by the relayout op (named in profiles, as
 // the Python route's copies are), or ATen's copy.
@@ -30,9 +36,7 @@ at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   if (t.is_contiguous(format)) return t;
   const bool to_rows = format == kChannelsLast;
   if (t.dim() == 4 && (to_rows ? t.is_contiguous() : t.is_contiguous(kChannelsLast))) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("resfast::relayout", "")
-                               .typed<at::Tensor(const at::Tensor&, bool)>();
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, bool)>("resfast::relayout");
     return op.call(t, to_rows);
   }
   return t.contiguous(format);
@@ -62,12 +66,10 @@ at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                        int64_t dilation) {
   static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("mkldnn::_convolution_pointwise", "")
-          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                            c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
-                            std::string_view, c10::List<std::optional<c10::Scalar>>,
-                            std::optional<std::string_view>)>();
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
+                           std::string_view, c10::List<std::optional<c10::Scalar>>,
+                           std::optional<std::string_view>)>("mkldnn::_convolution_pointwise");
   return op.call(a, weight, bias, {padding, padding}, {stride, stride}, {dilation, dilation}, 1,
                  "none", c10::List<std::optional<c10::Scalar>>(), "");
 }
@@ -111,9 +113,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
   if (bias.has_value()) b = bias->to(weight.scalar_type());
   const at::Tensor a = gemm_input(x, weight.scalar_type());
   at::Tensor y = onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation);
-  static const auto stats = c10::Dispatcher::singleton()
-                                .findSchemaOrThrow("resfast::bn_stats", "")
-                                .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  static const auto stats =
+      op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("resfast::bn_stats");
   auto [mean, var] = stats.call(y);
   return {y, mean, var};
 }
@@ -128,11 +129,9 @@ at::Tensor add_stats_gradient(const std::optional<at::Tensor>& g,
   const at::Tensor gm = grad_mean.has_value() ? *grad_mean : at::zeros_like(mean);
   const at::Tensor gv = grad_var.has_value() ? *grad_var : at::zeros_like(mean);
   static const auto act =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("resfast::bn_act", "")
-          .typed<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
-                            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                            bool, const std::optional<at::Tensor>&)>();
+      op_handle<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           bool, const std::optional<at::Tensor>&)>("resfast::bn_act");
   return act.call(y, gv * (2.0 / static_cast<double>(count)), gm / count, g, false, mean);
 }
 
@@ -175,12 +174,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
           output_mask[1] ? grad_w : empty(), output_mask[2] ? grad_b.to(dtype) : empty()};
 }
 
-template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
-
 // ---- autograd ------------------------------------------------------------------------
+
+// An undefined tensor (an absent optional, a gradient not materialized) as an empty optional.
+std::optional<at::Tensor> optional_of(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
 
 struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
@@ -205,17 +204,14 @@ struct Conv2dStats : public torch::autograd::Function<Conv2dStats> {
     const bool need_x = ctx->needs_input_grad(0), need_w = ctx->needs_input_grad(1);
     const bool need_b = has_bias && ctx->needs_input_grad(2);
     if (!need_x && !need_w && !need_b) return variable_list(6);
-    auto maybe = [](const at::Tensor& t) -> std::optional<at::Tensor> {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
         const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, int64_t, int64_t, int64_t, std::array<bool, 3>)>(
         "resfast::conv2d_stats_backward");
     auto [grad_x, grad_w, grad_b] =
-        op.call(maybe(grads[0]), maybe(grads[1]), maybe(grads[2]), saved[0], saved[1], saved[2],
-                saved[3], conf[0], conf[1], conf[2], {need_x, need_w, need_b});
+        op.call(optional_of(grads[0]), optional_of(grads[1]), optional_of(grads[2]), saved[0],
+                saved[1], saved[2], saved[3], conf[0], conf[1], conf[2], {need_x, need_w, need_b});
     variable_list out(6);
     if (need_x) out[0] = grad_x;
     if (need_w) out[1] = grad_w;
@@ -263,18 +259,15 @@ struct BnBatchAct : public torch::autograd::Function<BnBatchAct> {
     const bool need_r = residual.defined() && ctx->needs_input_grad(edge++);
     variable_list out(8);
     if (!need_y && !need_w && !need_b && !need_r) return out;
-    auto maybe = [](const at::Tensor& t) -> std::optional<at::Tensor> {
-      return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-    };
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
         const std::optional<at::Tensor>&, bool, double, std::array<bool, 4>)>(
         "resfast::bn_batch_act_backward");
     auto [grad_y, grad_w, grad_b, grad_r] =
-        op.call(grads[0], y, mean, var, maybe(weight), maybe(bias), maybe(residual),
-                ctx->saved_data["relu"].toBool(), ctx->saved_data["eps"].toDouble(),
-                {need_y, need_w, need_b, need_r});
+        op.call(grads[0], y, mean, var, optional_of(weight), optional_of(bias),
+                optional_of(residual), ctx->saved_data["relu"].toBool(),
+                ctx->saved_data["eps"].toDouble(), {need_y, need_w, need_b, need_r});
     if (need_y) out[0] = grad_y;
     if (need_w) out[3] = grad_w;
     if (need_b) out[4] = grad_b;
