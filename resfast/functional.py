@@ -35,14 +35,13 @@ from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch._prims_common import suggest_memory_format
 
 from . import ops as _ops  # noqa: F401  (registers the Python ops)
 from .dtypes import stats_dtype
 from .ops import conv2d_bn as _conv_ops
 from .ops import eager as _eager
 from .ops import fold as _fold
-from .ops.layout import to_memory_format
+from .ops.layout import to_memory_format, with_strides_of
 
 ops = torch.ops.resfast
 
@@ -340,12 +339,9 @@ def channels_last_input(x: Tensor) -> Tensor:
     their input's layout (an NCHW op stays NCHW, as torch.nn's does), and channels_last is
     the faster one for a whole network (one copy of the few-channel input, then none)."""
     if isinstance(x, Tensor) and x.dim() == 4:
-        x = to_memory_format(x, torch.channels_last)
-        if suggest_memory_format(x) != torch.channels_last:
-            # dense in both layouts (C == 1: a grayscale image) with NCHW strides, which the
-            # convolutions would read as NCHW: the same memory, viewed with channels_last strides
-            n, c, h, w = x.shape
-            x = x.as_strided(x.shape, (c * h * w, 1, w * c, c))
+        # (a tensor dense in both layouts, a grayscale image, may have NCHW strides, which the
+        # convolutions would read as NCHW: it is viewed with channels_last ones)
+        return with_strides_of(to_memory_format(x, torch.channels_last), torch.channels_last)
     return x
 
 

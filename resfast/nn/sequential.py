@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..ops.conv2d_bn import output_format
 from ..ops.layout import to_memory_format
 from .fusable import bn_args, conv_args, is_fusable_bn, is_fusable_conv, is_plain_relu
 
@@ -123,9 +124,9 @@ class FusedSequential(nn.Sequential):
             return super().forward(x)
         mods = list(self)
         h = x
-        if plan[0].kind.startswith("conv") and x.device.type != "cpu":
-            # (on the CPU the ops compute in x's layout: an NCHW Sequential inside an NCHW
-            # model stays NCHW, with no copy in or out; a network converts once at its entry)
+        if plan[0].kind.startswith("conv") and output_format(x) == torch.channels_last:
+            # (where the ops compute in x's layout, the CPU's, an NCHW Sequential inside an
+            # NCHW model stays NCHW, with no copy in or out; a network converts at its entry)
             h = F.channels_last_input(x)
         out = F.materialize(run_plan(mods, plan, h))
         if (isinstance(out, Tensor) and out.dim() == 4 and x.is_contiguous()

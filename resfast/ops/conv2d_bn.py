@@ -51,7 +51,7 @@ from torch.library import custom_op, register_autograd, register_fake
 from ..dtypes import stats_dtype
 from . import conv_cpu, conv_path
 from . import fold as _fold
-from .layout import to_memory_format
+from .layout import to_memory_format, with_strides_of
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -368,11 +368,9 @@ def output_format(x: Tensor) -> torch.memory_format:
 
 
 def _in_format(t: Tensor, fmt: torch.memory_format) -> Tensor:
-    """t with the strides ``torch.empty(..., memory_format=fmt)`` gives, as the fakes promise
-    (``contiguous`` leaves a tensor dense in both layouts with the strides it has)."""
-    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
-    return t if t.stride() == want else torch.empty(
-        t.shape, dtype=t.dtype, device=t.device, memory_format=fmt).copy_(t)
+    """t dense in fmt with fmt's own strides, as the fakes promise (``contiguous`` leaves a
+    tensor dense in both layouts with the strides it has)."""
+    return with_strides_of(to_memory_format(t, fmt), fmt)
 
 
 def writes_prologue_apart(x: Tensor) -> bool:

@@ -77,10 +77,15 @@ def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> 
     return to_memory_format(x.to(dtype), fmt)
 
 
+def _gemm_weight(weight: Tensor, fmt: torch.memory_format) -> Tensor:
+    # an NCHW convolution with a channels_last weight would compute channels_last (ATen's rule)
+    return weight if fmt == _CL else weight.contiguous()
+
+
 def _pack(stride: int, padding: int, dilation: int, input_shape, fmt):
     def pack(w: Tensor) -> Tensor:
-        if fmt != _CL:  # see the module docstring
-            return w.contiguous()
+        if fmt != _CL:  # unpacked: see the module docstring
+            return _gemm_weight(w, fmt)
         return torch.ops.mkldnn._reorder_convolution_weight(
             w.contiguous(), [padding, padding], [stride, stride], [dilation, dilation], 1,
             list(input_shape))
@@ -147,8 +152,8 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
     else:
         if out_scale is not None:
             w, b = _fold.fold(weight, bias, out_scale, out_shift, out_centre, target, pack)
-        else:  # (an NCHW convolution with a channels_last weight would compute channels_last)
-            w, b = (weight if fmt == _CL else weight.contiguous()), bias
+        else:
+            w, b = _gemm_weight(weight, fmt), bias
         y = _conv(a, w, None if b is None else b.to(weight.dtype), residual, out_relu, stride,
                   padding, dilation)
     if stats:
@@ -185,8 +190,7 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
     fmt = layout_of(a)
     g = to_memory_format(g.to(weight.dtype), fmt)
     grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, a, weight if fmt == _CL else weight.contiguous(), [weight.shape[0]], [stride, stride],
-        [padding, padding],
+        g, a, _gemm_weight(weight, fmt), [weight.shape[0]], [stride, stride], [padding, padding],
         [dilation, dilation], False, [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),

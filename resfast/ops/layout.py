@@ -31,6 +31,14 @@ def to_memory_format(x: Tensor, memory_format: torch.memory_format) -> Tensor:
     return x.contiguous(memory_format=memory_format)
 
 
+def with_strides_of(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """x, dense in ``memory_format``, viewed with that format's own strides (those of
+    ``torch.empty(..., memory_format=...)``). Only a tensor dense in both layouts (C == 1 or
+    H*W == 1) can have others; kernels and oneDNN read a tensor's layout from its strides."""
+    want = torch.empty(x.shape, device="meta", memory_format=memory_format).stride()
+    return x if x.stride() == want else x.as_strided(x.shape, want)
+
+
 @register_fake("resfast::relayout")
 def _(x, channels_last):
     if x.dim() != 4:
