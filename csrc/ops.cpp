@@ -85,6 +85,17 @@ TORCH_LIBRARY(resfast, m) {
       "conv2d_stats_backward(Tensor? grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x,"
       " Tensor weight, Tensor y, Tensor mean, int stride, int padding, int dilation,"
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // A CPU training layer's forward, as resfast.functional.conv_bn_pending makes it, in one
+  // call (cpu/conv2d_bn_train.cpp): a = bn_batch_act(x, in_mean, in_var, in_weight, in_bias,
+  // relu=in_relu, eps=in_eps) where in_mean and in_var are given (x's own batch statistics),
+  // else x; (y, mean, var) = conv2d_stats(a, weight, bias, ...); then, where running_mean and
+  // running_var are given, num_batches_tracked += 1 and the update of bn_update_running_stats_
+  // with momentum (1 / num_batches_tracked for None), as nn.BatchNorm2d does in training.
+  m.def(
+      "conv2d_bn_train(Tensor x, Tensor? in_mean, Tensor? in_var, Tensor? in_weight,"
+      " Tensor? in_bias, bool in_relu, float in_eps, Tensor weight, Tensor? bias, int stride,"
+      " int padding, int dilation, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
+      " Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor y, Tensor mean, Tensor var)");
   // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
   // always. On the CPU an activation dense in the other layout is copied by tiles,
   // several times faster than ATen's copy_ between the two.

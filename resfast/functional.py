@@ -248,6 +248,11 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         raise ValueError(f"conv weight is on {weight.device} but the input is on {src.device}")
     _check_bn(bn, weight.shape[0], src.device)
     dtype = _conv_dtype(src, weight)
+    if _uses_batch_stats(bn) and residual is None:
+        layer = _train_in_one_call(src, pending_in, weight, bias, bn, stride, padding, dilation,
+                                   relu)
+        if layer is not None:
+            return layer
     src, in_scale, in_shift, in_relu, in_centre = _conv_input(_cast(src, dtype), pending_in)
     if _uses_batch_stats(bn):
         if residual is not None:
@@ -267,6 +272,36 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
                             in_shift, in_relu, stride, padding, False, relu, in_centre, scale,
                             shift, centre, residual, dilation)
     return Pending(y, None, None, False)
+
+
+def _train_in_one_call(src: Tensor, pending_in: Optional[Pending], weight: Tensor,
+                       bias: Optional[Tensor], bn: BatchNormArgs, stride: int, padding: int,
+                       dilation: int, relu: bool) -> Optional[Pending]:
+    """A training layer's forward as one ``resfast::conv2d_bn_train`` call where its ops take
+    it (eager CPU calls that nothing observes, a oneDNN dtype: :func:`resfast.ops.eager.
+    takes_one_call`), else None. It makes the calls the route in :func:`conv_bn_pending`
+    makes (the input's pending BN, the conv with its statistics, the running statistics'
+    update), from C++: ~60 us of host time less per layer, the same results bitwise."""
+    stats = pending_in.batch if pending_in is not None else None
+    if bn.stats_reducer is not None or (stats is None and pending_in is not None
+                                        and (pending_in.scale is not None or pending_in.relu)):
+        return None
+    if not type(stride) is type(padding) is type(dilation) is int:
+        return None  # the op route's checks name a bool, a float, a numpy integer
+    tensors = [t for t in (src, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           bn.num_batches_tracked) if t is not None]
+    if stats is not None:
+        tensors += [t for t in stats[:4] if t is not None]
+    if not _eager.takes_one_call(src, weight, tensors):
+        return None
+    in_bn = ((stats.mean, stats.var, stats.weight, stats.bias, pending_in.relu, stats.eps)
+             if stats is not None else (None, None, None, None, False, 0.0))
+    running = ((bn.running_mean, bn.running_var, bn.num_batches_tracked)
+               if bn.training and bn.running_mean is not None else (None, None, None))
+    y, mean, var = ops.conv2d_bn_train.default(src, *in_bn, weight, bias, stride, padding,
+                                               dilation, *running, bn.momentum)
+    return Pending(y, None, None, relu,
+                   batch=BatchStatistics(mean, var, bn.weight, bn.bias, bn.eps))
 
 
 def _check_residual(residual, device):

@@ -10,9 +10,10 @@
 // prologue or epilogue, stats=True) with the same oneDNN and BN calls
 // (resfast/ops/conv_cpu.py), so the two agree bitwise (tests/ops/test_conv2d_stats.py).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
+
+#include "op_handle.h"
 
 
 namespace resfast::cpu {
@@ -22,12 +23,6 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-
-// A registered op with signature Fn, called through the dispatcher (so profiles name it).
-template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
-}
 
 // t dense in `format`, as resfast.ops.layout.to_memory_format makes it: t itself, or an
 // activation dense in the other layout copied by the relayout op (named in profiles, as

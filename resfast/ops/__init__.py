@@ -6,7 +6,8 @@ training BatchNorm pair ``bn_batch_act``/``bn_batch_act_backward`` in
 :mod:`resfast.ops.bn_batch`). The conv op is defined in Python
 (:mod:`resfast.ops.conv2d_bn`): oneDNN on the CPU
 (:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64; its training
-case on the CPU is also the C++ op ``conv2d_stats`` (:mod:`resfast.ops.conv2d_stats`).
+case on the CPU is also the C++ op ``conv2d_stats`` (:mod:`resfast.ops.conv2d_stats`), and
+a whole training layer's forward the C++ op ``conv2d_bn_train`` (csrc/cpu/conv2d_bn_train.cpp).
 ``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
 channels_last. resfast's layers call the ops through :mod:`resfast.ops.eager`, which
 skips torch.library's Python dispatch for eager calls on the CPU.
@@ -28,5 +29,6 @@ OPS = (
     "conv2d_bn_backward",
     "conv2d_stats",
     "conv2d_stats_backward",
+    "conv2d_bn_train",
     "relayout",
 )

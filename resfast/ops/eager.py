@@ -16,10 +16,13 @@ run the same checks, implementations and autograd formulas (:mod:`resfast.ops.co
 the C++ kernels below autograd. The training layer's conv (statistics, no prologue or
 epilogue) goes further: after the op's own checks it calls ``resfast::conv2d_stats``, whose
 implementation and autograd formula are C++ (:mod:`resfast.ops.conv2d_stats`), as are
-``resfast::bn_batch_act``'s on the CPU. Everything else calls the op: torch.compile and export
-see the registered op, the GPU paths and the float64 reference are untouched. Both routes
-compute with the same kernels, so their results are bitwise equal
-(tests/ops/test_eager_calls.py).
+``resfast::bn_batch_act``'s on the CPU; and where the same conditions hold
+(:func:`takes_one_call`), :func:`resfast.functional.conv_bn_pending` makes a whole training
+layer's forward (the input's pending BN, that conv, the running statistics' update) one
+``resfast::conv2d_bn_train`` call, which makes those op calls from C++. Everything else calls
+the op: torch.compile and export see the registered op, the GPU paths and the float64
+reference are untouched. Both routes compute with the same kernels, so their results are
+bitwise equal (tests/ops/test_eager_calls.py, tests/ops/test_conv2d_bn_train.py).
 
 A profile names the op as the dispatcher would (``resfast::conv2d_bn``,
 ``resfast::conv2d_stats``, ...). The backward
@@ -101,6 +104,15 @@ class _Conv2dBN(torch.autograd.Function):
 def _conv_backward(*args):
     with _named("resfast::conv2d_bn_backward"):
         return _conv.backward_impl(*args)
+
+
+def takes_one_call(x: Tensor, weight: Tensor, tensors) -> bool:
+    """Whether a training layer's forward on these tensors may be one
+    ``resfast::conv2d_bn_train`` call (:func:`resfast.functional._train_in_one_call`): where
+    :func:`conv2d_bn` would call ``resfast::conv2d_stats``, i.e. nothing observes the ops and
+    the convolution runs oneDNN."""
+    return (_unobserved(tensors) and not _conv._triton_on_cpu()
+            and not _conv._on_reference(x, weight))
 
 
 def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,

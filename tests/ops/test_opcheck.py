@@ -62,6 +62,14 @@ def _cases(device):
         ("conv2d_stats_backward",
          (None, None, _vec(4, device, dtype=torch.float32), x32.detach(), w32.detach(),
           y_out.float(), _vec(4, device, dtype=torch.float32), 1, 1, 1, [False, True, False])),
+        # the CPU training layer's forward in one call (its parts' results bitwise:
+        # tests/ops/test_conv2d_bn_train.py)
+        ("conv2d_bn_train",
+         (x32, *_stats(x32), *vec32[:2], True, 1e-5, w32, vec32[4], 2, 1, 1,
+          torch.zeros(4, device=device), torch.ones(4, device=device),
+          torch.tensor(0, device=device), 0.1)),
+        ("conv2d_bn_train",
+         (x32, None, None, None, None, False, 1e-5, w32, None, 1, 1, 1, None, None, None, None)),
     ]
     return cpu_only + [
         ("bn_stats", (y,)),
@@ -155,8 +163,8 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
-    if name.startswith("conv2d_stats") and device != "cpu":
-        pytest.skip("conv2d_stats is a CPU op (the GPU's training conv is conv2d_bn)")
+    if name.startswith(("conv2d_stats", "conv2d_bn_train")) and device != "cpu":
+        pytest.skip(f"{name} is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)
 
 

@@ -21,6 +21,11 @@ struct Stats {
   static constexpr int64_t K = L::kSize;
   // Vectors of channels per tile of the channels_last walk (registers permitting).
   static constexpr int kTileUnits = sizeof(V) >= 64 ? 4 : 2;
+  // Accumulators of a block's sums: independent dependency chains hide the adds'
+  // latency, each a kChains-th as long (float rounding grows with the length of a
+  // chain). Eight for one vector of channels, four for a tile (registers permitting).
+  static constexpr int kChains = 8;
+  static constexpr int tile_chains(int units) { return units == 1 ? kChains : 4; }
 
   // ---- channels_last: y is [M, C] ----
 
@@ -34,27 +39,41 @@ struct Stats {
     auto load = [&](const T* p, int u) {
       return kTail && u == U - 1 ? L::load(p, tail) : L::load(p);
     };
-    // Even and odd rows in separate accumulators: two dependency chains, each
-    // half as long (float rounding grows with the length of a chain).
-    V sh[U], mean[U], acc[2][U];
+    // Row r in chain r % Chains (the last rows in chain 0); the chains are indexed by
+    // constants only, so that they stay in registers.
+    constexpr int Chains = tile_chains(U);
+    V sh[U], mean[U], acc[Chains][U];
     auto reduce = [&](auto term) {
-      for (int u = 0; u < U; ++u) acc[0][u] = acc[1][u] = V(0);
-      for (int64_t r = 0; r < rows; ++r) {
-        const T* row = y + r * C;
-        for (int u = 0; u < U; ++u) acc[r & 1][u] += term(load(row + u * K, u) - sh[u], u);
+      for (int j = 0; j < Chains; ++j) {
+        for (int u = 0; u < U; ++u) acc[j][u] = V(0);
       }
+      int64_t r = 0;
+      for (; r + Chains <= rows; r += Chains) {
+        for (int j = 0; j < Chains; ++j) {
+          const T* row = y + (r + j) * C;
+          for (int u = 0; u < U; ++u) acc[j][u] += term(load(row + u * K, u) - sh[u], u);
+        }
+      }
+      for (; r < rows; ++r) {
+        for (int u = 0; u < U; ++u) acc[0][u] += term(load(y + r * C + u * K, u) - sh[u], u);
+      }
+    };
+    auto total = [&](int u) {
+      V t = acc[0][u];
+      for (int j = 1; j < Chains; ++j) t += acc[j][u];
+      return t;
     };
     for (int u = 0; u < U; ++u) sh[u] = V::loadu(shift + u * K);
     reduce([](const V& d, int) { return d; });
     for (int u = 0; u < U; ++u) {
-      mean[u] = (acc[0][u] + acc[1][u]) / V(static_cast<A>(rows));
+      mean[u] = total(u) / V(static_cast<A>(rows));
       mean[u].store(mean_out + u * K);
     }
     reduce([&](const V& d, int u) {
       const V e = d - mean[u];
       return e * e;
     });
-    for (int u = 0; u < U; ++u) (acc[0][u] + acc[1][u]).store(m2_out + u * K);
+    for (int u = 0; u < U; ++u) total(u).store(m2_out + u * K);
   }
 
   template <int U = 1, typename F>
@@ -111,20 +130,22 @@ struct Stats {
   static void block_runs(const T* first, int64_t stride, int64_t runs, int64_t len, A shift,
                          A& mean_out, A& m2_out) {
     const V sh(shift);
-    // f(x - shift) summed over the block, two accumulators for two chains.
+    // f(x - shift) summed over the block in kChains accumulators.
     auto reduce = [&](auto f) {
-      V acc0(0), acc1(0);
+      V acc[kChains];
+      for (int j = 0; j < kChains; ++j) acc[j] = V(0);
       for (int64_t run = 0; run < runs; ++run) {
         const T* p = first + run * stride;
         int64_t i = 0;
-        for (; i + 2 * K <= len; i += 2 * K) {
-          acc0 += f(L::load(p + i) - sh);
-          acc1 += f(L::load(p + i + K) - sh);
+        for (; i + kChains * K <= len; i += kChains * K) {
+          for (int j = 0; j < kChains; ++j) acc[j] += f(L::load(p + i + j * K) - sh);
         }
-        for (; i + K <= len; i += K) acc0 += f(L::load(p + i) - sh);
-        if (i < len) acc1 += V::set(V(0), f(L::load(p + i, len - i) - sh), len - i);
+        for (; i + K <= len; i += K) acc[0] += f(L::load(p + i) - sh);
+        if (i < len) acc[1] += V::set(V(0), f(L::load(p + i, len - i) - sh), len - i);
       }
-      return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, acc0 + acc1);
+      V t = acc[0];
+      for (int j = 1; j < kChains; ++j) t += acc[j];
+      return at::vec::vec_reduce_all<A>([](V& a, V& b) { return a + b; }, t);
     };
     const A mean = reduce([](const V& d) { return d; }) / static_cast<A>(runs * len);
     const V mean_v(mean);

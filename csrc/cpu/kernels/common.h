@@ -102,7 +102,7 @@ void with_dtype(c10::ScalarType dtype, F&& f) {
 
 // Blocks of the reductions: rows of a channels_last block, elements of one
 // channel in an NCHW block. A block is reduced in the accumulation type (in
-// registers, a few chains of 32 to 64 terms) and then merged in double, so
+// registers, in chains of at most 64 terms) and then merged in double, so
 // float rounding is that of a short sum whatever the batch; a block is also
 // small enough for a second pass over it to find it in cache.
 constexpr int64_t kRowBlock = 64;
@@ -132,15 +132,21 @@ void for_each_piece(int64_t total, int64_t pieces, const F& f) {
   });
 }
 
-// Chan et al.: merges the state (mean_b, m2_b) of n_b elements into (mean,
-// m2) of n_a (the caller adds n_b to the count).
-inline void chan_merge(double& mean, double& m2, int64_t n_a, double mean_b, double m2_b,
-                       int64_t n_b) {
-  const double frac_b = static_cast<double>(n_b) / static_cast<double>(n_a + n_b);
-  const double weight = static_cast<double>(n_a) * frac_b;  // n_a n_b / (n_a + n_b)
+// Chan et al.: the coefficients of merging a state of n_b elements into one of n_a,
+// which depend on the counts alone (computed once for all the channels of a block).
+struct ChanWeights {
+  double frac_b, weight;  // n_b / (n_a + n_b), n_a n_b / (n_a + n_b)
+  ChanWeights(int64_t n_a, int64_t n_b)
+      : frac_b(static_cast<double>(n_b) / static_cast<double>(n_a + n_b)),
+        weight(static_cast<double>(n_a) * frac_b) {}
+};
+
+// Merges the state (mean_b, m2_b) into (mean, m2) (the caller adds n_b to the count).
+inline void chan_merge(double& mean, double& m2, double mean_b, double m2_b,
+                       const ChanWeights& w) {
   const double delta = mean_b - mean;
-  mean += delta * frac_b;
-  m2 += m2_b + delta * delta * weight;
+  mean += delta * w.frac_b;
+  m2 += m2_b + delta * delta * w.weight;
 }
 
 // The Welford state (mean relative to a shift, sum of squared deviations m2,
@@ -150,7 +156,7 @@ struct ChannelState {
   int64_t n = 0;
   void merge(double mean_b, double m2_b, int64_t n_b) {
     if (n_b == 0) return;
-    chan_merge(mean, m2, n, mean_b, m2_b, n_b);
+    chan_merge(mean, m2, mean_b, m2_b, ChanWeights(n, n_b));
     n += n_b;
   }
   void merge(const ChannelState& b) { merge(b.mean, b.m2, b.n); }
@@ -167,9 +173,11 @@ struct ChannelStates {
   void merge(const A* mean_b, const A* m2_b, int64_t n_b) {
     if (n_b == 0) return;
     const int64_t C = static_cast<int64_t>(mean.size());
+    const ChanWeights w(n, n_b);
+    double* mp = mean.data();
+    double* m2p = m2.data();
     for (int64_t c = 0; c < C; ++c) {
-      chan_merge(mean[c], m2[c], n, static_cast<double>(mean_b[c]), static_cast<double>(m2_b[c]),
-                 n_b);
+      chan_merge(mp[c], m2p[c], static_cast<double>(mean_b[c]), static_cast<double>(m2_b[c]), w);
     }
     n += n_b;
   }
