@@ -1,14 +1,17 @@
 """Host time of one training layer on the CPU: conv + BN + ReLU, forward and
-backward, on an input so small (2x8x4x4, 1x1 conv, 1 thread) that the kernels
+backward, on an input so small (2x8x4x4, 3x3 conv, 1 thread) that the kernels
 take a few microseconds and what is timed is the framework around them:
-dispatch, autograd, Python.
+dispatch, autograd, Python. The kernel is 3x3 so that torch.nn runs oneDNN's
+convolution too, as it does in a network (for a 1x1 kernel on one thread and a
+batch under 16 it takes ATen's own, whose host time is ~30 us less).
 
     python3 benchmarks/cpu_host_time.py
 
 Prints the medians of interleaved calls for torch.nn (Conv2d, BatchNorm2d,
 ReLU) and for resfast.functional.conv_bn_relu, and for the pieces of resfast's
-forward: the conv2d_bn op with and without autograd, the conv2d_stats op the
-layer calls (C++, autograd included), and the bare oneDNN call they make; and
+forward: the conv2d_bn op with and without autograd, the conv2d_bn_train op the
+layer calls (C++, autograd included) and the conv2d_stats op it calls, and the
+bare oneDNN call they make; and
 torch.library's own fill_defaults, which the autograd wrapper of every op with a
 Python autograd formula calls on each call (a private torch function: skipped
 where this torch has none). It prints measurements only.
@@ -33,7 +36,7 @@ def main(rounds: int = 15, calls: int = 50) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     x = torch.randn(2, 8, 4, 4).contiguous(memory_format=CL).requires_grad_()
-    conv = torch.nn.Conv2d(8, 8, 1, bias=False).to(memory_format=CL)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False).to(memory_format=CL)
     bn = torch.nn.BatchNorm2d(8)
     bn_args = F.BatchNormArgs.of(bn)
     w = conv.weight
@@ -42,28 +45,32 @@ def main(rounds: int = 15, calls: int = 50) -> None:
         torch.relu(bn(conv(x))).sum().backward()
 
     def resfast_step():
-        F.conv_bn_relu(x, w, None, bn_args).sum().backward()
+        F.conv_bn_relu(x, w, None, bn_args, padding=1).sum().backward()
 
     def op_with_autograd():
-        ops.conv2d_bn(x, w, None, None, None, False, 1, 0, True, False)
+        ops.conv2d_bn(x, w, None, None, None, False, 1, 1, True, False)
 
     def op_no_grad():
         with torch.no_grad():
-            ops.conv2d_bn(x, w, None, None, None, False, 1, 0, True, False)
+            ops.conv2d_bn(x, w, None, None, None, False, 1, 1, True, False)
+
+    def train_op_with_autograd():
+        ops.conv2d_bn_train(x, None, None, None, None, False, 0.0, w, None, 1, 1, 1,
+                            bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.momentum)
 
     def stats_op_with_autograd():
-        ops.conv2d_stats(x, w, None, 1, 0, 1)
+        ops.conv2d_stats(x, w, None, 1, 1, 1)
 
     def onednn_conv():
         with torch.no_grad():
-            torch.ops.mkldnn._convolution_pointwise(x, w, None, [0, 0], [1, 1], [1, 1], 1, "none",
+            torch.ops.mkldnn._convolution_pointwise(x, w, None, [1, 1], [1, 1], [1, 1], 1, "none",
                                                     [], "")
 
     try:  # what torch.library's autograd wrapper does to conv2d_bn's arguments on every call
         from torch._library.utils import fill_defaults
 
         schema = ops.conv2d_bn.default._schema
-        args = (x, w, None, None, None, False, 1, 0, True, False)
+        args = (x, w, None, None, None, False, 1, 1, True, False)
 
         def defaults():
             fill_defaults(schema, args, {})
@@ -74,7 +81,8 @@ def main(rounds: int = 15, calls: int = 50) -> None:
              "resfast conv_bn_relu, forward + backward": resfast_step,
              "  conv2d_bn op (with autograd)": op_with_autograd,
              "  conv2d_bn op (no grad)": op_no_grad,
-             "  conv2d_stats op (with autograd; what the layer calls)": stats_op_with_autograd,
+             "  conv2d_bn_train op (with autograd; the layer's forward)": train_op_with_autograd,
+             "  conv2d_stats op (with autograd; what that calls)": stats_op_with_autograd,
              "  its oneDNN call alone": onednn_conv}
     if defaults is not None:
         cases["  torch.library's fill_defaults of its arguments"] = defaults

@@ -281,7 +281,7 @@ def _train_in_one_call(src: Tensor, pending_in: Optional[Pending], weight: Tenso
     it (eager CPU calls that nothing observes, a oneDNN dtype: :func:`resfast.ops.eager.
     takes_one_call`), else None. It makes the calls the route in :func:`conv_bn_pending`
     makes (the input's pending BN, the conv with its statistics, the running statistics'
-    update), from C++: ~60 us of host time less per layer, the same results bitwise."""
+    update), from C++: ~35 us of host time less per layer, the same results bitwise."""
     stats = pending_in.batch if pending_in is not None else None
     if bn.stats_reducer is not None or (stats is None and pending_in is not None
                                         and (pending_in.scale is not None or pending_in.relu)):

@@ -4,11 +4,12 @@
 // input's pending BatchNorm (+ ReLU) on its batch statistics (bn_batch_act), the
 // convolution with its output's statistics (conv2d_stats), and the running statistics'
 // update (bn_update_running_stats_). Made one by one from Python, with the checks and
-// bookkeeping around them, they cost ~60 us of host time a layer more than torch.nn's
-// modules (benchmarks/cpu_host_time.py), some 3 ms of a ResNet-50 training step on the CPU.
-// This kernel makes the same three calls from C++. It is CompositeImplicitAutograd: each call
-// goes through the dispatcher and records its own autograd node, so results, gradients and
-// profiles are those of the Python route (tests/nn/test_cpu_train_call.py checks bitwise).
+// bookkeeping around them, they left a layer's forward and backward at ~75 us of host time
+// more than torch.nn's modules; made from here, ~40 us more (benchmarks/cpu_host_time.py,
+// 2026-11-30-4-cpu-2core-host-time.txt). This kernel makes the same three calls from C++.
+// It is CompositeImplicitAutograd: each call goes through the dispatcher and records its own
+// autograd node, so results, gradients and profiles are those of the Python route
+// (tests/ops/test_conv2d_bn_train.py checks bitwise).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
