@@ -12,7 +12,8 @@ so ``state_dict`` keys and values stay as they were:
   ``Conv2d -> BatchNorm2d``, ``Conv2d -> ReLU`` and ``BatchNorm2d -> ReLU``)
   become a :class:`resfast.nn.FusedSequential` (torchvision's VGG ``features``,
   timm's deep stems, a block's downsample);
-* torchvision's ``ResNet`` gets its stem (conv1 -> bn1 -> relu) fused (:mod:`.stem`).
+* torchvision's and timm's ``ResNet`` get their stem (conv1 -> bn1 -> ReLU) fused and
+  their input made channels_last there (:mod:`.stem`).
 
 BatchNorm is ``nn.BatchNorm2d`` or torchvision's ``FrozenBatchNorm2d`` (the BN of
 its detection and segmentation models built from pretrained weights), which
@@ -38,9 +39,8 @@ from .. import nn as rnn
 from ..nn.fusable import conv_problem, has_hooks
 from ..nn.residual import ConvBN, FusedResidualBlock, SequentialStep
 from ..nn.sequential import FusedSequential, describe_plan, fusion_plan
-from . import stem
 from .blocks import NotFusable, block_kind, check_behaviour, match_residual_block
-from .stem import fused_resnet_class, is_torchvision_resnet, stem_problem
+from .stem import fused_resnet_class, is_fusable_resnet, is_fused_resnet, stem_label, stem_problem
 
 __all__ = ["fuse", "fused_modules", "unfused_modules", "report", "FusedSequential",
            "fusion_plan"]
@@ -50,8 +50,7 @@ _NOT_YET = "fusable, not fused yet (resfast.fuse fuses it)"
 
 def _is_fused(m: nn.Module) -> bool:
     """Made by fuse(): holds a user's children, some of which may fuse further."""
-    return isinstance(m, (FusedResidualBlock, FusedSequential)) or (
-        type(m).__module__ == stem.__name__ and type(m).__name__ == "_FusedTorchvisionResNet")
+    return isinstance(m, (FusedResidualBlock, FusedSequential)) or is_fused_resnet(m)
 
 
 def _is_resfast_own(m: nn.Module) -> bool:
@@ -87,12 +86,12 @@ class _Walk:
             return m  # a layer, nothing with a conv, or resfast's own (fused already)
         if not _is_fused(m) and type(m) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
             m = self.block(m, name)
-        if is_torchvision_resnet(m):
+        if is_fusable_resnet(m):
             problem = stem_problem(m)
             if problem is not None:
                 self.keep(name, f"ResNet stem: {problem}", f"{name}.conv1" if name else "conv1")
             elif self.apply:
-                m.__class__ = fused_resnet_class()
+                m.__class__ = fused_resnet_class(type(m).__module__)
             else:
                 self.keep(name, f"ResNet stem: {_NOT_YET}", f"{name}.conv1" if name else "conv1")
         elif type(m) is nn.Sequential and not has_hooks(m) and self.apply:
@@ -164,7 +163,7 @@ def _fused_convs(model: nn.Module) -> Set[str]:
             done |= {prefix + c for c in _plan_convs(m)}
         elif isinstance(m, FusedSequential):
             done |= {f"{prefix}{i}" for s in fusion_plan(m) if s.kind != "module" for i in s.index}
-        elif _is_fused(m):  # the fused torchvision ResNet's stem
+        elif is_fused_resnet(m):  # its stem (a deep stem's convs: its FusedSequential)
             done.add(prefix + "conv1")
         elif _is_resfast_own(m):
             done |= {prefix + n for n, c in m.named_modules() if isinstance(c, nn.Conv2d)}
@@ -217,8 +216,8 @@ def fused_modules(model: nn.Module) -> List[Tuple[str, str]]:
             out.append((name, "Bottleneck"))
         elif isinstance(m, FusedSequential):
             out.append((name, f"Sequential({describe_plan(fusion_plan(m))})"))
-        elif _is_fused(m):
-            out.append((name, "ResNet stem (conv1 -> bn1 -> relu)"))
+        elif is_fused_resnet(m):
+            out.append((name, stem_label(m)))
     return out
 
 

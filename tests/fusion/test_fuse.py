@@ -21,6 +21,7 @@ import resfast
 from resfast.fusion import fuse, fused_modules, unfused_modules
 from resfast.nn import FusedResidualBlock, FusedSequential, fusion_plan
 from tests.support.equivalence import build, check_equivalence, fill_, meta_build
+from tests.support.residual_blocks import import_timm
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
 REPO = Path(__file__).resolve().parents[2]
@@ -282,9 +283,15 @@ def test_bad_input():
         fuse("resnet18")
 
 
-def test_fused_torchvision_resnet_pickles(tmp_path):
-    """A fused torchvision ResNet saves whole and loads in a fresh process."""
-    model = fuse(build(torchvision.models.resnet18)).eval()
+@pytest.mark.parametrize("library", ["torchvision", "timm"])
+def test_fused_resnet_pickles(library, tmp_path):
+    """A fused torchvision or timm ResNet saves whole and loads in a fresh process."""
+    if library == "timm":
+        timm = import_timm()
+        model = fuse(build(lambda: timm.create_model("resnet18", pretrained=False))).eval()
+    else:
+        model = fuse(build(torchvision.models.resnet18)).eval()
+    cls = {"torchvision": "_FusedTorchvisionResNet", "timm": "_FusedTimmResNet"}[library]
     path = tmp_path / "fused.pt"
     torch.save(model, path)
     x = torch.randn(1, 3, 32, 32)
@@ -295,7 +302,7 @@ def test_fused_torchvision_resnet_pickles(tmp_path):
         "import torch, resfast\n"
         f"m = torch.load({str(path)!r}, weights_only=False)\n"
         f"x = torch.load({str(tmp_path / 'x.pt')!r}); y = torch.load({str(tmp_path / 'y.pt')!r})\n"
-        "assert type(m).__name__ == '_FusedTorchvisionResNet', type(m)\n"
+        f"assert type(m).__name__ == {cls!r}, type(m)\n"
         "assert type(m.layer1[0]).__name__ == 'FusedResidualBlock', type(m.layer1[0])\n"
         "with torch.no_grad(): torch.testing.assert_close(m(x), y)\n"
         "print('ok')\n")
@@ -337,3 +344,16 @@ def test_compile_fullgraph(training):
         torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
     for (name, b_e), b_c in zip(eager.named_buffers(), src.buffers()):
         torch.testing.assert_close(b_c, b_e, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_a_fused_timm_resnet_hands_its_features_back_in_the_input_layout(layout):
+    # the fused stem makes the network channels_last; forward_features is public, so an NCHW
+    # caller still gets NCHW features (and a channels_last one channels_last)
+    timm = import_timm()
+    model = fuse(build(lambda: timm.create_model("resnet18", pretrained=False))).eval()
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        features = model.forward_features(x)
+    assert features.is_contiguous(memory_format=fmt)

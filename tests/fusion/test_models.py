@@ -24,7 +24,6 @@ from tests.support.residual_blocks import import_timm, randomize_norms_
 timm = import_timm()
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-STEM = ("conv1", "Conv2d: runs in the forward of ResNet, which resfast does not rewrite")
 ILG_STEM = "Conv2d: runs in the forward of IntermediateLayerGetter, which resfast does not rewrite"
 
 
@@ -65,26 +64,29 @@ def _se(what):
 
 DOWN = "Sequential(conv_bn x1)"
 TV_STEM = "ResNet stem (conv1 -> bn1 -> relu)"
+TIMM_STEM = "ResNet stem (conv1 -> bn1 -> act1)"
 
 # name -> (builder, fused kinds and counts, kept (name, why-prefix) in model order; a
 # None entry list means: only its count is checked)
 MODELS = {
-    "timm_resnet18": (_timm("resnet18"), {"BasicBlock": 8, DOWN: 3}, [STEM]),
-    "timm_resnet26": (_timm("resnet26"), {"Bottleneck": 8, DOWN: 4}, [STEM]),
-    "timm_resnet50": (_timm("resnet50"), {"Bottleneck": 16, DOWN: 4}, [STEM]),
-    # the deep stem is a Sequential ending in a lone conv, applied by the next conv's prologue
-    "timm_resnet50d": (_timm("resnet50d"), {"Sequential(conv_bn_relu x2, conv x1)": 1,
+    "timm_resnet18": (_timm("resnet18"), {TIMM_STEM: 1, "BasicBlock": 8, DOWN: 3}, []),
+    "timm_resnet26": (_timm("resnet26"), {TIMM_STEM: 1, "Bottleneck": 8, DOWN: 4}, []),
+    "timm_resnet50": (_timm("resnet50"), {TIMM_STEM: 1, "Bottleneck": 16, DOWN: 4}, []),
+    # the deep stem's convs are a Sequential ending in a lone conv; bn1 -> act1 after it are
+    # the stem's fused BN + ReLU
+    "timm_resnet50d": (_timm("resnet50d"), {TIMM_STEM: 1, "Sequential(conv_bn_relu x2, conv x1)": 1,
                                             "Bottleneck": 16, DOWN: 4}, []),
-    "timm_resnet26d": (_timm("resnet26d"), {"Sequential(conv_bn_relu x2, conv x1)": 1,
+    "timm_resnet26d": (_timm("resnet26d"), {TIMM_STEM: 1, "Sequential(conv_bn_relu x2, conv x1)": 1,
                                             "Bottleneck": 8, DOWN: 4}, []),
-    "timm_seresnet50": (_timm("seresnet50"), {DOWN: 4}, [STEM] + _se("SEModule")),
-    "timm_resnet50_eca": (_timm("resnet50", block_args=dict(attn_layer="eca")), {DOWN: 4},
-                          [STEM] + _se("EcaModule")),
+    "timm_seresnet50": (_timm("seresnet50"), {TIMM_STEM: 1, DOWN: 4}, _se("SEModule")),
+    "timm_resnet50_eca": (_timm("resnet50", block_args=dict(attn_layer="eca")),
+                          {TIMM_STEM: 1, DOWN: 4}, _se("EcaModule")),
     # drop path grows linearly from 0: the first block has none
-    "timm_resnet18_drop_path": (_timm("resnet18", drop_path_rate=0.1), {"BasicBlock": 1, DOWN: 3},
-                                [STEM] + [(b, "BasicBlock: drop_path (DropPath) in the residual")
-                                          for b in ("layer1.1", "layer2.0", "layer2.1", "layer3.0",
-                                                    "layer3.1", "layer4.0", "layer4.1")]),
+    "timm_resnet18_drop_path": (_timm("resnet18", drop_path_rate=0.1),
+                                {TIMM_STEM: 1, "BasicBlock": 1, DOWN: 3},
+                                [(b, "BasicBlock: drop_path (DropPath) in the residual")
+                                 for b in ("layer1.1", "layer2.0", "layer2.1", "layer3.0",
+                                           "layer3.1", "layer4.0", "layer4.1")]),
     "resnet18": (torchvision.models.resnet18, {TV_STEM: 1, "BasicBlock": 8, DOWN: 3}, []),
     "resnet34": (torchvision.models.resnet34, {TV_STEM: 1, "BasicBlock": 16, DOWN: 3}, []),
     "resnet50": (torchvision.models.resnet50, {TV_STEM: 1, "Bottleneck": 16, DOWN: 4}, []),

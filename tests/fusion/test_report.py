@@ -26,10 +26,9 @@ def test_report_lists_fused_and_kept(capsys):
     printed = capsys.readouterr().out.strip()
     assert printed == report(fused)
     lines = printed.splitlines()
-    assert lines[0] == "resfast.fuse: 4 module(s) fused, 17 left as they were"
-    assert lines[1] == "  fused  layer1.0.downsample: Sequential(conv_bn x1)"
-    assert lines[5] == ("  kept   conv1: Conv2d: runs in the forward of ResNet, which resfast does "
-                        "not rewrite")
+    assert lines[0] == "resfast.fuse: 5 module(s) fused, 16 left as they were"
+    assert lines[1] == "  fused  (model): ResNet stem (conv1 -> bn1 -> act1)"
+    assert lines[2] == "  fused  layer1.0.downsample: Sequential(conv_bn x1)"
     assert lines[6] == ("  kept   layer1.0: Bottleneck: se (SEModule) in the residual branch "
                         "computes something besides conv, BN and ReLU")
     # a kept block's convs (and its SE module's) are covered by the block's line
@@ -62,7 +61,8 @@ def test_fuse_report_command(capsys):
     assert main(["fuse-report", "timm:resnet26d"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "timm:resnet26d"
-    assert out[1] == "resfast.fuse: 13 module(s) fused, 0 left as they were"
+    assert out[1] == "resfast.fuse: 14 module(s) fused, 0 left as they were"
+    assert out[2] == "  fused  (model): ResNet stem (conv1 -> bn1 -> act1)"
     assert "  fused  conv1: Sequential(conv_bn_relu x2, conv x1)" in out
     assert main(["fuse-report", "fasterrcnn_resnet50_fpn", "--frozen-bn"]) == 0
     out = capsys.readouterr().out
