@@ -106,13 +106,18 @@ def _conv_backward(*args):
         return _conv.backward_impl(*args)
 
 
+def _conv_direct(x: Tensor, weight: Tensor, tensors) -> bool:
+    """Whether a conv on these tensors may skip the op's dispatch: nothing observes it and
+    it runs oneDNN (not the Triton paths on the CPU, not the ATen reference)."""
+    return (_unobserved(tensors) and not _conv._triton_on_cpu()
+            and not _conv._on_reference(x, weight))
+
+
 def takes_one_call(x: Tensor, weight: Tensor, tensors) -> bool:
     """Whether a training layer's forward on these tensors may be one
     ``resfast::conv2d_bn_train`` call (:func:`resfast.functional._train_in_one_call`): where
-    :func:`conv2d_bn` would call ``resfast::conv2d_stats``, i.e. nothing observes the ops and
-    the convolution runs oneDNN."""
-    return (_unobserved(tensors) and not _conv._triton_on_cpu()
-            and not _conv._on_reference(x, weight))
+    :func:`conv2d_bn` would call ``resfast::conv2d_stats`` directly."""
+    return _conv_direct(x, weight, tensors)
 
 
 def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
@@ -122,8 +127,7 @@ def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, sta
     args = (x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual, dilation)
     tensors = [a for a in args if isinstance(a, Tensor)]
-    if (isinstance(x, Tensor) and isinstance(weight, Tensor) and _unobserved(tensors)
-            and not _conv._triton_on_cpu() and not _conv._on_reference(x, weight)):
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and _conv_direct(x, weight, tensors):
         if not _records(tensors):  # inference: the implementation itself, no node
             with _below_autograd(), _named("resfast::conv2d_bn"):
                 return _conv.forward_impl(*args)
