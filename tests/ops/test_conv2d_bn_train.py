@@ -3,8 +3,9 @@
 It makes the calls resfast.functional makes one by one (bn_batch_act on the input's
 statistics, conv2d_stats, the running statistics' update), from C++, so it must give exactly
 their results: outputs, every gradient, the running statistics and num_batches_tracked
-bitwise equal. Whole blocks through resfast.functional are compared with the op-by-op route
-in tests/ops/test_eager_calls.py, and held to torch.nn everywhere else.
+bitwise equal. The op is also held to torch.nn computed in float64 (forward, every gradient,
+the running statistics); whole blocks through resfast.functional are compared with the
+op-by-op route in tests/ops/test_eager_calls.py, and held to torch.nn everywhere else.
 """
 import pytest
 import torch
@@ -82,6 +83,43 @@ def test_equals_its_ops_bitwise(layout, dtype, bias, input_bn, running, momentum
             _equal(a, b, f"step {step}: {name}")
     if running:
         assert int(states[0][2]) == 2
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_matches_torch_nn(layout):
+    # forward, every gradient and the running statistics against torch.nn's BN + ReLU, conv
+    # and BN statistics in float64 (oneDNN's float32 against it: float32 tolerances)
+    torch.manual_seed(0)
+    fmt = CL if layout == "nhwc" else torch.contiguous_format
+    x0 = torch.randn(4, 6, 9, 7).contiguous(memory_format=fmt)
+    in_bn, conv = nn.BatchNorm2d(6, eps=1e-3), nn.Conv2d(6, 5, 3, stride=2, padding=1)
+    bn = nn.BatchNorm2d(5, momentum=0.3)
+    with torch.no_grad():
+        in_bn.weight.uniform_(0.5, 1.5), in_bn.bias.uniform_(-0.5, 0.5)
+    g = torch.randn(4, 5, 5, 4, generator=torch.Generator().manual_seed(1))
+    results = []
+    for ours in (True, False):
+        dtype = torch.float32 if ours else torch.float64
+        leaves = [t.detach().to(dtype, copy=True).requires_grad_()
+                  for t in (x0, in_bn.weight, in_bn.bias, conv.weight, conv.bias)]
+        x, iw, ib, w, b = leaves
+        running = [bn.running_mean.clone(), bn.running_var.clone()]
+        if ours:
+            mean_in, var_in = (t.detach() for t in ops.bn_stats(x))
+            y, mean, var = ops.conv2d_bn_train(x, mean_in, var_in, iw, ib, True, 1e-3, w, b, 2,
+                                               1, 1, *running, None, 0.3)
+        else:
+            a = torch.relu(torch.nn.functional.batch_norm(x, None, None, iw, ib, True, 0.0, 1e-3))
+            y = torch.nn.functional.conv2d(a, w, b, 2, 1)
+            var, mean = torch.var_mean(y, dim=(0, 2, 3), correction=0)
+            running = [r.double() for r in running]
+            torch.nn.functional.batch_norm(y.detach(), *running, None, None, True, 0.3)
+        ((y * g.to(y.dtype)).sum() + mean.sum() * 0.3 + var.sum() * 0.7).backward()
+        results.append([y, mean, var, *running] + [t.grad for t in leaves])
+    names = ["y", "mean", "var", "running_mean", "running_var", "grad x", "grad in_weight",
+             "grad in_bias", "grad weight", "grad bias"]
+    for name, a, b in zip(names, *results):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_running_statistics_follow_nn_batchnorm():
