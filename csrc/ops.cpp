@@ -96,6 +96,13 @@ TORCH_LIBRARY(resfast, m) {
       " Tensor? in_bias, bool in_relu, float in_eps, Tensor weight, Tensor? bias, int stride,"
       " int padding, int dilation, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor y, Tensor mean, Tensor var)");
+  // [relu](conv(x, w) * scale + shift [+ residual]) for a 3x3 convolution with stride 1,
+  // padding 1 over a float32 x (CPU), by Winograd's F(4x4, 3x3): weight is w transformed,
+  // (36, C_in, C_out) = G w G^T position by position (resfast.ops.winograd.transform_weight);
+  // scale and shift are per output channel (default 1 and 0). y is channels_last.
+  m.def(
+      "conv2d_winograd(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual,"
+      " bool relu) -> Tensor");
   // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
   // always. On the CPU an activation dense in the other layout is copied by tiles,
   // several times faster than ATen's copy_ between the two.
@@ -106,14 +113,15 @@ TORCH_LIBRARY(resfast, m) {
   m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
 }
 
-// The *_backward ops have no derivative of their own. Without an Autograd kernel the
+// The *_backward ops, and conv2d_winograd (inference's convolution), have no derivative of
+// their own. Without an Autograd kernel the
 // dispatcher only warns and returns outputs that do not require grad, so a double backward
 // through them would silently give zero gradients; this fallback makes it raise instead
 // (and costs only a requires_grad check when no input needs a gradient).
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   for (const char* op :
        {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward",
-        "conv2d_stats_backward"}) {
+        "conv2d_stats_backward", "conv2d_winograd"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -102,6 +102,36 @@ struct TransposeArgs {
   void* dst;
 };
 
+// A Winograd F(4x4, 3x3) convolution (stride 1, padding 1) over channels_last float32
+// activations (csrc/cpu/kernels/winograd_kernel.cpp): tiles [begin, end) of the output's
+// 4x4 tiles, numbered image by image, row by row.
+struct WinogradTiles {
+  int64_t H, W;  // the images' height and width (the input's and the output's)
+  int64_t tiles_h, tiles_w;
+  int64_t begin, end;
+};
+
+// u[p][k][c] = (B^T d B)[p] for tile begin + k, channel c: 36 [end - begin, C] matrices.
+struct WinogradInputArgs {
+  const float* x;
+  int64_t C;
+  WinogradTiles tiles;
+  float* u;
+};
+
+// y = [relu](A^T m A * scale + shift [+ residual]) over the tiles' outputs inside the image,
+// from m[p][k][c], 36 [end - begin, C] matrices; scale and shift may be null (1 and 0).
+struct WinogradOutputArgs {
+  const float* m;
+  int64_t C;
+  WinogradTiles tiles;
+  const float* scale;
+  const float* shift;
+  const float* residual;
+  bool relu;
+  float* y;
+};
+
 struct Kernels {
   const char* isa;
   void (*bn_stats)(const StatsArgs&);
@@ -109,6 +139,8 @@ struct Kernels {
   void (*bn_act)(const ActArgs&);
   void (*bn_act_backward)(const ActBackwardArgs&);
   bool (*transpose_images)(const TransposeArgs&);
+  void (*winograd_input)(const WinogradInputArgs&);
+  void (*winograd_output)(const WinogradOutputArgs&);
 };
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
@@ -120,6 +152,8 @@ struct Kernels {
   void bn_act(const ActArgs& a);                      \
   void bn_act_backward(const ActBackwardArgs& a);     \
   bool transpose_images(const TransposeArgs& a);      \
+  void winograd_input(const WinogradInputArgs& a);    \
+  void winograd_output(const WinogradOutputArgs& a);  \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

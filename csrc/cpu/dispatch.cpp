@@ -18,7 +18,7 @@ RESFAST_DECLARE_CPU_KERNELS(AVX512)
 
 #define RESFAST_KERNEL_TABLE(ISA) \
   Kernels { #ISA, &ISA::bn_stats, &ISA::bn_stats_backward, &ISA::bn_act, &ISA::bn_act_backward, \
-        &ISA::transpose_images }
+        &ISA::transpose_images, &ISA::winograd_input, &ISA::winograd_output }
 
 const Kernels& kernels() {
   static const Kernels chosen = [] {

@@ -8,11 +8,12 @@ training BatchNorm pair ``bn_batch_act``/``bn_batch_act_backward`` in
 (:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64; its training
 case on the CPU is also the C++ op ``conv2d_stats`` (:mod:`resfast.ops.conv2d_stats`), and
 a whole training layer's forward the C++ op ``conv2d_bn_train`` (csrc/cpu/conv2d_bn_train.cpp).
+Inference's 3x3 convolutions on the CPU run ``conv2d_winograd`` (:mod:`resfast.ops.winograd`).
 ``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
 channels_last. resfast's layers call the ops through :mod:`resfast.ops.eager`, which
 skips torch.library's Python dispatch for eager calls on the CPU.
 """
-from . import bn, bn_batch, conv2d_bn, conv2d_stats, layout  # noqa: F401  (registration side effects)
+from . import bn, bn_batch, conv2d_bn, conv2d_stats, layout, winograd  # noqa: F401  (registration side effects)
 from .conv2d_bn import conv2d_bn_backward_reference, conv2d_bn_forward_reference  # noqa: F401
 
 OPS = (
@@ -30,5 +31,6 @@ OPS = (
     "conv2d_stats",
     "conv2d_stats_backward",
     "conv2d_bn_train",
+    "conv2d_winograd",
     "relayout",
 )

@@ -41,6 +41,7 @@ from torch import Tensor
 from torch._prims_common import suggest_memory_format
 
 from . import fold as _fold
+from . import winograd as _winograd
 from .layout import to_memory_format
 
 ops = torch.ops.resfast
@@ -142,7 +143,9 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
     pack = _pack(stride, padding, dilation, a.shape, fmt)
     if residual is not None:
         residual = residual.to(weight.dtype)
-    if out_scale is not None and residual is None and weight.dtype == torch.float32:
+    if _winograd.applies(a, weight, stride, padding, dilation, stats):
+        y = _winograd.conv(a, weight, bias, out_scale, out_shift, out_centre, residual, out_relu)
+    elif out_scale is not None and residual is None and weight.dtype == torch.float32:
         w, b, mul = _fold.cached(
             weight, (bias, out_scale, out_shift, out_centre), ("scaled",) + target,
             lambda: _scaled_epilogue(weight, bias, out_scale, out_shift, out_centre, pack))

@@ -53,3 +53,10 @@ def test_cpu_fuse_prints_a_row_per_model_and_step():
     assert [r[:2] for r in rows] == [["tv:resnet18", "eval"]]
     ratios = [float(v.rstrip("x")) for v in rows[0][6:]]
     assert len(ratios) == 4 and all(r > 0 for r in ratios)
+
+
+def test_cpu_winograd_prints_a_row_per_layer():
+    out = _run("benchmarks/cpu_winograd.py", "--shapes", "2x16x16x16", "2x16x24x8", "--rounds", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("custom")]
+    assert [r[1] for r in rows] == ["2x16->16@16", "2x16->24@8"]
+    assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[2:])

@@ -70,6 +70,12 @@ def _cases(device):
           torch.tensor(0, device=device), 0.1)),
         ("conv2d_bn_train",
          (x32, None, None, None, None, False, 1e-5, w32, None, 1, 1, 1, None, None, None, None)),
+        # inference's Winograd convolution (against the exact convolution:
+        # tests/ops/test_conv2d_winograd.py)
+        ("conv2d_winograd",
+         (x32.detach(), torch.randn(36, 5, 4, **k32), *[v.detach() for v in vec32[3:5]],
+          res32.detach(), True)),
+        ("conv2d_winograd", (x32.detach(), torch.randn(36, 5, 4, **k32), None, None, None, False)),
     ]
     return cpu_only + [
         ("bn_stats", (y,)),
@@ -163,7 +169,7 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
-    if name.startswith(("conv2d_stats", "conv2d_bn_train")) and device != "cpu":
+    if name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_winograd")) and device != "cpu":
         pytest.skip(f"{name} is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)
 
