@@ -1,6 +1,6 @@
 """Inference's 3x3 conv + BN + ReLU layers on the CPU, one layer at a time: resfast with
 Winograd's F(4x4, 3x3) (``resfast::conv2d_winograd``, the default), resfast with oneDNN's
-direct convolution (``RESFAST_CPU_WINOGRAD=0``), torch.nn eager (Conv2d, BatchNorm2d, ReLU
+direct convolution (``RESFAST_CPU_WINOGRAD=off``), torch.nn eager (Conv2d, BatchNorm2d, ReLU
 in eval mode) and torch.compile of the same, float32, channels_last, every provider timed
 in turn round after round, on the 3x3 stride-1 layers of ResNet-50 and VGG-11 (batch 8,
 224x224) and ResNet-20 (batch 128, 32x32).
@@ -69,8 +69,8 @@ def measure(shape, rounds):
     # algorithms' forms alternating on one tensor would refold it on every call
     twin = copy.deepcopy(layer)
     providers = {
-        "winograd": _winograd("1")(lambda: layer(x)),
-        "direct": _winograd("0")(lambda: twin(x)),
+        "winograd": _winograd("inference")(lambda: layer(x)),
+        "direct": _winograd("off")(lambda: twin(x)),
         "eager": lambda: ref(x),
         "compile": lambda: compiled(x),
     }

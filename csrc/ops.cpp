@@ -98,11 +98,16 @@ TORCH_LIBRARY(resfast, m) {
       " Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor y, Tensor mean, Tensor var)");
   // [relu](conv(x, w) * scale + shift [+ residual]) for a 3x3 convolution with stride 1,
   // padding 1 over a float32 x (CPU), by Winograd's F(4x4, 3x3): weight is w transformed,
-  // (36, C_in, C_out) = G w G^T position by position (resfast.ops.winograd.transform_weight);
+  // (36, C_in, C_out) = G w G^T position by position (winograd_weight below);
   // scale and shift are per output channel (default 1 and 0). y is channels_last.
   m.def(
       "conv2d_winograd(Tensor x, Tensor weight, Tensor? scale, Tensor? shift, Tensor? residual,"
       " bool relu) -> Tensor");
+  // The weight as conv2d_winograd takes it: G w G^T for each of the 36 positions of a 6x6
+  // tile, (36, C_in, C_out), computed in float64 and rounded once; transposed=True gives the
+  // (36, C_out, C_in) weight of the convolution that computes the input's gradient (the
+  // kernel rotated by 180 degrees, its channels swapped).
+  m.def("winograd_weight(Tensor weight, bool transposed) -> Tensor");
   // x copied into channels_last (channels_last=True) or NCHW memory: a new tensor
   // always. On the CPU an activation dense in the other layout is copied by tiles,
   // several times faster than ATen's copy_ between the two.
@@ -113,15 +118,15 @@ TORCH_LIBRARY(resfast, m) {
   m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
 }
 
-// The *_backward ops, and conv2d_winograd (inference's convolution), have no derivative of
-// their own. Without an Autograd kernel the
-// dispatcher only warns and returns outputs that do not require grad, so a double backward
-// through them would silently give zero gradients; this fallback makes it raise instead
-// (and costs only a requires_grad check when no input needs a gradient).
+// The *_backward ops, conv2d_winograd and winograd_weight have no derivative of their own.
+// Without an Autograd kernel the dispatcher only warns and returns outputs that do not
+// require grad, so a double backward through them would silently give zero gradients; this
+// fallback makes it raise instead (and costs only a requires_grad check when no input needs
+// a gradient).
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   for (const char* op :
        {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward",
-        "conv2d_stats_backward", "conv2d_winograd"}) {
+        "conv2d_stats_backward", "conv2d_winograd", "winograd_weight"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

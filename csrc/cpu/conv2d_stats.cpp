@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "op_handle.h"
+#include "winograd.h"
 
 
 namespace resfast::cpu {
@@ -69,6 +70,21 @@ at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
                  "none", c10::List<std::optional<c10::Scalar>>(), "");
 }
 
+// The convolution by Winograd's F(4x4, 3x3) where winograd_applies (resfast.ops.winograd):
+// conv(a, weight) + bias, or with transposed=True the input's gradient conv(g, weight
+// rotated, its channels swapped), through the dispatcher as the Python route calls them.
+at::Tensor winograd_conv(const at::Tensor& a, const at::Tensor& weight,
+                         const std::optional<at::Tensor>& bias, bool transposed) {
+  static const auto transform =
+      op_handle<at::Tensor(const at::Tensor&, bool)>("resfast::winograd_weight");
+  static const auto conv =
+      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                           bool)>("resfast::conv2d_winograd");
+  return conv.call(a, transform.call(weight, transposed), std::nullopt, bias, std::nullopt,
+                   false);
+}
+
 void check_conv2d_stats_inputs(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t stride,
                                int64_t padding, int64_t dilation) {
@@ -107,7 +123,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
   std::optional<at::Tensor> b;
   if (bias.has_value()) b = bias->to(weight.scalar_type());
   const at::Tensor a = gemm_input(x, weight.scalar_type());
-  at::Tensor y = onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation);
+  at::Tensor y = winograd_applies(a, weight, stride, padding, dilation)
+                     ? winograd_conv(a, weight, b, false)
+                     : onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation);
   static const auto stats =
       op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("resfast::bn_stats");
   auto [mean, var] = stats.call(y);
@@ -157,10 +175,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
     g = at::zeros_like(y);
   }
   const at::Tensor a = gemm_input(x, dtype);
-  auto [grad_a, grad_w, grad_b] = at::convolution_backward(
-      to_memory_format(g.to(dtype), layout_of(a)), a, gemm_weight(weight, a),
-      at::OptionalIntArrayRef({weight.size(0)}), {stride, stride}, {padding, padding},
-      {dilation, dilation}, false, {0, 0}, 1, output_mask);
+  g = to_memory_format(g.to(dtype), layout_of(a));
+  // By Winograd the input's gradient is a convolution of its own, and oneDNN computes the
+  // weight's (and bias's) alone (conv_cpu.backward).
+  const bool winograd = winograd_applies(a, weight, stride, padding, dilation);
+  std::array<bool, 3> mask = output_mask;
+  if (winograd) mask[0] = false;
+  at::Tensor grad_a, grad_w, grad_b;
+  if (mask[0] || mask[1] || mask[2]) {
+    std::tie(grad_a, grad_w, grad_b) = at::convolution_backward(
+        g, a, gemm_weight(weight, a), at::OptionalIntArrayRef({weight.size(0)}),
+        {stride, stride}, {padding, padding}, {dilation, dilation}, false, {0, 0}, 1, mask);
+  }
+  if (winograd && output_mask[0]) grad_a = winograd_conv(g, weight, std::nullopt, true);
   const auto empty = [&] { return at::empty({0}, x.options()); };
   if (output_mask[1] && grad_w.strides() != weight.strides()) {
     grad_w = at::empty_like(weight).copy_(grad_w);  // in the weight's layout, as the fake says

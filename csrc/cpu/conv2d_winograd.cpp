@@ -1,15 +1,16 @@
 // resfast::conv2d_winograd: a 3x3 convolution (stride 1, padding 1, dilation 1, one group)
 // over a channels_last float32 input by Winograd's F(4x4, 3x3) algorithm, with a per-channel
-// scale and shift (an eval-mode BatchNorm), a residual add and a ReLU applied to its output.
+// scale and shift (an eval-mode BatchNorm, a bias), a residual add and a ReLU applied to its
+// output; and resfast::winograd_weight, the weights it takes.
 //
 // A direct 3x3 convolution makes 9 multiply-adds per input channel per output; F(4x4, 3x3)
 // makes 36 per 16 outputs, 2.25, in 36 GEMMs ([tiles, C_in] x [C_in, C_out], one per
 // position in a transformed 6x6 tile) between two cheap transforms. Measured on ResNet-50's
-// and VGG's layers on a 2-core AVX512 CPU, that is 1.3-2x faster than oneDNN's direct
-// convolution (benchmarks/cpu_winograd.py). Its rounding differs: the transforms add
-// terms of mixed sign, and float32 results are ~1e-5 of the output's range off the exact
-// ones where the direct convolution's are ~1e-6 (tests/ops/test_conv2d_winograd.py), as with
-// the Winograd kernels cuDNN picks on GPUs.
+// and VGG's layers on a 2-core AVX512 CPU, that is 1.1-2.3x faster than oneDNN's direct
+// convolution (benchmarks/cpu_winograd.py). Its rounding differs: the transforms add terms
+// of mixed sign, and float32 results are up to ~50 epsilons of the size of the summed terms
+// off the exact ones where the direct convolution's are ~5
+// (tests/ops/test_conv2d_winograd.py), as with the Winograd kernels cuDNN picks on GPUs.
 //
 // The tiles are processed in chunks small enough for a chunk's transformed input and GEMM
 // outputs to stay in a core's cache, one chunk at a time on each thread: the transforms
@@ -19,9 +20,12 @@
 #include <dlfcn.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
+#include <string>
 
 #include "bn_kernels.h"
+#include "winograd.h"
 
 namespace resfast::cpu {
 namespace {
@@ -29,12 +33,14 @@ namespace {
 constexpr int64_t kPositions = 36;  // a 6x6 transformed tile
 
 // Tiles per chunk: about 512 KiB of transformed input and GEMM output (half a core's L2
-// here), but at least 64 tiles, below which the GEMMs run short rows and re-read their
-// weights too often (measured on 16-512 channels: 0.25-8 MiB, 16-64 tiles at least), and
-// at least as many chunks as threads.
+// here), but at least 64 tiles (256 from 512 channels in and out), below which the GEMMs
+// run short rows and BLAS packs their weights again too often (measured on 16-512
+// channels: 0.25-8 MiB, 16-512 tiles at least; 512 channels at 28x28: 70 ms at 64 tiles,
+// 50 ms at 256), and at least as many chunks as threads.
 int64_t tiles_per_chunk(int64_t tiles, int64_t c_in, int64_t c_out) {
   const int64_t bytes_per_tile = kPositions * (c_in + c_out) * static_cast<int64_t>(sizeof(float));
-  int64_t chunk = std::max<int64_t>(64, (int64_t{1} << 19) / bytes_per_tile);
+  const int64_t least = c_in + c_out >= 1024 ? 256 : 64;
+  int64_t chunk = std::max<int64_t>(least, (int64_t{1} << 19) / bytes_per_tile);
   const int64_t threads = at::get_num_threads();
   chunk = std::min(chunk, (tiles + threads - 1) / threads);
   return std::max<int64_t>(1, chunk);
@@ -47,7 +53,14 @@ using Sgemm = void (*)(const char*, const char*, const int*, const int*, const i
                        const float*, const int*, const float*, const int*, const float*, float*,
                        const int*);
 Sgemm blas_sgemm() {
-  static const Sgemm found = reinterpret_cast<Sgemm>(dlsym(RTLD_DEFAULT, "sgemm_"));
+  static const Sgemm found = [] {
+    if (void* global = dlsym(RTLD_DEFAULT, "sgemm_")) return reinterpret_cast<Sgemm>(global);
+    // torch's libraries loaded without RTLD_GLOBAL: look in the one that holds ATen's ops
+    Dl_info info;
+    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return Sgemm{};
+    void* library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
+    return library ? reinterpret_cast<Sgemm>(dlsym(library, "sgemm_")) : Sgemm{};
+  }();
   return found;
 }
 
@@ -126,8 +139,84 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
   return y;
 }
 
+// G of F(4x4, 3x3): a 3x3 kernel w becomes the 6x6 G w G^T.
+constexpr double kG[6][3] = {{1.0 / 4, 0, 0},
+                             {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                             {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                             {1.0 / 24, 1.0 / 12, 1.0 / 6},
+                             {1.0 / 24, -1.0 / 12, 1.0 / 6},
+                             {0, 0, 1}};
+
+at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool transposed) {
+  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == 3 && weight.size(3) == 3 &&
+                        weight.scalar_type() == at::kFloat,
+                    "weight must be a float32 (C_out, C_in, 3, 3) tensor, got ",
+                    weight.scalar_type(), " ", weight.sizes());
+  const at::Tensor w = weight.contiguous();
+  const int64_t c_out = w.size(0), c_in = w.size(1);
+  // (36, C_in, C_out); transposed: (36, C_out, C_in) for the kernel rotated by 180 degrees
+  // with its channels swapped, the convolution that gives the input's gradient
+  const int64_t rows = transposed ? c_out : c_in, cols = transposed ? c_in : c_out;
+  at::Tensor v = at::empty({kPositions, rows, cols}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* dst = v.mutable_data_ptr<float>();
+  at::parallel_for(0, c_out, 16, [&](int64_t first, int64_t last) {
+    for (int64_t o = first; o < last; ++o) {
+      for (int64_t c = 0; c < c_in; ++c) {
+        const float* k = src + (o * c_in + c) * 9;
+        double g_w[6][3];  // G w
+        for (int i = 0; i < 6; ++i) {
+          for (int col = 0; col < 3; ++col) {
+            double sum = 0;
+            for (int j = 0; j < 3; ++j) {
+              const int64_t at = transposed ? (2 - j) * 3 + (2 - col) : j * 3 + col;
+              sum += kG[i][j] * static_cast<double>(k[at]);
+            }
+            g_w[i][col] = sum;
+          }
+        }
+        const int64_t offset = transposed ? o * cols + c : c * cols + o;
+        for (int i = 0; i < 6; ++i) {
+          for (int l = 0; l < 6; ++l) {
+            const double sum = g_w[i][0] * kG[l][0] + g_w[i][1] * kG[l][1] + g_w[i][2] * kG[l][2];
+            dst[(i * 6 + l) * rows * cols + offset] = static_cast<float>(sum);
+          }
+        }
+      }
+    }
+  });
+  return v;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resfast, CPU, m) { m.impl("conv2d_winograd", &conv2d_winograd_cpu); }
+bool winograd_in_training() {
+  const char* flag = std::getenv("RESFAST_CPU_WINOGRAD");
+  if (flag == nullptr) return false;
+  const std::string mode(flag);
+  TORCH_CHECK_VALUE(mode == "off" || mode == "inference" || mode == "all",
+                    "RESFAST_CPU_WINOGRAD must be off, inference or all, got '", mode, "'");
+  return mode == "all";
+}
+
+bool winograd_applies(const at::Tensor& a, const at::Tensor& weight, int64_t stride,
+                      int64_t padding, int64_t dilation) {
+  if (a.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || a.dim() != 4 ||
+      weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3 || stride != 1 ||
+      padding != 1 || dilation != 1) {
+    return false;
+  }
+  const int64_t n = a.size(0), h = a.size(2), w = a.size(3);
+  return std::min(weight.size(0), weight.size(1)) >= kWinogradMinChannels &&
+         std::min(h, w) >= kWinogradMinSize &&
+         n * ((h + 3) / 4) * ((w + 3) / 4) >= kWinogradMinTiles &&
+         a.is_contiguous(at::MemoryFormat::ChannelsLast) && !a.is_contiguous() &&
+         winograd_in_training();
+}
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("conv2d_winograd", &conv2d_winograd_cpu);
+  m.impl("winograd_weight", &winograd_weight_cpu);
+}
 
 }  // namespace resfast::cpu

@@ -8,7 +8,8 @@ training BatchNorm pair ``bn_batch_act``/``bn_batch_act_backward`` in
 (:mod:`resfast.ops.conv_cpu`), Triton or cuDNN on CUDA, ATen for float64; its training
 case on the CPU is also the C++ op ``conv2d_stats`` (:mod:`resfast.ops.conv2d_stats`), and
 a whole training layer's forward the C++ op ``conv2d_bn_train`` (csrc/cpu/conv2d_bn_train.cpp).
-Inference's 3x3 convolutions on the CPU run ``conv2d_winograd`` (:mod:`resfast.ops.winograd`).
+The CPU's 3x3 stride-1 convolutions run ``conv2d_winograd`` on weights transformed by
+``winograd_weight`` (:mod:`resfast.ops.winograd`).
 ``relayout`` (:mod:`resfast.ops.layout`) copies activations between NCHW and
 channels_last. resfast's layers call the ops through :mod:`resfast.ops.eager`, which
 skips torch.library's Python dispatch for eager calls on the CPU.
@@ -32,5 +33,6 @@ OPS = (
     "conv2d_stats_backward",
     "conv2d_bn_train",
     "conv2d_winograd",
+    "winograd_weight",
     "relayout",
 )

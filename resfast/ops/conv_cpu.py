@@ -31,6 +31,11 @@ grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
 (centred on the mean, so no digits cancel), then ``aten::convolution_backward``
 (oneDNN) gives the input and weight gradients in one call.
 
+3x3 stride-1 convolutions on channels_last float32 activations of at least 16 channels
+run by Winograd's F(4x4, 3x3) instead: in inference, and with ``RESFAST_CPU_WINOGRAD=all``
+in training too, forward and input gradient (:mod:`resfast.ops.winograd`, which says where
+and why; oneDNN then computes the weight's gradient alone).
+
 float64 (no oneDNN kernel) and float16 (no oneDNN kernel on CPUs without
 AVX512-FP16) run the ATen reference of :mod:`resfast.ops.conv2d_bn`.
 """
@@ -143,7 +148,7 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
     pack = _pack(stride, padding, dilation, a.shape, fmt)
     if residual is not None:
         residual = residual.to(weight.dtype)
-    if _winograd.applies(a, weight, stride, padding, dilation, stats):
+    if _winograd.allowed(stats) and _winograd.applies(a, weight, stride, padding, dilation):
         y = _winograd.conv(a, weight, bias, out_scale, out_shift, out_centre, residual, out_relu)
     elif out_scale is not None and residual is None and weight.dtype == torch.float32:
         w, b, mul = _fold.cached(
@@ -192,9 +197,18 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
     fmt = layout_of(a)
     g = to_memory_format(g.to(weight.dtype), fmt)
-    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g, a, _gemm_weight(weight, fmt), [weight.shape[0]], [stride, stride], [padding, padding],
-        [dilation, dilation], False, [0, 0], 1, [need_a, output_mask[1], output_mask[2]])
+    # by Winograd the input's gradient is a convolution of its own, and oneDNN computes the
+    # weight's (and bias's) alone
+    winograd = (_winograd.allowed(True, backward=True)
+                and _winograd.applies(a, weight, stride, padding, dilation))
+    mask = [need_a and not winograd, output_mask[1], output_mask[2]]
+    grad_a = grad_w = grad_b = None
+    if any(mask):
+        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            g, a, _gemm_weight(weight, fmt), [weight.shape[0]], [stride, stride],
+            [padding, padding], [dilation, dilation], False, [0, 0], 1, mask)
+    if winograd and need_a:
+        grad_a = _winograd.input_gradient(g, weight)
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))

@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from . import bn as _bn
 from . import conv2d_bn as _conv
+from . import winograd as _winograd
 
 ops = torch.ops.resfast
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -129,7 +130,7 @@ def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, sta
     tensors = [a for a in args if isinstance(a, Tensor)]
     if isinstance(x, Tensor) and isinstance(weight, Tensor) and _conv_direct(x, weight, tensors):
         if not _records(tensors):  # inference: the implementation itself, no node
-            with _below_autograd(), _named("resfast::conv2d_bn"):
+            with _below_autograd(), _named("resfast::conv2d_bn"), _winograd.inference_call():
                 return _conv.forward_impl(*args)
         if (stats and in_scale is None and not in_relu and out_scale is None
                 and residual is None):

@@ -1,24 +1,36 @@
 """``resfast::conv2d_winograd``: a CPU 3x3 convolution (stride 1, padding 1) by Winograd's
-F(4x4, 3x3) algorithm, which inference's conv + BN [+ residual] [+ ReLU] layers take on
-channels_last float32 activations (csrc/cpu/conv2d_winograd.cpp).
+F(4x4, 3x3) algorithm, on weights transformed by ``resfast::winograd_weight``
+(csrc/cpu/conv2d_winograd.cpp).
 
 F(4x4, 3x3) makes 2.25 multiply-adds per output and input channel where a direct 3x3
-convolution makes 9, at the price of two passes of additions (the transforms) and a
-little accuracy: its float32 results are ~1e-5 of the output's range off the exact ones
-where oneDNN's direct convolution's are ~1e-6, as with the Winograd kernels cuDNN picks for
-float32 on GPUs (and far closer than the TF32 those use by default). Measured on ResNet-50's
-and VGG's 3x3 layers on a 2-core AVX512 CPU: 1.3-2.3x faster than oneDNN
+convolution makes 9, at the price of two passes of additions (the transforms) and some
+accuracy: its float32 results are up to ~50 epsilons of the size of the summed terms off
+the exact ones where oneDNN's direct convolution's are ~5, and 3-4x the direct
+convolution's error in norm through a network (tests/ops/test_conv2d_winograd.py), as with
+the Winograd kernels cuDNN picks for float32 on GPUs. Measured on ResNet-50's and VGG's 3x3
+layers on a 2-core AVX512 CPU: 1.1-2.3x faster than oneDNN
 (``python3 benchmarks/cpu_winograd.py``).
 
-It runs where it pays and where nothing needs the exact rounding of the direct
-convolution (:func:`applies`): eval-mode BN (no batch statistics to compute from the
-output), float32, channels_last, at least 16 input and output channels, an 8x8 map
-(below that the 4x4 tiles are mostly padding) and 32 tiles in the batch (below that the
-transformed weights, 4x the weights, cost more to read than the GEMMs save).
-``RESFAST_CPU_WINOGRAD=0`` turns it off: every convolution then runs oneDNN's direct
-algorithm.
+Where it runs, ``RESFAST_CPU_WINOGRAD`` says:
+
+* ``inference`` (the default): convolutions that no gradient will flow through and that
+  compute no batch statistics, i.e. eval-mode layers called under ``torch.no_grad()`` or
+  ``torch.inference_mode()`` (or on tensors that need no gradient). A training step keeps
+  oneDNN's direct convolution, and with it resfast's accuracy promise for training: within
+  2x torch.nn's own float32 error (tests/support/equivalence.py), which Winograd's 3-4x
+  would break, and which keeps ReLU decisions near their kink going the way torch's go;
+* ``all``: training's convolutions too, forward and input gradient (a convolution of the
+  output's gradient with the kernel rotated by 180 degrees, its channels swapped; oneDNN
+  computes the weight's gradient), in both of resfast's training routes alike;
+* ``off``: every convolution runs oneDNN's direct algorithm.
+
+And only where it pays (:func:`applies`): float32, channels_last, at least 16 input and
+output channels, an 8x8 map (below that the 4x4 tiles are mostly padding) and 32 tiles in
+the batch (below that the transformed weights, 4x the weights, cost more to read than the
+GEMMs save).
 """
 import os
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -30,9 +42,6 @@ from . import fold as _fold
 ops = torch.ops.resfast
 _CL = torch.channels_last
 
-# G of F(4x4, 3x3): the weight transform, G w G^T per (output, input) channel pair.
-_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
-      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 MIN_CHANNELS = 16
 MIN_SIZE = 8
 # Below 32 tiles (batch 1 at 14x14 has 16) each thread's GEMMs read the transformed weights,
@@ -41,35 +50,54 @@ MIN_SIZE = 8
 MIN_TILES = 32
 
 
-def enabled() -> bool:
-    flag = os.environ.get("RESFAST_CPU_WINOGRAD", "1").strip()
-    if flag not in ("0", "1"):
-        raise ValueError(f"RESFAST_CPU_WINOGRAD must be 0 or 1, got {flag!r}")
-    return flag == "1"
+MODES = ("off", "inference", "all")
+_local = threading.local()
 
 
-def applies(a: Tensor, weight: Tensor, stride: int, padding: int, dilation: int,
-            stats: bool) -> bool:
-    """Whether conv2d_bn's CPU forward of GEMM input ``a`` runs by Winograd (module
-    docstring): no statistics of the output wanted, float32 ``a`` and weight in
+def mode() -> str:
+    value = os.environ.get("RESFAST_CPU_WINOGRAD", "inference").strip()
+    if value not in MODES:
+        raise ValueError(f"RESFAST_CPU_WINOGRAD must be off, inference or all, got {value!r}")
+    return value
+
+
+class inference_call:
+    """Marks the convolutions called inside as inference (resfast.ops.eager's call that
+    autograd does not record): no gradient will flow through them."""
+
+    def __enter__(self):
+        _local.depth = getattr(_local, "depth", 0) + 1
+
+    def __exit__(self, *exc):
+        _local.depth -= 1
+
+
+def allowed(stats: bool, backward: bool = False) -> bool:
+    """Whether RESFAST_CPU_WINOGRAD lets this convolution run by Winograd (module
+    docstring): under ``all`` any; under ``inference`` a forward without statistics inside
+    :class:`inference_call` or under ``torch.inference_mode``."""
+    m = mode()
+    if m != "inference":
+        return m == "all"
+    return (not stats and not backward
+            and (getattr(_local, "depth", 0) > 0 or torch.is_inference_mode_enabled()))
+
+
+def applies(a: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> bool:
+    """Whether conv2d_bn's CPU convolution of GEMM input ``a`` runs by Winograd (module
+    docstring), forward and input gradient alike: float32 ``a`` and weight, ``a`` in
     channels_last, a 3x3 kernel with stride 1, padding 1 and dilation 1, at least
     MIN_CHANNELS channels in and out, a map of at least MIN_SIZE x MIN_SIZE and at least
-    MIN_TILES 4x4 tiles of output in the batch."""
-    if (stats or weight.dtype != torch.float32 or a.dtype != torch.float32 or a.dim() != 4
+    MIN_TILES 4x4 tiles of output in the batch; whether the mode allows it is
+    :func:`allowed`'s to say. The C++ training conv applies the same rule
+    (csrc/cpu/winograd.h)."""
+    if (weight.dtype != torch.float32 or a.dtype != torch.float32 or a.dim() != 4
             or tuple(weight.shape[2:]) != (3, 3) or (stride, padding, dilation) != (1, 1, 1)):
         return False
     n, _, h, w = a.shape
     return (min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and min(h, w) >= MIN_SIZE
             and n * ((h + 3) // 4) * ((w + 3) // 4) >= MIN_TILES
-            and a.is_contiguous(memory_format=_CL) and not a.is_contiguous() and enabled())
-
-
-def transform_weight(weight: Tensor) -> Tensor:
-    """G w G^T for each of the 36 positions of a 6x6 tile, as (36, C_in, C_out) float32,
-    computed in float64 and rounded once."""
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    v = torch.einsum("ij,ocjk,lk->ilco", g, weight.detach().to(torch.float64), g)
-    return v.reshape(36, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
+            and a.is_contiguous(memory_format=_CL) and not a.is_contiguous())
 
 
 def _epilogue(bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],
@@ -92,8 +120,23 @@ def conv(a: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tens
     the transformed weight and the epilogue cached per weight version (resfast.ops.fold)."""
     v, s, b = _fold.cached(
         weight, (bias, scale, shift, centre), ("winograd",),
-        lambda: (transform_weight(weight),) + _epilogue(bias, scale, shift, centre))
+        lambda: (ops.winograd_weight(weight, False),) + _epilogue(bias, scale, shift, centre))
     return ops.conv2d_winograd(a, v, s, b, None if residual is None else residual.float(), relu)
+
+
+def input_gradient(grad_y: Tensor, weight: Tensor) -> Tensor:
+    """The gradient of conv(a, weight) with respect to a, by Winograd: the convolution of
+    grad_y (channels_last) with the kernel rotated by 180 degrees, its channels swapped."""
+    return ops.conv2d_winograd(grad_y, ops.winograd_weight(weight, True), None, None, None,
+                               False)
+
+
+@register_fake("resfast::winograd_weight")
+def _(weight, transposed):
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"weight must be (C_out, C_in, 3, 3), got {tuple(weight.shape)}")
+    c_out, c_in = weight.shape[:2]
+    return weight.new_empty((36, c_out, c_in) if transposed else (36, c_in, c_out))
 
 
 @register_fake("resfast::conv2d_winograd")

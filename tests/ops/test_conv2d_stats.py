@@ -165,3 +165,22 @@ def test_a_grayscale_network_input_is_made_channels_last():
     assert h.stride() == (64, 1, 8, 1) and torch.equal(h, x)
     y = ops.conv2d_stats(h, torch.randn(4, 1, 3, 3), None, 1, 1, 1)[0]
     assert y.is_contiguous(memory_format=CL) and not y.is_contiguous()
+
+
+@pytest.mark.parametrize("loss", ["all", "stats"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_equals_conv2d_bn_bitwise_by_winograd(bias, loss, monkeypatch):
+    """With RESFAST_CPU_WINOGRAD=all both routes run the 3x3 convolution and its input
+    gradient by Winograd (the same ops on the same transformed weights), still bitwise."""
+    monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "all")
+    torch.manual_seed(0)
+    x = (torch.randn(2, 16, 16, 13) * 2 + 0.5).contiguous(memory_format=CL)  # 32 tiles
+    weight = torch.randn(24, 16, 3, 3) / 12
+    b = torch.randn(24) if bias else None
+    with torch.profiler.profile() as prof:
+        ours = _run(ops.conv2d_stats, x, weight, b, 1, 1, 1, loss)
+        ref = _run(_conv2d_bn, x, weight, b, 1, 1, 1, loss)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "resfast::conv2d_winograd")
+    assert calls == 4  # forward and input gradient, in each route
+    for name, a, r in zip(("y", "mean", "var", "grad x", "grad weight", "grad bias"), ours, ref):
+        _equal(a, r, name)

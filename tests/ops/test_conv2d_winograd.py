@@ -10,6 +10,8 @@ The transform matrices themselves are checked in float64, where Winograd is exac
 rounding. Then: the routes (which calls take it and which keep oneDNN's direct
 convolution), its cache, odd sizes, an expanded input, an empty batch and bad input.
 """
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,9 @@ from resfast.ops import winograd
 ops = torch.ops.resfast
 _CL = torch.channels_last
 EPS32 = 2.0 ** -24
+# G of F(4x4, 3x3), as csrc/cpu/conv2d_winograd.cpp spells it
+G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+     (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 BOUND = 256 * EPS32
 
 # (N, C_in, C_out, H, W): multiples of the vector width and not, maps not multiples of 4
@@ -67,7 +72,7 @@ def test_against_the_exact_convolution(shape, epilogue, relu):
     shift = torch.randn(cout) if epilogue != "none" else None
     residual = (torch.randn(n, cout, h, w).to(memory_format=_CL)
                 if epilogue == "bn+residual" else None)
-    y = ops.conv2d_winograd(x, winograd.transform_weight(weight), scale, shift, residual, relu)
+    y = ops.conv2d_winograd(x, ops.winograd_weight(weight, False), scale, shift, residual, relu)
     _check(y, x, weight, scale, shift, residual, relu)
 
 
@@ -75,7 +80,7 @@ def test_transform_matrices_are_exact_in_float64():
     """Winograd's F(4x4, 3x3) with this G and with B^T and A^T as the C++ loops spell them,
     in float64: one 6x6 input tile gives the direct convolution's 4x4 outputs to rounding;
     transform_weight is G w G^T rounded once to float32."""
-    g = torch.tensor(winograd._G, dtype=torch.float64)
+    g = torch.tensor(G, dtype=torch.float64)
     bt = torch.tensor([[4, 0, -5, 0, 1, 0], [0, -4, -4, 1, 1, 0], [0, 4, -4, -1, 1, 0],
                        [0, -2, -1, 2, 1, 0], [0, 2, -1, -2, 1, 0], [0, 4, 0, -5, 0, 1]],
                       dtype=torch.float64)
@@ -88,10 +93,32 @@ def test_transform_matrices_are_exact_in_float64():
     y = torch.einsum("ai,oil,bl->oab", at, torch.einsum("cil,ocil->oil", u, v), at)
     assert torch.allclose(y, F.conv2d(d.unsqueeze(0), w)[0], rtol=0, atol=1e-12)
     w32 = w.float()
-    stored = winograd.transform_weight(w32)  # (36, C_in, C_out)
-    v32 = torch.einsum("ij,ocjk,lk->ocil", g, w32.double(), g)
+    v32 = torch.einsum("ij,ocjk,lk->ocil", g, w32.double(), g)  # the float64 transform
+    stored = ops.winograd_weight(w32, False)  # (36, C_in, C_out), rounded once
     assert stored.dtype == torch.float32 and stored.shape == (36, 5, 7)
-    assert torch.equal(stored, v32.permute(2, 3, 1, 0).reshape(36, 5, 7).float())
+    want = v32.permute(2, 3, 1, 0).reshape(36, 5, 7)
+    assert ((stored.double() - want).abs() <= EPS32 * want.abs()).all()
+    # transposed: the kernel rotated by 180 degrees with its channels swapped, (36, C_out, C_in)
+    turned = torch.einsum("ij,ocjk,lk->ocil", g, w32.double().flip(2, 3), g)
+    want = turned.permute(2, 3, 0, 1).reshape(36, 7, 5)
+    stored = ops.winograd_weight(w32, True)
+    assert stored.shape == (36, 7, 5)
+    assert ((stored.double() - want).abs() <= EPS32 * want.abs()).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES[:4])
+def test_input_gradient_against_the_exact_one(shape):
+    """conv2d_winograd with the transposed weight is the convolution's input gradient."""
+    torch.manual_seed(sum(shape))
+    n, cin, cout, h, w = shape
+    weight = torch.randn(cout, cin, 3, 3) / (9 * cin) ** 0.5
+    g = torch.randn(n, cout, h, w).to(memory_format=_CL)
+    got = winograd.input_gradient(g, weight)
+    exact = torch.nn.grad.conv2d_input((n, cin, h, w), weight.double(), g.double(), padding=1)
+    mag = torch.nn.grad.conv2d_input((n, cin, h, w), weight.double().abs(), g.double().abs(),
+                                     padding=1)
+    assert got.shape == exact.shape
+    assert ((got.double() - exact).abs() / (mag + 1e-30)).max().item() <= BOUND
 
 
 def _calls(fn):
@@ -147,20 +174,22 @@ def test_eval_blocks_take_it_with_the_residual():
 class winograd_off:
     def __enter__(self):
         self.mp = pytest.MonkeyPatch()
-        self.mp.setenv("RESFAST_CPU_WINOGRAD", "0")
+        self.mp.setenv("RESFAST_CPU_WINOGRAD", "off")
 
     def __exit__(self, *exc):
         self.mp.undo()
 
 
-@pytest.mark.parametrize("case", ["winograd", "nchw", "train", "stride 2", "dilated", "1x1",
+@pytest.mark.parametrize("case", ["winograd", "inference_mode", "training, all", "nchw",
+                                  "train", "eval with a gradient", "stride 2", "dilated", "1x1",
                                   "7x7 map", "8 channels", "few tiles", "float64", "bfloat16",
                                   "switched off"])
 def test_which_convolutions_take_it(case, monkeypatch):
-    """Only the eval layer of the first case runs Winograd; training (its output's
-    statistics), NCHW, other geometries, small maps, channel counts or batches, other dtypes
-    and RESFAST_CPU_WINOGRAD=0 keep oneDNN's direct convolution. Each case changes one
-    thing from the first (2 x 16 x 16 x 16: 32 tiles)."""
+    """The eval layer of the first case, under no_grad, runs Winograd; so does it under
+    inference_mode, and in training with RESFAST_CPU_WINOGRAD=all. A training layer, an eval
+    layer whose gradient autograd records, NCHW, other geometries, small maps, channel
+    counts or batches, other dtypes and RESFAST_CPU_WINOGRAD=off keep oneDNN's direct
+    convolution. Each case changes one thing from the first (2 x 16 x 16 x 16: 32 tiles)."""
     kw = dict(kernel=1) if case == "1x1" else dict(stride=2) if case == "stride 2" else (
         dict(dilation=2) if case == "dilated" else dict(cin=8) if case == "8 channels" else {})
     layer, _ = _layer(**kw)
@@ -170,20 +199,64 @@ def test_which_convolutions_take_it(case, monkeypatch):
         x = x.to(memory_format=_CL)
     if case in ("float64", "bfloat16"):
         layer, x = layer.to(getattr(torch, case)), x.to(getattr(torch, case))
-    if case == "train":
+    if case in ("train", "training, all"):
         layer.train()
+    if case == "training, all":
+        monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "all")
     if case == "switched off":
-        monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "0")
-    with torch.no_grad():
+        monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "off")
+    if case in ("train", "training, all", "eval with a gradient"):
+        mode = torch.enable_grad()
+        x.requires_grad_()
+    else:
+        mode = torch.inference_mode() if case == "inference_mode" else torch.no_grad()
+    with mode:
         _, calls = _calls(lambda: layer(x))
-    assert calls == (1 if case == "winograd" else 0)
+    assert calls == (1 if case in ("winograd", "inference_mode", "training, all") else 0)
+
+
+@pytest.mark.parametrize("route", ["one call", "op by op"])
+def test_training_step_takes_it_forward_and_backward(route, monkeypatch):
+    """With RESFAST_CPU_WINOGRAD=all, a training conv + BN + ReLU: the forward and the
+    input's gradient run Winograd (the weight's gradient stays oneDNN's), both through the
+    C++ one-call route and through the conv2d_bn op; output, every gradient and the running
+    statistics match torch.nn in float64 to float32 rounding."""
+    monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "all")
+    if route == "op by op":
+        monkeypatch.setattr(resfast.ops.eager, "takes_one_call", lambda *a: False)
+        monkeypatch.setattr(resfast.ops.eager, "_conv_direct", lambda *a: False)
+    layer, ref = _layer(cin=24, cout=16)
+    layer.train()
+    ref = copy.deepcopy(ref).double().train()
+    x = torch.randn(2, 24, 16, 16).to(memory_format=_CL)
+    xr = x.double().requires_grad_()
+    x.requires_grad_()
+    y, calls = _calls(lambda: layer(x))
+    assert calls == 1
+    g = torch.randn_like(y)
+    _, calls = _calls(lambda: y.backward(g))
+    assert calls == 1
+    yr = ref(xr)
+    yr.backward(g.double())
+
+    def close(a, b, tol):
+        assert (a.double() - b).norm() <= tol * b.norm(), (a.double() - b).norm() / b.norm()
+    close(y, yr, 1e-5)
+    close(x.grad, xr.grad, 1e-4)
+    close(layer.conv.weight.grad, ref[0].weight.grad, 1e-4)
+    close(layer.bn.weight.grad, ref[1].weight.grad, 1e-4)
+    close(layer.bn.running_var, ref[1].running_var, 1e-6)
 
 
 def test_bad_switch_value_is_named(monkeypatch):
-    monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "yes")
+    monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "1")
     layer, _ = _layer()
-    with pytest.raises(ValueError, match="RESFAST_CPU_WINOGRAD"), torch.no_grad():
-        layer(torch.randn(2, 16, 16, 16).to(memory_format=_CL))
+    x = torch.randn(2, 16, 16, 16).to(memory_format=_CL)
+    with pytest.raises(ValueError, match="RESFAST_CPU_WINOGRAD must be off, inference or all"):
+        with torch.no_grad():
+            layer(x)
+    with pytest.raises(ValueError, match="RESFAST_CPU_WINOGRAD must be off, inference or all"):
+        layer.train()(x.requires_grad_())  # the C++ training conv reads it too
 
 
 def test_transformed_weight_follows_weight_and_bn_changes():
@@ -204,7 +277,7 @@ def test_transformed_weight_follows_weight_and_bn_changes():
 def test_expanded_input_and_empty_batch():
     torch.manual_seed(0)
     w = torch.randn(16, 16, 3, 3)
-    v = winograd.transform_weight(w)
+    v = ops.winograd_weight(w, False)
     x = torch.randn(1, 16, 1, 1).expand(2, 16, 9, 9)  # stride-0 dimensions
     _check(ops.conv2d_winograd(x, v, None, None, None, True), x, w, relu=True)
     empty = ops.conv2d_winograd(torch.empty(0, 16, 8, 8), v, None, None, None, False)
@@ -217,7 +290,7 @@ def test_one_thread_and_repeated_calls():
     torch.manual_seed(0)
     x = torch.randn(3, 32, 21, 19).to(memory_format=_CL)
     w = torch.randn(32, 32, 3, 3)
-    v = winograd.transform_weight(w)
+    v = ops.winograd_weight(w, False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -252,3 +325,25 @@ def test_no_gradient_through_it():
     y = ops.conv2d_winograd(x, torch.randn(36, 16, 16), None, None, None, False)
     with pytest.raises(RuntimeError):
         y.sum().backward()
+
+
+def test_a_non_finite_input_stays_in_the_tiles_that_read_it():
+    """An Inf or NaN input makes the 4x4 output tiles whose 6x6 input window holds it NaN
+    (the transforms add it with both signs), a wider patch than the direct convolution's
+    3x3 neighbourhood; every output outside those tiles is finite and within the bound."""
+    torch.manual_seed(0)
+    w = torch.randn(16, 16, 3, 3)
+    for bad in (float("inf"), float("nan")):
+        x = torch.randn(2, 16, 16, 16)
+        x[1, 3, 9, 6] = bad  # in the window of one tile only: outputs 8-11 x 4-7
+        x = x.to(memory_format=_CL)
+        y = ops.conv2d_winograd(x, ops.winograd_weight(w, False), None, None, None, False)
+        reached = torch.zeros_like(y, dtype=torch.bool)
+        reached[1, :, 8:12, 4:8] = True
+        assert torch.isnan(y[reached]).all()
+        assert torch.isfinite(y[~reached]).all()
+        clean = x.clone()
+        clean[1, 3, 9, 6] = 0
+        exact = _exact(clean, w, None, None, None, False)
+        mag = _magnitude(clean, w, None, None) + 1e-30
+        assert ((y.double() - exact).abs() / mag)[~reached].max().item() <= BOUND

@@ -76,6 +76,8 @@ def _cases(device):
          (x32.detach(), torch.randn(36, 5, 4, **k32), *[v.detach() for v in vec32[3:5]],
           res32.detach(), True)),
         ("conv2d_winograd", (x32.detach(), torch.randn(36, 5, 4, **k32), None, None, None, False)),
+        ("winograd_weight", (w32.detach(), False)),
+        ("winograd_weight", (w32.detach(), True)),
     ]
     return cpu_only + [
         ("bn_stats", (y,)),
@@ -169,7 +171,8 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
-    if name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_winograd")) and device != "cpu":
+    if (name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_winograd", "winograd_"))
+            and device != "cpu"):
         pytest.skip(f"{name} is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)
 
