@@ -7,8 +7,10 @@ in turn round after round, on the 3x3 stride-1 layers of ResNet-50 and VGG-11 (b
 
     python3 benchmarks/cpu_winograd.py [--layers r50 vgg r20] [--rounds 7]
 
-Prints, per layer, each provider's median time in ms and resfast's ratio (Winograd)
-against the others: the median of the rounds' own ratios. Measurements only.
+Prints, per layer, whether resfast's default takes Winograd there (a 7x7 map does not:
+both resfast columns then run the same direct convolution), each provider's median time
+in ms and resfast's ratio (its default) against the others: the median of the rounds' own
+ratios. Measurements only.
 """
 import argparse
 import copy
@@ -79,12 +81,15 @@ def measure(shape, rounds):
         for f in providers.values():  # warm-up: compile, fold, pack
             f()
             f()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            providers["winograd"]()
+        takes = any(e.key == "resfast::conv2d_winograd" for e in prof.key_averages())
         for _ in range(rounds):
             for name, f in providers.items():
                 start = time.perf_counter()
                 f()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+    return times, takes
 
 
 def main(argv=None):
@@ -99,17 +104,17 @@ def main(argv=None):
               if args.shapes else [(k, s) for k in args.layers for s in LAYERS[k]])
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"resfast CPU kernels {torch.ops.resfast.cpu_isa()}, {args.rounds} rounds")
-    print(f"{'net':6} {'layer':>20} {'winograd':>9} {'direct':>9} {'eager':>9} {'compile':>9}"
-          f" {'vs direct':>9} {'vs eager':>9} {'vs compile':>10}")
+    print(f"{'net':6} {'layer':>20} {'takes it':>8} {'winograd':>9} {'direct':>9} {'eager':>9} "
+          f"{'compile':>9} {'vs direct':>9} {'vs eager':>9} {'vs compile':>10}")
     for net, shape in shapes:
-        times = measure(shape, args.rounds)
+        times, takes = measure(shape, args.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = {k: statistics.median(o / w for o, w in zip(times[k], times["winograd"]))
                  for k in ("direct", "eager", "compile")}
         label = "{}x{}->{}@{}".format(*shape)
-        print(f"{net:6} {label:>20} {med['winograd']:9.2f} {med['direct']:9.2f}"
-              f" {med['eager']:9.2f} {med['compile']:9.2f} {ratio['direct']:8.2f}x"
-              f" {ratio['eager']:8.2f}x {ratio['compile']:9.2f}x")
+        print(f"{net:6} {label:>20} {'yes' if takes else 'no':>8} {med['winograd']:9.2f} "
+              f"{med['direct']:9.2f} {med['eager']:9.2f} {med['compile']:9.2f} "
+              f"{ratio['direct']:8.2f}x {ratio['eager']:8.2f}x {ratio['compile']:9.2f}x")
 
 
 if __name__ == "__main__":

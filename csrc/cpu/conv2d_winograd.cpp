@@ -17,6 +17,7 @@
 // then cost about a pass over the input and one over the output.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <dlfcn.h>
 #include <torch/library.h>
 
@@ -46,9 +47,12 @@ int64_t tiles_per_chunk(int64_t tiles, int64_t c_in, int64_t c_out) {
   return std::max<int64_t>(1, chunk);
 }
 
-// The BLAS sgemm that torch's CPU build carries (MKL on x86-64), called directly: a chunk's
-// 36 GEMMs are a few microseconds each, less than at::mm's own overhead. Where torch has no
-// BLAS to find, at::mm_out on views of the buffers does the same work.
+// The GEMMs are a few microseconds each (a chunk makes 36), less than at::mm's own
+// overhead, so they are called straight: oneDNN's batch-reduce GEMM kernel, which torch
+// exports for its CPU attention (measured 1.15-1.2x the speed of the MKL sgemm torch
+// carries, on this AMD CPU: benchmarks/cpu_winograd.py, 2026-11-30), where torch's build
+// has it for float32 (x86-64 with AVX512); else the BLAS sgemm torch carries; else
+// at::mm_out on views of the buffers.
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                        const float*, const int*, const float*, const int*, const float*, float*,
                        const int*);
@@ -64,9 +68,44 @@ Sgemm blas_sgemm() {
   return found;
 }
 
+// Whether torch's float32 brgemm runs here: it raises where its build or CPU has none.
+bool has_brgemm() {
+  static const bool works = [] {
+    float a[1] = {1.f}, b[1] = {1.f}, c[1] = {0.f};
+    try {
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, a, b, c, false);
+      at::native::cpublas::brgemm_release(false);
+      return c[0] == 1.f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return works;
+}
+
+enum class Gemm { kBrgemm, kBlas, kAten };
+
+// The first of brgemm, BLAS and ATen that runs here; RESFAST_CPU_WINOGRAD_GEMM = brgemm, blas
+// or aten asks for one (the tests run each).
+Gemm gemm_kind() {
+  const char* asked = std::getenv("RESFAST_CPU_WINOGRAD_GEMM");
+  const std::string kind = asked ? asked : "";
+  TORCH_CHECK_VALUE(kind.empty() || kind == "brgemm" || kind == "blas" || kind == "aten",
+                    "RESFAST_CPU_WINOGRAD_GEMM must be brgemm, blas or aten, got '", kind, "'");
+  if ((kind.empty() || kind == "brgemm") && has_brgemm()) return Gemm::kBrgemm;
+  if ((kind.empty() || kind == "brgemm" || kind == "blas") && blas_sgemm()) return Gemm::kBlas;
+  return Gemm::kAten;
+}
+
 // c[rows, cols] = a[rows, inner] b[inner, cols], all row-major and dense.
-void matmul(const float* a, const float* b, float* c, int64_t rows, int64_t inner, int64_t cols) {
-  if (const Sgemm sgemm = blas_sgemm()) {
+void matmul(Gemm kind, const float* a, const float* b, float* c, int64_t rows, int64_t inner,
+            int64_t cols) {
+  if (kind == Gemm::kBrgemm) {
+    at::native::cpublas::brgemm(rows, cols, inner, inner, cols, cols, false, a, b, c, false);
+    return;
+  }
+  if (kind == Gemm::kBlas) {
+    const Sgemm sgemm = blas_sgemm();
     // BLAS is column-major: c^T = b^T a^T
     const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(inner);
     const float one = 1.f, zero = 0.f;
@@ -120,6 +159,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
   const int64_t chunk = tiles_per_chunk(tiles, c_in, c_out);
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   const Kernels& k = kernels();
+  const Gemm gemm = gemm_kind();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     std::vector<float> u(kPositions * chunk * c_in), m(kPositions * chunk * c_out);
     for (int64_t i = first; i < last; ++i) {
@@ -127,7 +167,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
       const int64_t count = t.end - t.begin;
       k.winograd_input({xc.const_data_ptr<float>(), c_in, t, u.data()});
       for (int64_t p = 0; p < kPositions; ++p) {
-        matmul(u.data() + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
+        matmul(gemm, u.data() + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
                m.data() + p * count * c_out, count, c_in, c_out);
       }
       k.winograd_output({m.data(), c_out, t, s.defined() ? s.const_data_ptr<float>() : nullptr,
@@ -135,6 +175,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
                          r.defined() ? r.const_data_ptr<float>() : nullptr, relu,
                          y.mutable_data_ptr<float>()});
     }
+    if (gemm == Gemm::kBrgemm) at::native::cpublas::brgemm_release(false);
   });
   return y;
 }

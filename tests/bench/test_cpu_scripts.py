@@ -58,5 +58,5 @@ def test_cpu_fuse_prints_a_row_per_model_and_step():
 def test_cpu_winograd_prints_a_row_per_layer():
     out = _run("benchmarks/cpu_winograd.py", "--shapes", "2x16x16x16", "2x16x24x8", "--rounds", "1")
     rows = [line.split() for line in out.splitlines() if line.startswith("custom")]
-    assert [r[1] for r in rows] == ["2x16->16@16", "2x16->24@8"]
-    assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[2:])
+    assert [r[1:3] for r in rows] == [["2x16->16@16", "yes"], ["2x16->24@8", "no"]]
+    assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[3:])

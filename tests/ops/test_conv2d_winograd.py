@@ -347,3 +347,24 @@ def test_a_non_finite_input_stays_in_the_tiles_that_read_it():
         exact = _exact(clean, w, None, None, None, False)
         mag = _magnitude(clean, w, None, None) + 1e-30
         assert ((y.double() - exact).abs() / mag)[~reached].max().item() <= BOUND
+
+
+@pytest.mark.parametrize("gemm", ["brgemm", "blas", "aten"])
+def test_each_gemm_path(gemm, monkeypatch):
+    """The chunks' GEMMs run oneDNN's brgemm where torch has it for float32, else the BLAS
+    sgemm torch carries, else at::mm_out: each is held to the same bound (where this machine
+    lacks one, the op falls back to the next, still checked)."""
+    monkeypatch.setenv("RESFAST_CPU_WINOGRAD_GEMM", gemm)
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 13, 18).to(memory_format=_CL)
+    w = torch.randn(40, 24, 3, 3)
+    scale, shift = torch.rand(40) + 0.5, torch.randn(40)
+    y = ops.conv2d_winograd(x, ops.winograd_weight(w, False), scale, shift, None, True)
+    _check(y, x, w, scale, shift, None, True)
+
+
+def test_bad_gemm_name_is_named(monkeypatch):
+    monkeypatch.setenv("RESFAST_CPU_WINOGRAD_GEMM", "mkl")
+    with pytest.raises(ValueError, match="RESFAST_CPU_WINOGRAD_GEMM must be brgemm, blas or aten"):
+        ops.conv2d_winograd(torch.randn(1, 16, 8, 8), torch.randn(36, 16, 16), None, None, None,
+                            False)
