@@ -6,7 +6,7 @@
 // A direct 3x3 convolution makes 9 multiply-adds per input channel per output; F(4x4, 3x3)
 // makes 36 per 16 outputs, 2.25, in 36 GEMMs ([tiles, C_in] x [C_in, C_out], one per
 // position in a transformed 6x6 tile) between two cheap transforms. Measured on ResNet-50's
-// and VGG's layers on a 2-core AVX512 CPU, that is 1.1-2.3x faster than oneDNN's direct
+// and VGG's layers on a 2-core AVX512 CPU, that is 1.7-2.9x faster than oneDNN's direct
 // convolution (benchmarks/cpu_winograd.py). Its rounding differs: the transforms add terms
 // of mixed sign, and float32 results are up to ~50 epsilons of the size of the summed terms
 // off the exact ones where the direct convolution's are ~5

@@ -5,11 +5,12 @@ F(4x4, 3x3) algorithm, on weights transformed by ``resfast::winograd_weight``
 F(4x4, 3x3) makes 2.25 multiply-adds per output and input channel where a direct 3x3
 convolution makes 9, at the price of two passes of additions (the transforms) and some
 accuracy: its float32 results are up to ~50 epsilons of the size of the summed terms off
-the exact ones where oneDNN's direct convolution's are ~5, and 3-4x the direct
-convolution's error in norm through a network (tests/ops/test_conv2d_winograd.py), as with
-the Winograd kernels cuDNN picks for float32 on GPUs. Measured on ResNet-50's and VGG's 3x3
-layers on a 2-core AVX512 CPU: 1.1-2.3x faster than oneDNN
-(``python3 benchmarks/cpu_winograd.py``).
+the exact ones where oneDNN's direct convolution's are ~5, and per layer 3-4x the direct
+convolution's error in norm (tests/ops/test_conv2d_winograd.py); through a network the
+output's error is 0.7-2.7x torch.nn's own (tests/models/test_winograd_inference.py).
+cuDNN's Winograd kernels for float32 on GPUs make the same trade. Measured on ResNet-50's
+and VGG's 3x3 layers on a 2-core AVX512 CPU: 1.7-2.9x faster than oneDNN (ResNet-20's:
+1.1-1.7x) (``python3 benchmarks/cpu_winograd.py``).
 
 Where it runs, ``RESFAST_CPU_WINOGRAD`` says:
 

@@ -368,3 +368,19 @@ def test_bad_gemm_name_is_named(monkeypatch):
     with pytest.raises(ValueError, match="RESFAST_CPU_WINOGRAD_GEMM must be brgemm, blas or aten"):
         ops.conv2d_winograd(torch.randn(1, 16, 8, 8), torch.randn(36, 16, 16), None, None, None,
                             False)
+
+
+def test_compiled_inference_takes_it_under_inference_mode_only():
+    """A compiled model calls the registered op, which cannot see whether autograd records:
+    under no_grad it keeps the direct convolution, under inference_mode it takes Winograd."""
+    layer, _ = _layer()
+    x = torch.randn(2, 16, 16, 16).to(memory_format=_CL)
+    compiled = torch.compile(layer)
+    with torch.no_grad():
+        compiled(x)
+        _, calls = _calls(lambda: compiled(x))
+    assert calls == 0
+    with torch.inference_mode():
+        compiled(x)
+        _, calls = _calls(lambda: compiled(x))
+    assert calls == 1
