@@ -12,9 +12,10 @@
 // off the exact ones where the direct convolution's are ~5
 // (tests/ops/test_conv2d_winograd.py), as with the Winograd kernels cuDNN picks on GPUs.
 //
-// The tiles are processed in chunks small enough for a chunk's transformed input and GEMM
-// outputs to stay in a core's cache, one chunk at a time on each thread: the transforms
-// then cost about a pass over the input and one over the output.
+// The tiles are processed in chunks, one chunk at a time on each thread, each chunk's
+// transformed input and GEMM outputs in buffers of that thread's: at few channels they stay
+// in a core's cache, and the transforms cost about a pass over the input and one over the
+// output (tiles_per_chunk says where longer GEMM rows win over cache).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -34,10 +35,12 @@ namespace {
 constexpr int64_t kPositions = 36;  // a 6x6 transformed tile
 
 // Tiles per chunk: about 512 KiB of transformed input and GEMM output (half a core's L2
-// here), but at least 64 tiles (256 from 512 channels in and out), below which the GEMMs
-// run short rows and BLAS packs their weights again too often (measured on 16-512
-// channels: 0.25-8 MiB, 16-512 tiles at least; 512 channels at 28x28: 70 ms at 64 tiles,
-// 50 ms at 256), and at least as many chunks as threads.
+// here) where the channels are few, but at least 64 tiles (256 from 512 channels in and
+// out), which trades staying in L2 for longer GEMM rows and fewer passes over the
+// transformed weights: from 56 channels in and out on, a chunk is larger than 512 KiB
+// (1.2 MB at 64 + 64, 38 MB at 512 + 512, in L3 or memory). Measured on 16-512 channels:
+// 0.25-8 MiB, 16-512 tiles at least; 512 channels at 28x28: 70 ms at 64 tiles, 50 ms at
+// 256. And at least as many chunks as threads.
 int64_t tiles_per_chunk(int64_t tiles, int64_t c_in, int64_t c_out) {
   const int64_t bytes_per_tile = kPositions * (c_in + c_out) * static_cast<int64_t>(sizeof(float));
   const int64_t least = c_in + c_out >= 1024 ? 256 : 64;
@@ -48,11 +51,11 @@ int64_t tiles_per_chunk(int64_t tiles, int64_t c_in, int64_t c_out) {
 }
 
 // The GEMMs are a few microseconds each (a chunk makes 36), less than at::mm's own
-// overhead, so they are called straight: oneDNN's batch-reduce GEMM kernel, which torch
-// exports for its CPU attention (measured 1.15-1.2x the speed of the MKL sgemm torch
-// carries, on this AMD CPU: benchmarks/cpu_winograd.py, 2026-11-30), where torch's build
-// has it for float32 (x86-64 with AVX512); else the BLAS sgemm torch carries; else
-// at::mm_out on views of the buffers.
+// overhead, so they are called straight: torch's cpublas::brgemm, exported for its CPU
+// attention, which runs oneDNN's batch-reduce GEMM kernel where torch's build and the CPU
+// have it and torch's own gemm otherwise (measured here 1.15-1.25x the speed of the MKL
+// sgemm torch carries, on this AMD CPU, 2026-11-30); should it raise (a torch without it),
+// the BLAS sgemm torch carries; else at::mm_out on views of the buffers.
 using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                        const float*, const int*, const float*, const int*, const float*, float*,
                        const int*);
@@ -68,7 +71,7 @@ Sgemm blas_sgemm() {
   return found;
 }
 
-// Whether torch's float32 brgemm runs here: it raises where its build or CPU has none.
+// Whether torch's float32 brgemm runs here (a call that raises or errs says no).
 bool has_brgemm() {
   static const bool works = [] {
     float a[1] = {1.f}, b[1] = {1.f}, c[1] = {0.f};
@@ -137,6 +140,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
                     weight.scalar_type(), " ", weight.sizes());
   TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight has ", weight.size(1),
                     " input channels but x has ", x.size(1));
+  TORCH_CHECK_VALUE(x.size(1) > 0, "x must have at least one channel, got ", x.sizes());
   const int64_t N = x.size(0), c_in = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t c_out = weight.size(2);
   check_vector(scale, "scale", c_out);
@@ -161,16 +165,21 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
   const Kernels& k = kernels();
   const Gemm gemm = gemm_kind();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> u(kPositions * chunk * c_in), m(kPositions * chunk * c_out);
+    // 64-byte aligned and not cleared (every element read is written first)
+    const auto options = at::TensorOptions().dtype(at::kFloat);
+    at::Tensor u_buffer = at::empty({kPositions * chunk * c_in}, options);
+    at::Tensor m_buffer = at::empty({kPositions * chunk * c_out}, options);
+    float* const u = u_buffer.mutable_data_ptr<float>();
+    float* const m = m_buffer.mutable_data_ptr<float>();
     for (int64_t i = first; i < last; ++i) {
       const WinogradTiles t{H, W, tiles_h, tiles_w, i * chunk, std::min(tiles, (i + 1) * chunk)};
       const int64_t count = t.end - t.begin;
-      k.winograd_input({xc.const_data_ptr<float>(), c_in, t, u.data()});
+      k.winograd_input({xc.const_data_ptr<float>(), c_in, t, u});
       for (int64_t p = 0; p < kPositions; ++p) {
-        matmul(gemm, u.data() + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
-               m.data() + p * count * c_out, count, c_in, c_out);
+        matmul(gemm, u + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
+               m + p * count * c_out, count, c_in, c_out);
       }
-      k.winograd_output({m.data(), c_out, t, s.defined() ? s.const_data_ptr<float>() : nullptr,
+      k.winograd_output({m, c_out, t, s.defined() ? s.const_data_ptr<float>() : nullptr,
                          b.defined() ? b.const_data_ptr<float>() : nullptr,
                          r.defined() ? r.const_data_ptr<float>() : nullptr, relu,
                          y.mutable_data_ptr<float>()});

@@ -56,7 +56,7 @@ _local = threading.local()
 
 
 def mode() -> str:
-    value = os.environ.get("RESFAST_CPU_WINOGRAD", "inference").strip()
+    value = os.environ.get("RESFAST_CPU_WINOGRAD", "inference")  # as the C++ route reads it
     if value not in MODES:
         raise ValueError(f"RESFAST_CPU_WINOGRAD must be off, inference or all, got {value!r}")
     return value

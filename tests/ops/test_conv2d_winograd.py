@@ -27,9 +27,10 @@ G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 BOUND = 256 * EPS32
 
-# (N, C_in, C_out, H, W): multiples of the vector width and not, maps not multiples of 4
+# (N, C_in, C_out, H, W): multiples of the vector width and not (below it too), maps not
+# multiples of 4
 SHAPES = [(2, 16, 16, 8, 8), (1, 17, 33, 9, 11), (3, 64, 48, 13, 8), (1, 40, 24, 31, 17),
-          (2, 16, 20, 1, 5), (1, 24, 16, 4, 4)]
+          (2, 16, 20, 1, 5), (1, 24, 16, 4, 4), (2, 3, 5, 9, 10), (1, 8, 8, 8, 8)]
 
 
 def _exact(x, w, scale, shift, residual, relu):
@@ -304,6 +305,8 @@ def test_one_thread_and_repeated_calls():
 @pytest.mark.parametrize("change,match", [
     (dict(x=torch.randn(1, 16, 8, 8, dtype=torch.float64)), "x must be float32"),
     (dict(x=torch.randn(16, 8, 8)), "x must be a 4-D"),
+    (dict(x=torch.randn(1, 0, 8, 8), weight=torch.randn(36, 0, 16)),
+     "x must have at least one channel"),
     (dict(weight=torch.randn(16, 16, 3, 3)), "weight must be a float32 \\(36"),
     (dict(weight=torch.randn(36, 8, 16)), "weight has 8 input channels but x has 16"),
     (dict(scale=torch.randn(15)), "scale must be a float32 vector of 16"),
@@ -351,9 +354,9 @@ def test_a_non_finite_input_stays_in_the_tiles_that_read_it():
 
 @pytest.mark.parametrize("gemm", ["brgemm", "blas", "aten"])
 def test_each_gemm_path(gemm, monkeypatch):
-    """The chunks' GEMMs run oneDNN's brgemm where torch has it for float32, else the BLAS
-    sgemm torch carries, else at::mm_out: each is held to the same bound (where this machine
-    lacks one, the op falls back to the next, still checked)."""
+    """The chunks' GEMMs run torch's cpublas::brgemm (oneDNN's kernel where it has one), or
+    the BLAS sgemm torch carries, or at::mm_out: each is held to the same bound (where this
+    machine lacks one, the op falls back to the next, and the result is still checked)."""
     monkeypatch.setenv("RESFAST_CPU_WINOGRAD_GEMM", gemm)
     torch.manual_seed(0)
     x = torch.randn(2, 24, 13, 18).to(memory_format=_CL)
