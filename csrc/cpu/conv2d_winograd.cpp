@@ -19,13 +19,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
-#include <dlfcn.h>
 #include <torch/library.h>
 
 #include <cstdlib>
 #include <optional>
 #include <string>
 
+#include "../checks.h"
 #include "bn_kernels.h"
 #include "winograd.h"
 
@@ -53,25 +53,9 @@ int64_t tiles_per_chunk(int64_t tiles, int64_t c_in, int64_t c_out) {
 // The GEMMs are a few microseconds each (a chunk makes 36), less than at::mm's own
 // overhead, so they are called straight: torch's cpublas::brgemm, exported for its CPU
 // attention, which runs oneDNN's batch-reduce GEMM kernel where torch's build and the CPU
-// have it and torch's own gemm otherwise (measured here 1.15-1.25x the speed of the MKL
-// sgemm torch carries, on this AMD CPU, 2026-11-30); should it raise (a torch without it),
-// the BLAS sgemm torch carries; else at::mm_out on views of the buffers.
-using Sgemm = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
-                       const float*, const int*, const float*, const int*, const float*, float*,
-                       const int*);
-Sgemm blas_sgemm() {
-  static const Sgemm found = [] {
-    if (void* global = dlsym(RTLD_DEFAULT, "sgemm_")) return reinterpret_cast<Sgemm>(global);
-    // torch's libraries loaded without RTLD_GLOBAL: look in the one that holds ATen's ops
-    Dl_info info;
-    if (dladdr(reinterpret_cast<void*>(&at::_ops::mm::call), &info) == 0) return Sgemm{};
-    void* library = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);
-    return library ? reinterpret_cast<Sgemm>(dlsym(library, "sgemm_")) : Sgemm{};
-  }();
-  return found;
-}
-
-// Whether torch's float32 brgemm runs here (a call that raises or errs says no).
+// have it and torch's own gemm (its BLAS) otherwise (measured here 1.15-1.25x the speed of
+// the MKL sgemm torch carries, on this AMD CPU, 2026-11-30). Should it raise (a torch
+// without it), at::mm_out on views of the buffers.
 bool has_brgemm() {
   static const bool works = [] {
     float a[1] = {1.f}, b[1] = {1.f}, c[1] = {0.f};
@@ -86,33 +70,21 @@ bool has_brgemm() {
   return works;
 }
 
-enum class Gemm { kBrgemm, kBlas, kAten };
-
-// The first of brgemm, BLAS and ATen that runs here; RESFAST_CPU_WINOGRAD_GEMM = brgemm, blas
-// or aten asks for one (the tests run each).
-Gemm gemm_kind() {
+// brgemm where it runs; RESFAST_CPU_WINOGRAD_GEMM=aten asks for at::mm_out (the tests run
+// both).
+bool use_brgemm() {
   const char* asked = std::getenv("RESFAST_CPU_WINOGRAD_GEMM");
   const std::string kind = asked ? asked : "";
-  TORCH_CHECK_VALUE(kind.empty() || kind == "brgemm" || kind == "blas" || kind == "aten",
-                    "RESFAST_CPU_WINOGRAD_GEMM must be brgemm, blas or aten, got '", kind, "'");
-  if ((kind.empty() || kind == "brgemm") && has_brgemm()) return Gemm::kBrgemm;
-  if ((kind.empty() || kind == "brgemm" || kind == "blas") && blas_sgemm()) return Gemm::kBlas;
-  return Gemm::kAten;
+  TORCH_CHECK_VALUE(kind.empty() || kind == "brgemm" || kind == "aten",
+                    "RESFAST_CPU_WINOGRAD_GEMM must be brgemm or aten, got '", kind, "'");
+  return kind != "aten" && has_brgemm();
 }
 
 // c[rows, cols] = a[rows, inner] b[inner, cols], all row-major and dense.
-void matmul(Gemm kind, const float* a, const float* b, float* c, int64_t rows, int64_t inner,
+void matmul(bool brgemm, const float* a, const float* b, float* c, int64_t rows, int64_t inner,
             int64_t cols) {
-  if (kind == Gemm::kBrgemm) {
+  if (brgemm) {
     at::native::cpublas::brgemm(rows, cols, inner, inner, cols, cols, false, a, b, c, false);
-    return;
-  }
-  if (kind == Gemm::kBlas) {
-    const Sgemm sgemm = blas_sgemm();
-    // BLAS is column-major: c^T = b^T a^T
-    const int m = static_cast<int>(cols), n = static_cast<int>(rows), k = static_cast<int>(inner);
-    const float one = 1.f, zero = 0.f;
-    sgemm("N", "N", &m, &n, &k, &one, b, &m, a, &k, &zero, c, &m);
     return;
   }
   const auto options = at::TensorOptions().dtype(at::kFloat);
@@ -121,19 +93,17 @@ void matmul(Gemm kind, const float* a, const float* b, float* c, int64_t rows, i
              at::from_blob(const_cast<float*>(b), {inner, cols}, options));
 }
 
-void check_vector(const std::optional<at::Tensor>& v, const char* name, int64_t channels) {
-  if (!v) return;
-  TORCH_CHECK_VALUE(v->dim() == 1 && v->size(0) == channels && v->scalar_type() == at::kFloat,
-                    name, " must be a float32 vector of ", channels, " elements, got ",
-                    v->scalar_type(), " ", v->sizes());
+void check_float32(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat, name, " must be float32, got ",
+                    t.scalar_type());
 }
 
 at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& scale,
                                const std::optional<at::Tensor>& shift,
                                const std::optional<at::Tensor>& residual, bool relu) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  check_activation(x, "x");
+  check_float32(x, "x");
   TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(0) == kPositions &&
                         weight.scalar_type() == at::kFloat,
                     "weight must be a float32 (36, C_in, C_out) transformed weight, got ",
@@ -143,27 +113,27 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK_VALUE(x.size(1) > 0, "x must have at least one channel, got ", x.sizes());
   const int64_t N = x.size(0), c_in = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t c_out = weight.size(2);
-  check_vector(scale, "scale", c_out);
-  check_vector(shift, "shift", c_out);
-  if (residual) {
-    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef({N, c_out, H, W}) &&
-                          residual->scalar_type() == at::kFloat,
-                      "residual must be float32 of shape ", at::IntArrayRef({N, c_out, H, W}),
-                      ", got ", residual->scalar_type(), " ", residual->sizes());
-  }
+  const auto check_vector = [&](const std::optional<at::Tensor>& v, const char* name) {
+    if (!v) return;
+    check_channel_vector(*v, c_out, x, name);
+    check_float32(*v, name);
+  };
+  check_vector(scale, "scale");
+  check_vector(shift, "shift");
   constexpr auto kRows = at::MemoryFormat::ChannelsLast;
+  at::Tensor y = at::empty({N, c_out, H, W}, x.options().memory_format(kRows));
+  if (residual) check_same_as(*residual, y, "residual", "the output");
   const at::Tensor xc = x.contiguous(kRows), v = weight.contiguous();
   const at::Tensor s = scale ? scale->contiguous() : at::Tensor();
   const at::Tensor b = shift ? shift->contiguous() : at::Tensor();
   const at::Tensor r = residual ? residual->contiguous(kRows) : at::Tensor();
-  at::Tensor y = at::empty({N, c_out, H, W}, x.options().memory_format(kRows));
   const int64_t tiles_h = (H + 3) / 4, tiles_w = (W + 3) / 4;
   const int64_t tiles = N * tiles_h * tiles_w;
   if (tiles == 0 || c_out == 0) return y;
   const int64_t chunk = tiles_per_chunk(tiles, c_in, c_out);
   const int64_t chunks = (tiles + chunk - 1) / chunk;
   const Kernels& k = kernels();
-  const Gemm gemm = gemm_kind();
+  const bool brgemm = use_brgemm();
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     // 64-byte aligned and not cleared (every element read is written first)
     const auto options = at::TensorOptions().dtype(at::kFloat);
@@ -176,7 +146,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
       const int64_t count = t.end - t.begin;
       k.winograd_input({xc.const_data_ptr<float>(), c_in, t, u});
       for (int64_t p = 0; p < kPositions; ++p) {
-        matmul(gemm, u + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
+        matmul(brgemm, u + p * count * c_in, v.const_data_ptr<float>() + p * c_in * c_out,
                m + p * count * c_out, count, c_in, c_out);
       }
       k.winograd_output({m, c_out, t, s.defined() ? s.const_data_ptr<float>() : nullptr,
@@ -184,7 +154,7 @@ at::Tensor conv2d_winograd_cpu(const at::Tensor& x, const at::Tensor& weight,
                          r.defined() ? r.const_data_ptr<float>() : nullptr, relu,
                          y.mutable_data_ptr<float>()});
     }
-    if (gemm == Gemm::kBrgemm) at::native::cpublas::brgemm_release(false);
+    if (brgemm) at::native::cpublas::brgemm_release(false);
   });
   return y;
 }

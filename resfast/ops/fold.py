@@ -88,16 +88,23 @@ def cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return _casts[key][1]
 
 
+def folded_bias(bias: Optional[Tensor], scale: Tensor, shift: Tensor, centre: Optional[Tensor],
+                dtype: torch.dtype) -> Tensor:
+    """bias' = (bias - centre) * scale + shift (bias and centre default 0), computed in
+    ``dtype``."""
+    s = scale.to(dtype)
+    b = torch.zeros_like(s) if bias is None else bias.to(dtype)
+    if centre is not None:
+        b = b - centre.to(dtype)
+    return b * s + shift.to(dtype)
+
+
 def fold_now(weight: Tensor, bias: Optional[Tensor], scale: Tensor, shift: Tensor,
              centre: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     """(weight', bias') in the weight's dtype, computed in the statistics dtype."""
     dt = stats_dtype(weight)
-    s = scale.to(dt)
-    w = (weight.to(dt) * s.view(-1, 1, 1, 1)).to(weight.dtype)
-    b = torch.zeros_like(s) if bias is None else bias.to(dt)
-    if centre is not None:
-        b = b - centre.to(dt)
-    return w, (b * s + shift.to(dt)).to(weight.dtype)
+    w = (weight.to(dt) * scale.to(dt).view(-1, 1, 1, 1)).to(weight.dtype)
+    return w, folded_bias(bias, scale, shift, centre, dt).to(weight.dtype)
 
 
 def cached(weight: Tensor, values: Tuple[Optional[Tensor], ...], target: object,

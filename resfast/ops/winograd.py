@@ -107,11 +107,8 @@ def _epilogue(bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[T
     (z - centre) * scale + shift, the shift computed in float64 and rounded once."""
     if scale is None:
         return None, None if bias is None else bias.to(torch.float32)
-    dt = torch.float64
-    base = torch.zeros_like(scale, dtype=dt) if bias is None else bias.to(dt)
-    if centre is not None:
-        base = base - centre.to(dt)
-    return scale.to(torch.float32), (base * scale.to(dt) + shift.to(dt)).to(torch.float32)
+    return (scale.to(torch.float32),
+            _fold.folded_bias(bias, scale, shift, centre, torch.float64).to(torch.float32))
 
 
 def conv(a: Tensor, weight: Tensor, bias: Optional[Tensor], scale: Optional[Tensor],
