@@ -251,8 +251,12 @@ class Dist:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self):
+    def close(self, finished: bool):
         if self.owns_group and dist.is_initialized():
+            if finished:
+                # every rank past its last collective before any rank closes its
+                # connections (after an error the peers may never arrive: no wait)
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -432,10 +436,13 @@ def train(args: argparse.Namespace) -> Dict[str, Any]:
     from resfast.data import build_datasets, dense_test_dataset, parse_scale
 
     d = Dist(args.device)
+    finished = False
     try:
-        return _train(args, d, build_datasets, dense_test_dataset, parse_scale)
+        result = _train(args, d, build_datasets, dense_test_dataset, parse_scale)
+        finished = True
+        return result
     finally:
-        d.close()
+        d.close(finished)
 
 
 def _train(args, d: Dist, build_datasets, dense_test_dataset, parse_scale) -> Dict[str, Any]:

@@ -1,5 +1,7 @@
 """Two processes on the CPU (gloo, DistributedDataParallel, synchronised BN)
 against one process on the same global batches."""
+import faulthandler
+import gc
 import os
 import socket
 
@@ -95,6 +97,9 @@ def _worker(rank: int, world: int, port: int, out: str):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
                       RANK=str(rank), LOCAL_RANK=str(rank), TQDM_DISABLE="1")
     torch.set_num_threads(1)
+    # A crash in a child shows only its signal in the parent: dump the child's
+    # Python stacks on SIGABRT/SIGSEGV so a failure says where it happened.
+    faulthandler.enable()
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         _check_global_batch_stats(rank, world)
@@ -105,6 +110,11 @@ def _worker(rank: int, world: int, port: int, out: str):
                             + ["--backend", backend, "--sync-bn", "--out",
                                os.path.join(out, backend)])
             assert rc == 0
+        # Tear down only when both ranks are done and no DDP reducer still holds
+        # the group: otherwise one rank closes its gloo pairs while the other
+        # may still be finishing its last collective.
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
