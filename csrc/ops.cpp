@@ -85,6 +85,13 @@ TORCH_LIBRARY(resfast, m) {
       "conv2d_stats_backward(Tensor? grad_y, Tensor? grad_mean, Tensor? grad_var, Tensor x,"
       " Tensor weight, Tensor y, Tensor mean, int stride, int padding, int dilation,"
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  // The gradient of conv2d(x, weight, stride, padding, dilation)'s weight given grad_y, the
+  // gradient of its output, in the weight's dtype and strides: oneDNN's, or one GEMM over
+  // x's windows where that is faster (cpu/conv2d_weight_grad.cpp). CPU only; grad_y, x and
+  // weight share one dtype.
+  m.def(
+      "conv2d_weight_grad(Tensor grad_y, Tensor x, Tensor weight, int stride, int padding,"
+      " int dilation) -> Tensor");
   // A CPU training layer's forward, as resfast.functional.conv_bn_pending makes it, in one
   // call (cpu/conv2d_bn_train.cpp): a = bn_batch_act(x, in_mean, in_var, in_weight, in_bias,
   // relu=in_relu, eps=in_eps) where in_mean and in_var are given (x's own batch statistics),
@@ -118,7 +125,8 @@ TORCH_LIBRARY(resfast, m) {
   m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
 }
 
-// The *_backward ops, conv2d_winograd and winograd_weight have no derivative of their own.
+// The *_backward ops, conv2d_weight_grad, conv2d_winograd and winograd_weight have no
+// derivative of their own.
 // Without an Autograd kernel the dispatcher only warns and returns outputs that do not
 // require grad, so a double backward through them would silently give zero gradients; this
 // fallback makes it raise instead (and costs only a requires_grad check when no input needs
@@ -126,7 +134,7 @@ TORCH_LIBRARY(resfast, m) {
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   for (const char* op :
        {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward",
-        "conv2d_stats_backward", "conv2d_winograd", "winograd_weight"}) {
+        "conv2d_stats_backward", "conv2d_weight_grad", "conv2d_winograd", "winograd_weight"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "conv_layout.h"
 #include "op_handle.h"
 #include "winograd.h"
 
@@ -38,24 +39,9 @@ at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   return t.contiguous(format);
 }
 
-// The layout the convolution runs in (conv_cpu.layout_of): NCHW for an x dense in NCHW
-// only; for an x dense in both (C == 1 or H*W == 1) the one its strides suggest, which is
-// what oneDNN reads it as and writes y in; else channels_last.
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  const bool nchw = x.is_contiguous(), cl = x.is_contiguous(kChannelsLast);
-  if (nchw && cl) return x.suggest_memory_format();
-  return nchw ? at::MemoryFormat::Contiguous : kChannelsLast;
-}
-
 // What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype and layout.
 at::Tensor gemm_input(const at::Tensor& x, at::ScalarType dtype) {
   return to_memory_format(x.to(dtype), layout_of(x));
-}
-
-// The weight as the convolution takes it: an NCHW convolution with a channels_last weight
-// would compute channels_last (ATen's rule), so it gets an NCHW one.
-at::Tensor gemm_weight(const at::Tensor& weight, const at::Tensor& a) {
-  return layout_of(a) == kChannelsLast ? weight : weight.contiguous();
 }
 
 at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
@@ -176,22 +162,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
   }
   const at::Tensor a = gemm_input(x, dtype);
   g = to_memory_format(g.to(dtype), layout_of(a));
-  // By Winograd the input's gradient is a convolution of its own, and oneDNN computes the
-  // weight's (and bias's) alone (conv_cpu.backward).
+  // By Winograd the input's gradient is a convolution of its own; the weight's is
+  // conv2d_weight_grad's (oneDNN's, or one GEMM where oneDNN's is slow), as in conv_cpu.backward.
   const bool winograd = winograd_applies(a, weight, stride, padding, dilation);
-  std::array<bool, 3> mask = output_mask;
-  if (winograd) mask[0] = false;
+  const std::array<bool, 3> mask = {output_mask[0] && !winograd, false, output_mask[2]};
   at::Tensor grad_a, grad_w, grad_b;
-  if (mask[0] || mask[1] || mask[2]) {
-    std::tie(grad_a, grad_w, grad_b) = at::convolution_backward(
+  if (mask[0] || mask[2]) {
+    std::tie(grad_a, std::ignore, grad_b) = at::convolution_backward(
         g, a, gemm_weight(weight, a), at::OptionalIntArrayRef({weight.size(0)}),
         {stride, stride}, {padding, padding}, {dilation, dilation}, false, {0, 0}, 1, mask);
   }
   if (winograd && output_mask[0]) grad_a = winograd_conv(g, weight, std::nullopt, true);
-  const auto empty = [&] { return at::empty({0}, x.options()); };
-  if (output_mask[1] && grad_w.strides() != weight.strides()) {
-    grad_w = at::empty_like(weight).copy_(grad_w);  // in the weight's layout, as the fake says
+  if (output_mask[1]) {
+    static const auto weight_grad =
+        op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
+                             int64_t, int64_t)>("resfast::conv2d_weight_grad");
+    grad_w = weight_grad.call(g, a, weight, stride, padding, dilation);
   }
+  const auto empty = [&] { return at::empty({0}, x.options()); };
   return {output_mask[0] ? grad_a.to(x.scalar_type()) : empty(),
           output_mask[1] ? grad_w : empty(), output_mask[2] ? grad_b.to(dtype) : empty()};
 }

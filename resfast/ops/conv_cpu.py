@@ -29,7 +29,8 @@ Forward:
 Backward: the gradient of the statistics ``(grad_mean + 2 (y - mean)
 grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
 (centred on the mean, so no digits cancel), then ``aten::convolution_backward``
-(oneDNN) gives the input and weight gradients in one call.
+(oneDNN) gives the input's gradient and ``resfast::conv2d_weight_grad`` the weight's
+(oneDNN's, or one GEMM where oneDNN's is slow: :mod:`resfast.ops.weight_grad`).
 
 3x3 stride-1 convolutions on channels_last float32 activations of at least 16 channels
 run by Winograd's F(4x4, 3x3) instead: in inference, and with ``RESFAST_CPU_WINOGRAD=all``
@@ -197,18 +198,20 @@ def backward(grad_y, grad_mean, grad_var, x, weight, y, mean, in_scale, in_shift
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
     fmt = layout_of(a)
     g = to_memory_format(g.to(weight.dtype), fmt)
-    # by Winograd the input's gradient is a convolution of its own, and oneDNN computes the
-    # weight's (and bias's) alone
+    # by Winograd the input's gradient is a convolution of its own; the weight's is
+    # conv2d_weight_grad's (oneDNN's, or one GEMM where oneDNN's is slow)
     winograd = (_winograd.allowed(True, backward=True)
                 and _winograd.applies(a, weight, stride, padding, dilation))
-    mask = [need_a and not winograd, output_mask[1], output_mask[2]]
+    mask = [need_a and not winograd, False, output_mask[2]]
     grad_a = grad_w = grad_b = None
     if any(mask):
-        grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad_a, _, grad_b = torch.ops.aten.convolution_backward(
             g, a, _gemm_weight(weight, fmt), [weight.shape[0]], [stride, stride],
             [padding, padding], [dilation, dilation], False, [0, 0], 1, mask)
     if winograd and need_a:
         grad_a = _winograd.input_gradient(g, weight)
+    if output_mask[1]:
+        grad_w = ops.conv2d_weight_grad(g, a, weight, stride, padding, dilation)
     return (grad_a.to(x.dtype) if need_a else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),
             grad_b.to(weight.dtype) if output_mask[2] else x.new_empty((0,)))

@@ -60,3 +60,12 @@ def test_cpu_winograd_prints_a_row_per_layer():
     rows = [line.split() for line in out.splitlines() if line.startswith("custom")]
     assert [r[1:3] for r in rows] == [["2x16->16@16", "yes"], ["2x16->24@8", "no"]]
     assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[3:])
+
+
+def test_cpu_weight_grad_prints_a_row_per_layer():
+    out = _run("benchmarks/cpu_weight_grad.py", "--shapes", "2x64x64x2x3x1", "2x16x16x8x3x1",
+               "--rounds", "1")
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [(r[0], r[3], r[4]) for r in rows] == [("2x64x64x2,", "8", "gemm"),
+                                                  ("2x16x16x8,", "128", "oneDNN")]
+    assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[5:])

@@ -78,6 +78,13 @@ def _cases(device):
         ("conv2d_winograd", (x32.detach(), torch.randn(36, 5, 4, **k32), None, None, None, False)),
         ("winograd_weight", (w32.detach(), False)),
         ("winograd_weight", (w32.detach(), True)),
+        # the CPU training conv's weight gradient, by oneDNN and (a large weight over 4 output
+        # positions) by GEMM (against torch: tests/ops/test_conv2d_weight_grad.py)
+        ("conv2d_weight_grad", (y_out.float(), x32.detach(), w32.detach(), 1, 1, 1)),
+        ("conv2d_weight_grad",
+         (torch.randn(1, 64, 2, 2, **k32), torch.randn(1, 64, 4, 4, **k32),
+          torch.randn(64, 64, 3, 3, **k32).contiguous(memory_format=torch.channels_last), 2, 1,
+          1)),
     ]
     return cpu_only + [
         ("bn_stats", (y,)),
@@ -171,7 +178,7 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
-    if (name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_winograd", "winograd_"))
+    if (name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_w", "winograd_"))
             and device != "cpu"):
         pytest.skip(f"{name} is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)

@@ -1,0 +1,102 @@
+// resfast::conv2d_weight_grad: the gradient of a 2-D convolution's weight on the CPU, in the
+// weight's dtype and layout, for both CPU training routes (conv_cpu.backward and
+// conv2d_stats_backward).
+//
+// oneDNN's weight-gradient kernel (aten::convolution_backward) costs time with the size of
+// the weight besides the multiply-adds: where few output positions meet a large weight it
+// runs far below the GEMM rate. ResNet-50's last stage at 112x112 (batch 8, 4x4 maps, 128
+// positions) took 14-20 ms for a 3x3 512->512 gradient, 0.6 GFLOP, where MKL's GEMM takes
+// 4-8 ms. There the gradient is one GEMM instead: [C_out, P] x [P, K*K*C_in] over the P
+// output positions and the input's windows gathered once (im2col, a copy of K*K times the
+// input: small at so few positions). It pays from about 4096 weight elements per output
+// position on: 1.03-4x oneDNN on every shape measured there, 0.7-1.0x below
+// (benchmarks/cpu_weight_grad.py). Elsewhere oneDNN computes it.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "conv_layout.h"
+
+namespace resfast::cpu {
+namespace {
+
+constexpr int64_t kWeightPerPosition = 4096;
+
+bool by_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t positions,
+             int64_t dilation) {
+  // float32 only: bfloat16 keeps oneDNN's rounding; the windows need dilation 1; and the
+  // weight must be dense in one of the two layouts the GEMM writes
+  const bool dense = weight.is_contiguous() || weight.is_contiguous(at::MemoryFormat::ChannelsLast);
+  return x.scalar_type() == at::kFloat && dilation == 1 && dense && positions > 0 &&
+         weight.numel() >= kWeightPerPosition * positions;
+}
+
+// grad_w[o, (c, i, j)] = sum over (n, p) of g[n, o, p] x[n, c, window (i, j) of p], the
+// columns in the weight's own order: (i, j, c) for a channels_last weight, else (c, i, j).
+at::Tensor weight_grad_gemm(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                            int64_t stride, int64_t padding) {
+  const int64_t n = x.size(0), c_in = x.size(1), c_out = weight.size(0);
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const int64_t positions = n * g.size(2) * g.size(3);
+  const bool rows = !weight.is_contiguous();  // channels_last, (i, j, c) per output channel
+  const at::Tensor padded = padding > 0 ? at::constant_pad_nd(x, {padding, padding, padding,
+                                                                  padding})
+                                        : x;
+  // (N, C_in, H_out, W_out, K, K): views, gathered by the reshape (a view itself for a 1x1
+  // channels_last stride-1 convolution)
+  const at::Tensor windows = padded.unfold(2, kh, stride).unfold(3, kw, stride);
+  const at::Tensor cols = (rows ? windows.permute({0, 2, 3, 4, 5, 1})
+                                : windows.permute({0, 2, 3, 1, 4, 5}))
+                              .reshape({positions, c_in * kh * kw});
+  const at::Tensor g2 = g.permute({0, 2, 3, 1}).reshape({positions, c_out});
+  at::Tensor out = at::empty_like(weight);  // dense: the weight's strides
+  at::Tensor out2 = (rows ? out.permute({0, 2, 3, 1}) : out).view({c_out, c_in * kh * kw});
+  at::mm_out(out2, g2.t(), cols);
+  return out;
+}
+
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& weight, int64_t stride, int64_t padding,
+                                  int64_t dilation) {
+  check_activation(x, "x");
+  check_activation(grad_y, "grad_y");
+  TORCH_CHECK_VALUE(weight.dim() == 4, "weight must be 4-D (C_out, C_in, K, K), got ",
+                    weight.dim(), "-D");
+  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight has ", weight.size(1),
+                    " input channels but x has ", x.size(1));
+  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() &&
+                        grad_y.scalar_type() == weight.scalar_type(),
+                    "grad_y, x and weight must have one dtype, got ", grad_y.scalar_type(), ", ",
+                    x.scalar_type(), " and ", weight.scalar_type());
+  TORCH_CHECK_VALUE(x.device().is_cpu() && grad_y.device().is_cpu() && weight.device().is_cpu(),
+                    "conv2d_weight_grad is a CPU op; got grad_y on ", grad_y.device(), ", x on ",
+                    x.device(), " and weight on ", weight.device());
+  TORCH_CHECK_VALUE(stride >= 1 && padding >= 0 && dilation >= 1,
+                    "stride and dilation must be >= 1 and padding >= 0, got stride=", stride,
+                    ", padding=", padding, ", dilation=", dilation);
+  std::vector<int64_t> out_shape = {x.size(0), weight.size(0)};
+  for (int d = 2; d < 4; ++d) {
+    const int64_t span = dilation * (weight.size(d) - 1) + 1;
+    TORCH_CHECK_VALUE(x.size(d) + 2 * padding >= span, "x spatial size ", x.sizes().slice(2),
+                      " is smaller than the kernel ", weight.sizes().slice(2), " with padding ",
+                      padding, " and dilation ", dilation);
+    out_shape.push_back((x.size(d) + 2 * padding - span) / stride + 1);
+  }
+  TORCH_CHECK_VALUE(grad_y.sizes() == out_shape, "grad_y must have the output's shape ",
+                    out_shape, ", got ", grad_y.sizes());
+  if (by_gemm(x, weight, out_shape[0] * out_shape[2] * out_shape[3], dilation)) {
+    return weight_grad_gemm(grad_y, x, weight, stride, padding);
+  }
+  if (x.numel() == 0 || grad_y.numel() == 0) return at::zeros_like(weight);
+  at::Tensor grad_w = std::get<1>(at::convolution_backward(
+      grad_y, x, gemm_weight(weight, x), std::nullopt, {stride, stride},
+      {padding, padding}, {dilation, dilation}, false, {0, 0}, 1, {false, true, false}));
+  if (grad_w.strides() != weight.strides()) grad_w = at::empty_like(weight).copy_(grad_w);
+  return grad_w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resfast, CPU, m) { m.impl("conv2d_weight_grad", &conv2d_weight_grad_cpu); }
+
+}  // namespace resfast::cpu

@@ -1,0 +1,181 @@
+"""``resfast::conv2d_weight_grad`` (csrc/cpu/conv2d_weight_grad.cpp,
+resfast/ops/weight_grad.py): the weight's gradient of the CPU's training convolutions,
+by one GEMM over the input's windows where the weight is large for the output positions,
+else by oneDNN.
+
+Against the exact gradient (torch.nn.grad.conv2d_weight in float64), element by element:
+within 16 float32 epsilons of the same sum over |x| and |grad_y|, the size of the terms
+summed into that element (measured: under 3 for both paths; a misplaced window or channel
+is off by the size of those terms, ~10^7 epsilons). Then: which path runs, the weight's
+layout kept, both training routes calling it, odd and empty inputs, and bad input.
+"""
+import copy
+
+import pytest
+import torch
+
+import resfast
+from resfast.ops.weight_grad import GEMM_FROM, by_gemm
+
+ops = torch.ops.resfast
+_CL = torch.channels_last
+BOUND = 16 * 2.0 ** -24
+
+# (N, C_in, C_out, H, W, kernel, stride, padding): the GEMM's (a large weight over few
+# positions: 3x3 and 1x1, stride 1 and 2, padding 0-2, odd maps and channel counts) and
+# oneDNN's (small weights over larger maps)
+SHAPES = [(2, 64, 64, 4, 4, 3, 1, 1), (1, 96, 80, 7, 5, 3, 2, 1), (2, 256, 128, 3, 3, 1, 1, 0),
+          (1, 130, 70, 6, 7, 1, 2, 0), (1, 50, 60, 5, 3, 3, 1, 2), (3, 40, 70, 3, 4, 3, 1, 0),
+          (2, 16, 16, 8, 8, 3, 1, 1), (2, 5, 4, 6, 7, 3, 2, 1), (1, 8, 24, 9, 9, 1, 1, 0)]
+
+
+def _grads(shape, x_layout, w_layout, seed=0):
+    n, cin, cout, h, w, k, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen, dtype=torch.float64)
+    weight = torch.randn(cout, cin, k, k, generator=gen, dtype=torch.float64)
+    g = torch.randn(torch.nn.functional.conv2d(x, weight, stride=s, padding=p).shape,
+                    generator=gen, dtype=torch.float64)
+    x32, g32, w32 = x.float(), g.float(), weight.float()
+    if x_layout == "channels_last":
+        x32, g32 = x32.contiguous(memory_format=_CL), g32.contiguous(memory_format=_CL)
+    if w_layout == "channels_last":
+        w32 = w32.contiguous(memory_format=_CL)
+    return (x, g, weight), (x32, g32, w32)
+
+
+def _check(got, x, g, weight, s, p, dilation=1):
+    exact = torch.nn.grad.conv2d_weight(x, weight.shape, g, stride=s, padding=p,
+                                        dilation=dilation)
+    mag = torch.nn.grad.conv2d_weight(x.abs(), weight.shape, g.abs(), stride=s, padding=p,
+                                      dilation=dilation)
+    assert got.shape == exact.shape and got.dtype == torch.float32
+    assert ((got.double() - exact).abs() / (mag + 1e-30)).max().item() <= BOUND
+
+
+@pytest.mark.parametrize("w_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("x_layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_against_the_exact_gradient(shape, x_layout, w_layout):
+    (x, g, weight), (x32, g32, w32) = _grads(shape, x_layout, w_layout)
+    s, p = shape[6], shape[7]
+    got = ops.conv2d_weight_grad(g32, x32, w32, s, p, 1)
+    _check(got, x, g, weight, s, p)
+    assert got.stride() == w32.stride()  # the weight's layout: no copy left to the caller
+
+
+def test_both_paths_are_covered():
+    paths = set()
+    for shape in SHAPES:
+        n, cin, cout, h, w, k, s, p = shape
+        positions = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
+        paths.add(by_gemm(torch.empty(0), torch.empty(cout, cin, k, k), positions, 1))
+    assert paths == {True, False}
+    # the threshold itself: 4096 weight elements per output position
+    w = torch.empty(64, 64, 1, 1)
+    assert by_gemm(torch.empty(0), w, 64 * 64 // GEMM_FROM, 1)
+    assert not by_gemm(torch.empty(0), w, 64 * 64 // GEMM_FROM + 1, 1)
+
+
+@pytest.mark.parametrize("case", ["gemm", "bfloat16", "float64", "dilated", "strided weight"])
+def test_which_path_runs(case):
+    """The GEMM runs on a large float32 weight over few positions (one aten::mm); other
+    dtypes, dilation and weights dense in neither layout take oneDNN's gradient (or ATen's
+    for float64), equal bitwise to aten::convolution_backward's."""
+    dt = {"bfloat16": torch.bfloat16, "float64": torch.float64}.get(case, torch.float32)
+    d = 2 if case == "dilated" else 1
+    x = torch.randn(2, 96, 3, 3, dtype=dt).contiguous(memory_format=_CL)
+    w = torch.randn(96, 96, 3, 3, dtype=dt).contiguous(memory_format=_CL)
+    if case == "strided weight":
+        w = torch.randn(96, 96, 3, 6, dtype=dt)[..., ::2]
+    g = torch.randn(2, 96, 3 - 2 * (d - 1), 3 - 2 * (d - 1), dtype=dt).contiguous(
+        memory_format=_CL)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = ops.conv2d_weight_grad(g, x, w, 1, 1, d)
+    mm = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::mm"))
+    assert mm == (1 if case == "gemm" else 0)
+    if case != "gemm":
+        ref = torch.ops.aten.convolution_backward(g, x, w, None, [1, 1], [1, 1], [d, d], False,
+                                                  [0, 0], 1, [False, True, False])[1]
+        assert torch.equal(got, ref) and got.dtype == dt
+
+
+@pytest.mark.parametrize("route", ["one call", "op by op"])
+def test_training_routes_take_it(route, monkeypatch):
+    """A training conv + BN + ReLU whose weight gradient is the GEMM's (64 -> 96 channels,
+    3x3, over 2 x 2 x 2 positions), through the C++ route (conv2d_stats_backward) and the
+    conv2d_bn op: one conv2d_weight_grad call each; output, every gradient and the running
+    statistics match torch.nn in float64 to float32 rounding."""
+    if route == "op by op":
+        monkeypatch.setattr(resfast.ops.eager, "takes_one_call", lambda *a: False)
+        monkeypatch.setattr(resfast.ops.eager, "_conv_direct", lambda *a: False)
+    torch.manual_seed(0)
+    layer = resfast.nn.Conv2dBNReLU(64, 96, 3, 1).train()
+    ref = torch.nn.Sequential(copy.deepcopy(layer.conv), copy.deepcopy(layer.bn),
+                              torch.nn.ReLU()).double().train()
+    x = torch.randn(2, 64, 2, 2).to(memory_format=_CL)
+    assert by_gemm(x, layer.conv.weight, 2 * 2 * 2, 1)
+    xr = x.double().requires_grad_()
+    x.requires_grad_()
+    y = layer(x)
+    g = torch.randn_like(y)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        y.backward(g)
+    calls = sum(e.count for e in prof.key_averages() if e.key == "resfast::conv2d_weight_grad")
+    assert calls == 1
+    yr = ref(xr)
+    yr.backward(g.double())
+
+    def close(a, b, tol):
+        assert (a.double() - b).norm() <= tol * b.norm(), (a.double() - b).norm() / b.norm()
+    close(y, yr, 1e-5)
+    close(x.grad, xr.grad, 1e-5)
+    close(layer.conv.weight.grad, ref[0].weight.grad, 1e-5)
+    close(layer.bn.weight.grad, ref[1].weight.grad, 1e-5)
+    close(layer.bn.running_var, ref[1].running_var, 1e-6)
+    assert layer.conv.weight.grad.stride() == layer.conv.weight.stride()
+
+
+def test_expanded_input_and_empty_batch():
+    (x, g, weight), (x32, g32, w32) = _grads((1, 64, 64, 4, 4, 3, 1, 1), "nchw", "nchw")
+    xe = x32[:, :1].expand(1, 64, 4, 4)  # stride 0 over the channels
+    _check(ops.conv2d_weight_grad(g32, xe, w32, 1, 1, 1), xe.double(), g, weight, 1, 1)
+    empty = ops.conv2d_weight_grad(g32[:0], x32[:0], w32, 1, 1, 1)
+    assert torch.equal(empty, torch.zeros_like(w32))
+
+
+@pytest.mark.parametrize("change,match", [
+    ("x 3-D", "x must be 4-D"),
+    ("dtypes differ", "one dtype"),
+    ("channels differ", "input channels"),
+    ("grad_y shape", "grad_y must have the output's shape"),
+    ("stride 0", "stride and dilation must be >= 1"),
+    ("kernel too large", "smaller than the kernel"),
+    ("integer x", "floating point"),
+])
+def test_bad_input_is_named(change, match):
+    x, w, g = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3), torch.randn(1, 4, 5, 5)
+    s, p = 1, 1
+    if change == "x 3-D":
+        x = x[0]
+    elif change == "dtypes differ":
+        g = g.double()
+    elif change == "channels differ":
+        w = torch.randn(4, 7, 3, 3)
+    elif change == "grad_y shape":
+        g = torch.randn(1, 4, 4, 5)
+    elif change == "stride 0":
+        s = 0
+    elif change == "kernel too large":
+        w, p = torch.randn(4, 8, 7, 7), 0
+    elif change == "integer x":
+        x = x.long()
+    with pytest.raises(ValueError, match=match):
+        ops.conv2d_weight_grad(g, x, w, s, p, 1)
+
+
+def test_no_gradient_through_it():
+    x = torch.randn(1, 8, 5, 5, requires_grad=True)
+    w, g = torch.randn(4, 8, 3, 3), torch.randn(1, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="derivative|not implemented"):
+        ops.conv2d_weight_grad(g, x, w, 1, 1, 1).sum().backward()
