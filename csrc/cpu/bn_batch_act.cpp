@@ -99,9 +99,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_batch_act_backward
   const bool want_weight = output_mask[1] && weight.has_value();
   const bool want_bias = output_mask[2] && bias.has_value();
   const bool sums = output_mask[0] || want_weight || want_bias;
+  const auto format = loop_format(y);
+  // grad_out held by this call alone (no other handle, no view: the autograd node hands
+  // over the gradient it received, BnBatchAct::backward) is overwritten with one of the
+  // outputs, each element after its last read: a training step then allocates, and faults
+  // in, one activation-sized buffer less per layer. Every other caller keeps grad_out.
+  const bool reuse = grad_out.use_count() == 1 && grad_out.storage().use_count() == 1 &&
+                     grad_out.is_contiguous(format) && y.numel() > 0;
+  const bool reuse_for_residual = reuse && output_mask[3];  // pass 1 writes it
+  const bool reuse_for_y = reuse && !output_mask[3];       // pass 2 writes it
   auto empty = [&](at::ScalarType t) { return at::empty({0}, y.options().dtype(t)); };
-  at::Tensor grad_y = output_mask[0] ? at::empty_like(y) : empty(y.scalar_type());
-  at::Tensor grad_residual = output_mask[3] ? at::empty_like(y) : empty(y.scalar_type());
+  at::Tensor grad_y = reuse_for_y && output_mask[0] ? grad_out
+                      : output_mask[0]              ? at::empty_like(y)
+                                                    : empty(y.scalar_type());
+  at::Tensor grad_residual = reuse_for_residual ? grad_out
+                             : output_mask[3]   ? at::empty_like(y)
+                                                : empty(y.scalar_type());
   at::Tensor grad_weight = empty(dt), grad_bias = empty(dt);
   if (!sums && !output_mask[3]) return {grad_y, grad_weight, grad_bias, grad_residual};
   with_stats_type(dt, [&](auto a) {
@@ -110,7 +123,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_batch_act_backward
     const at::Tensor centre = channel_values(mean, dt);
     at::Tensor sum_gy = at::zeros({sums ? C : 0}, y.options().dtype(dt));
     at::Tensor sum_g = at::zeros({sums ? C : 0}, y.options().dtype(dt));
-    const auto format = loop_format(y);
     const Geometry geo = geometry(y, format);
     const at::Tensor go = y.numel() ? dense(grad_out, format) : at::Tensor();
     const at::Tensor y_dense = y.numel() ? dense(y, format) : at::Tensor();

@@ -257,7 +257,9 @@ struct BnBatchAct : public torch::autograd::Function<BnBatchAct> {
 
   // The gradient of y includes the path through mean and var, which must be y's own
   // statistics (bn_batch_act_backward's contract): mean and var get none of their own.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+  // grads by reference: the node's own list (CppNode::apply's), from which the gradient is
+  // moved on to the kernel below.
+  static variable_list backward(AutogradContext* ctx, variable_list& grads) {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &y = saved[0], &mean = saved[1], &var = saved[2];
     const at::Tensor &weight = saved[3], &bias = saved[4], &residual = saved[5];
@@ -274,8 +276,14 @@ struct BnBatchAct : public torch::autograd::Function<BnBatchAct> {
         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
         const std::optional<at::Tensor>&, bool, double, std::array<bool, 4>)>(
         "resfast::bn_batch_act_backward");
+    // The gradient received is handed over: the kernel may write an output into it when
+    // nothing else holds it. Only without grad mode: a double backward must go through the
+    // Autograd key, which raises for this op.
+    at::Tensor grad_out = std::move(grads[0]);
+    std::optional<at::AutoDispatchBelowADInplaceOrView> below_autograd;
+    if (!at::GradMode::is_enabled()) below_autograd.emplace();
     auto [grad_y, grad_w, grad_b, grad_r] =
-        op.call(grads[0], y, mean, var, optional_of(weight), optional_of(bias),
+        op.call(grad_out, y, mean, var, optional_of(weight), optional_of(bias),
                 optional_of(residual), ctx->saved_data["relu"].toBool(),
                 ctx->saved_data["eps"].toDouble(), {need_y, need_w, need_b, need_r});
     if (need_y) out[0] = grad_y;

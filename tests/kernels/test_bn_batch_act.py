@@ -457,3 +457,57 @@ def test_each_instruction_set(capability, tmp_path):
         pytest.skip(f"this CPU or build runs {saved['isa']} for ATEN_CPU_CAPABILITY={capability}")
     for args, (out_, grads) in saved["results"]:
         check(*args, out_, grads)
+
+
+
+def _through_autograd(layout, use_res, keep):
+    """bn_batch_act's C++ autograd node (the CPU's) fed a gradient made inside the graph
+    (out * 2's, which nothing else holds), as a training step feeds it; keep: "nothing",
+    "retain_grad" or "hook" (a hook that keeps the gradient it sees). Returns the leaves'
+    gradients and what was kept of the node's gradient."""
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+
+    def leaf(*size):
+        t = torch.randn(*size, generator=gen)
+        return (t.contiguous(memory_format=fmt) if t.dim() == 4 else t).requires_grad_()
+    y = leaf(3, 20, 5, 7)
+    res = leaf(3, 20, 5, 7) if use_res else None
+    w, b = leaf(20), leaf(20)
+    var, mean = torch.var_mean(y.detach(), dim=(0, 2, 3), correction=0)
+    out = ops.bn_batch_act(y, mean, var, w, b, res, True, EPS)
+    kept = []
+    if keep == "retain_grad":
+        out.retain_grad()
+    if keep == "hook":
+        out.register_hook(kept.append)
+    # out * 2 times a ones tensor in out's layout: the node's gradient in y's layout
+    (out * 2 * torch.ones_like(out)).sum().backward()
+    if keep == "retain_grad":
+        kept.append(out.grad)
+    return (y, w, b, res), kept
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("use_res", [False, True])
+def test_received_gradient_overwritten_only_when_nothing_else_holds_it(layout, use_res):
+    """The CPU node hands the gradient it receives over to the kernel, which writes
+    grad_residual (with a residual) or grad_y into it when nothing else holds it (one
+    activation-sized buffer less per layer in a training step). The gradients are bitwise
+    those of the op called on a gradient it may not overwrite, and a gradient kept by
+    retain_grad or a hook keeps its value."""
+    (y, w, b, res), _ = _through_autograd(layout, use_res, "nothing")
+    g = torch.full_like(y, 2.0)
+    var, mean = torch.var_mean(y.detach(), dim=(0, 2, 3), correction=0)
+    expected = ops.bn_batch_act_backward(g, y.detach(), mean, var, w.detach(), b.detach(),
+                                         None if res is None else res.detach(), True, EPS,
+                                         [True, True, True, use_res])
+    assert torch.equal(g, torch.full_like(y, 2.0))  # the op, called here, keeps grad_out
+    got = (y.grad, w.grad, b.grad, res.grad if use_res else None)
+    for name, a, e in zip(("y", "weight", "bias", "residual"), got, expected):
+        assert a is None if name == "residual" and not use_res else torch.equal(a, e), name
+    for keep in ("retain_grad", "hook"):
+        leaves, kept = _through_autograd(layout, use_res, keep)
+        assert torch.equal(kept[0], torch.full_like(kept[0], 2.0)), keep
+        for name, a, leaf in zip(("y", "weight", "bias", "residual"), got, leaves):
+            assert (a is None and leaf is None) or torch.equal(a, leaf.grad), (keep, name)
