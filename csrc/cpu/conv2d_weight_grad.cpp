@@ -5,12 +5,13 @@
 // oneDNN's weight-gradient kernel (aten::convolution_backward) costs time with the size of
 // the weight besides the multiply-adds: where few output positions meet a large weight it
 // runs far below the GEMM rate. ResNet-50's last stage at 112x112 (batch 8, 4x4 maps, 128
-// positions) took 14-20 ms for a 3x3 512->512 gradient, 0.6 GFLOP, where MKL's GEMM takes
-// 4-8 ms. There the gradient is one GEMM instead: [C_out, P] x [P, K*K*C_in] over the P
-// output positions and the input's windows gathered once (im2col, a copy of K*K times the
-// input: small at so few positions). It pays from about 4096 weight elements per output
-// position on: 1.03-4x oneDNN on every shape measured there, 0.7-1.0x below
-// (benchmarks/cpu_weight_grad.py). Elsewhere oneDNN computes it.
+// positions) takes ~12 ms for a 3x3 512->512 gradient, 0.6 GFLOP, which MKL's GEMM does in
+// ~5. There the gradient is one GEMM instead: [C_out, P] x [P, K*K*C_in] over the P output
+// positions and the input's windows gathered once (im2col, a copy of K*K times the input:
+// small at so few positions). From 4096 weight elements per output position on it ran
+// 0.88-2.66x oneDNN on ResNet-50's layers, the whole backward 1.02-1.82x
+// (benchmarks/cpu_weight_grad.py); on smaller weights per position the GEMM measured
+// 0.7-1.0x oneDNN (3x3 and 1x1 layers of 64-512 channels, 2026-11-30), so oneDNN keeps them.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -3,11 +3,12 @@
 (:func:`resfast.ops.conv_cpu.backward` and the C++ ``conv2d_stats_backward``).
 
 oneDNN's weight gradient is slow where few output positions meet a large weight:
-ResNet-50's last stage in training at 112x112 (batch 8, 4x4 maps) took 14-20 ms for
+ResNet-50's last stage in training at 112x112 (batch 8, 4x4 maps) takes ~12 ms for
 one 3x3 512->512 gradient, 0.6 GFLOP. From 4096 weight elements per output position
-on, the op computes it as one GEMM over the input's gathered windows instead
-(1.03-4x oneDNN there; ``python3 benchmarks/cpu_weight_grad.py``), elsewhere
-by oneDNN. The result has the weight's dtype and strides.
+on, the op computes it as one GEMM over the input's gathered windows instead (0.88-2.66x
+oneDNN on ResNet-50's layers, the whole backward 1.02-1.82x;
+``python3 benchmarks/cpu_weight_grad.py``), elsewhere by oneDNN. The result has the
+weight's dtype and strides.
 """
 import torch
 from torch.library import register_fake
