@@ -68,7 +68,10 @@ TORCH_LIBRARY(resfast, m) {
   // get no gradient of their own. Two passes over the activations: the ReLU-masked
   // gradient's per-channel sums, then grad_y. output_mask selects (grad_y, grad_weight,
   // grad_bias, grad_residual); unselected outputs are empty, and so are grad_weight
-  // without a weight and grad_bias without a bias.
+  // without a weight and grad_bias without a bias. The one write to an input: on the CPU, a
+  // grad_out that nothing but this call holds (one handle, no view: as the C++ autograd
+  // node hands it over) is overwritten with grad_residual or grad_y, which is then returned
+  // in its place; no caller can see the difference.
   m.def(
       "bn_batch_act_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor var, Tensor? weight,"
       " Tensor? bias, Tensor? residual, bool relu, float eps, bool[4] output_mask)"
@@ -87,7 +90,8 @@ TORCH_LIBRARY(resfast, m) {
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // The gradient of conv2d(x, weight, stride, padding, dilation)'s weight given grad_y, the
   // gradient of its output, in the weight's dtype and strides: oneDNN's, or one GEMM over
-  // x's windows where that is faster (cpu/conv2d_weight_grad.cpp). CPU only; grad_y, x and
+  // x's windows where the weight is large for the output positions (where it measured
+  // faster on ResNet-50's layers: cpu/conv2d_weight_grad.cpp). CPU only; grad_y, x and
   // weight share one dtype.
   m.def(
       "conv2d_weight_grad(Tensor grad_y, Tensor x, Tensor weight, int stride, int padding,"

@@ -69,9 +69,8 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                         grad_y.scalar_type() == weight.scalar_type(),
                     "grad_y, x and weight must have one dtype, got ", grad_y.scalar_type(), ", ",
                     x.scalar_type(), " and ", weight.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && grad_y.device().is_cpu() && weight.device().is_cpu(),
-                    "conv2d_weight_grad is a CPU op; got grad_y on ", grad_y.device(), ", x on ",
-                    x.device(), " and weight on ", weight.device());
+  TORCH_CHECK_VALUE(weight.size(2) >= 1 && weight.size(3) >= 1,
+                    "weight's kernel must be at least 1x1, got ", weight.sizes().slice(2));
   TORCH_CHECK_VALUE(stride >= 1 && padding >= 0 && dilation >= 1,
                     "stride and dilation must be >= 1 and padding >= 0, got stride=", stride,
                     ", padding=", padding, ", dilation=", dilation);

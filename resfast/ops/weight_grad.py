@@ -32,4 +32,9 @@ def _(grad_y, x, weight, stride, padding, dilation):
     if x.dim() != 4 or grad_y.dim() != 4 or weight.dim() != 4:
         raise ValueError(f"grad_y, x and weight must be 4-D, got {grad_y.dim()}-D, {x.dim()}-D "
                          f"and {weight.dim()}-D")
+    if weight.shape[1] != x.shape[1]:
+        raise ValueError(f"weight has {weight.shape[1]} input channels but x has {x.shape[1]}")
+    if not x.dtype == grad_y.dtype == weight.dtype:
+        raise ValueError(f"grad_y, x and weight must have one dtype, got {grad_y.dtype}, "
+                         f"{x.dtype} and {weight.dtype}")
     return torch.empty_like(weight)

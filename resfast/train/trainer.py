@@ -256,7 +256,10 @@ class Dist:
             if finished:
                 # every rank past its last collective before any rank closes its
                 # connections (after an error the peers may never arrive: no wait)
-                dist.barrier()
+                try:
+                    dist.barrier()
+                except RuntimeError:
+                    pass  # a peer failed after the last collective: its error is the one to report
             dist.destroy_process_group()
 
 

@@ -22,12 +22,17 @@ _CL = torch.channels_last
 BOUND = 16 * 2.0 ** -24
 
 # (N, C_in, C_out, H, W, kernel, stride, padding): the GEMM's (a large weight over few
-# positions: 3x3 and 1x1, stride 1 and 2, padding 0-2, odd maps and channel counts) and
-# oneDNN's (small weights over larger maps)
-SHAPES = [(2, 64, 64, 4, 4, 3, 1, 1), (1, 96, 80, 7, 5, 3, 2, 1), (2, 256, 128, 3, 3, 1, 1, 0),
-          (1, 130, 70, 6, 7, 1, 2, 0), (1, 50, 60, 5, 3, 3, 1, 2), (3, 40, 70, 3, 4, 3, 1, 0),
-          (2, 16, 16, 8, 8, 3, 1, 1), (2, 5, 4, 6, 7, 3, 2, 1), (1, 8, 24, 9, 9, 1, 1, 0)]
+# positions: 3x3 with padding 0, 1 and 2, 1x1, stride 1 and 2, odd maps and channel counts;
+# test_both_paths_are_covered says which) and oneDNN's (smaller weights per position)
+SHAPES = [(2, 64, 64, 4, 4, 3, 1, 1), (1, 96, 80, 7, 5, 3, 2, 1), (2, 256, 128, 2, 2, 1, 1, 0),
+          (1, 512, 130, 3, 3, 1, 2, 0), (1, 128, 96, 2, 2, 3, 1, 2), (3, 40, 70, 3, 4, 3, 1, 0),
+          (1, 130, 70, 6, 7, 1, 2, 0), (1, 50, 60, 5, 3, 3, 1, 2), (2, 16, 16, 8, 8, 3, 1, 1),
+          (2, 5, 4, 6, 7, 3, 2, 1), (1, 8, 24, 9, 9, 1, 1, 0)]
 
+
+def _positions(shape):
+    n, cin, cout, h, w, k, s, p = shape
+    return n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
 
 def _grads(shape, x_layout, w_layout, seed=0):
     n, cin, cout, h, w, k, s, p = shape
@@ -65,16 +70,28 @@ def test_against_the_exact_gradient(shape, x_layout, w_layout):
 
 
 def test_both_paths_are_covered():
-    paths = set()
+    gemm = set()
     for shape in SHAPES:
         n, cin, cout, h, w, k, s, p = shape
-        positions = n * ((h + 2 * p - k) // s + 1) * ((w + 2 * p - k) // s + 1)
-        paths.add(by_gemm(torch.empty(0), torch.empty(cout, cin, k, k), positions, 1))
-    assert paths == {True, False}
-    # the threshold itself: 4096 weight elements per output position
-    w = torch.empty(64, 64, 1, 1)
-    assert by_gemm(torch.empty(0), w, 64 * 64 // GEMM_FROM, 1)
-    assert not by_gemm(torch.empty(0), w, 64 * 64 // GEMM_FROM + 1, 1)
+        if by_gemm(torch.empty(0), torch.empty(cout, cin, k, k), _positions(shape), 1):
+            gemm.add((k, s, p))
+    assert {k for k, _, _ in gemm} == {1, 3} and {s for _, s, _ in gemm} == {1, 2}
+    assert {p for k, _, p in gemm if k == 3} == {0, 1, 2}
+    assert len(gemm) < len(SHAPES)  # the rest take oneDNN's
+
+
+@pytest.mark.parametrize("n,gemm", [(1, True), (2, False)])
+def test_threshold_is_the_ops(n, gemm):
+    """The C++ op takes the GEMM from GEMM_FROM weight elements per output position on, as
+    by_gemm says: a 64x64 1x1 weight (4096 elements) over 1 position does, over 2 not."""
+    assert GEMM_FROM == 4096
+    x, w, g = torch.randn(n, 64, 1, 1), torch.randn(64, 64, 1, 1), torch.randn(n, 64, 1, 1)
+    assert by_gemm(x, w, n, 1) == gemm
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = ops.conv2d_weight_grad(g, x, w, 1, 0, 1)
+    mm = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::mm"))
+    assert mm == (1 if gemm else 0)
+    _check(got, x.double(), g.double(), w.double(), 1, 0)
 
 
 @pytest.mark.parametrize("case", ["gemm", "bfloat16", "float64", "dilated", "strided weight"])
@@ -136,9 +153,12 @@ def test_training_routes_take_it(route, monkeypatch):
     assert layer.conv.weight.grad.stride() == layer.conv.weight.stride()
 
 
-def test_expanded_input_and_empty_batch():
-    (x, g, weight), (x32, g32, w32) = _grads((1, 64, 64, 4, 4, 3, 1, 1), "nchw", "nchw")
-    xe = x32[:, :1].expand(1, 64, 4, 4)  # stride 0 over the channels
+@pytest.mark.parametrize("shape", [(1, 64, 64, 2, 2, 3, 1, 1), (1, 16, 16, 6, 6, 3, 1, 1)])
+def test_expanded_input_and_empty_batch(shape):
+    """Both paths (the GEMM's, then oneDNN's) on an x with stride 0 over its channels,
+    and on an empty batch."""
+    (x, g, weight), (x32, g32, w32) = _grads(shape, "nchw", "nchw")
+    xe = x32[:, :1].expand(x32.shape)
     _check(ops.conv2d_weight_grad(g32, xe, w32, 1, 1, 1), xe.double(), g, weight, 1, 1)
     empty = ops.conv2d_weight_grad(g32[:0], x32[:0], w32, 1, 1, 1)
     assert torch.equal(empty, torch.zeros_like(w32))
@@ -152,6 +172,7 @@ def test_expanded_input_and_empty_batch():
     ("stride 0", "stride and dilation must be >= 1"),
     ("kernel too large", "smaller than the kernel"),
     ("integer x", "floating point"),
+    ("kernel 0x0", "at least 1x1"),
 ])
 def test_bad_input_is_named(change, match):
     x, w, g = torch.randn(1, 8, 5, 5), torch.randn(4, 8, 3, 3), torch.randn(1, 4, 5, 5)
@@ -170,6 +191,8 @@ def test_bad_input_is_named(change, match):
         w, p = torch.randn(4, 8, 7, 7), 0
     elif change == "integer x":
         x = x.long()
+    elif change == "kernel 0x0":
+        w = torch.randn(4, 8, 0, 0)
     with pytest.raises(ValueError, match=match):
         ops.conv2d_weight_grad(g, x, w, s, p, 1)
 

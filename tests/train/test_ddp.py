@@ -119,6 +119,24 @@ def _worker(rank: int, world: int, port: int, out: str):
         dist.destroy_process_group()
 
 
+def _owning_worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world),
+                      RANK=str(rank), LOCAL_RANK=str(rank), TQDM_DISABLE="1")
+    torch.set_num_threads(1)
+    faulthandler.enable()
+    assert train_main(ARGS[:ARGS.index("--epochs")] + ["--epochs", "1", "--workers", "0",
+                                                      "--progress", "off", "--out", out]) == 0
+    assert not dist.is_initialized()  # the trainer made the group, and closed it
+
+
+def test_trainer_makes_and_closes_its_process_group(tmp_path):
+    """As torchrun starts it (the environment only): each process's trainer creates the
+    process group, trains, waits for the other at a barrier and destroys the group."""
+    mp.spawn(_owning_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2,
+             join=True)
+    assert len(load_checkpoint(tmp_path / "run" / "checkpoint.pt")["rng"]) == 2
+
+
 def _compare(one, two):
     # float32 over 4 SGD steps: the summation order differs between 1 and 2
     # processes, so agreement is to float32 noise (exactness is checked in
