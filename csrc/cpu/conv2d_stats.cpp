@@ -140,10 +140,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
     const at::Tensor& y, const at::Tensor& mean, int64_t stride, int64_t padding,
     int64_t dilation, std::array<bool, 3> output_mask) {
   check_conv2d_stats_inputs(x, weight, std::nullopt, stride, padding, dilation);
-  const int64_t span = dilation * (weight.size(2) - 1) + 1;
-  const std::vector<int64_t> out_shape = {x.size(0), weight.size(0),
-                                          (x.size(2) + 2 * padding - span) / stride + 1,
-                                          (x.size(3) + 2 * padding - span) / stride + 1};
+  const std::vector<int64_t> out_shape = conv_output_shape(x, weight, stride, padding, dilation);
   TORCH_CHECK_VALUE(y.sizes() == out_shape, "y must have the output's shape ", out_shape,
                     ", got ", y.sizes());
   TORCH_CHECK_VALUE(!grad_y.has_value() || grad_y->sizes() == out_shape,

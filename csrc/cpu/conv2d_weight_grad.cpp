@@ -74,14 +74,13 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   TORCH_CHECK_VALUE(stride >= 1 && padding >= 0 && dilation >= 1,
                     "stride and dilation must be >= 1 and padding >= 0, got stride=", stride,
                     ", padding=", padding, ", dilation=", dilation);
-  std::vector<int64_t> out_shape = {x.size(0), weight.size(0)};
   for (int d = 2; d < 4; ++d) {
-    const int64_t span = dilation * (weight.size(d) - 1) + 1;
-    TORCH_CHECK_VALUE(x.size(d) + 2 * padding >= span, "x spatial size ", x.sizes().slice(2),
-                      " is smaller than the kernel ", weight.sizes().slice(2), " with padding ",
-                      padding, " and dilation ", dilation);
-    out_shape.push_back((x.size(d) + 2 * padding - span) / stride + 1);
+    TORCH_CHECK_VALUE(x.size(d) + 2 * padding >= dilation * (weight.size(d) - 1) + 1,
+                      "x spatial size ", x.sizes().slice(2), " is smaller than the kernel ",
+                      weight.sizes().slice(2), " with padding ", padding, " and dilation ",
+                      dilation);
   }
+  const std::vector<int64_t> out_shape = conv_output_shape(x, weight, stride, padding, dilation);
   TORCH_CHECK_VALUE(grad_y.sizes() == out_shape, "grad_y must have the output's shape ",
                     out_shape, ", got ", grad_y.sizes());
   if (by_gemm(x, weight, out_shape[0] * out_shape[2] * out_shape[3], dilation)) {

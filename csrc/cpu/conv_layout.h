@@ -1,6 +1,9 @@
-// The layout a CPU convolution runs in, as resfast.ops.conv_cpu.layout_of states it.
+// The layout a CPU convolution runs in, as resfast.ops.conv_cpu.layout_of states it, and
+// its output's shape.
 #pragma once
 #include <ATen/core/Tensor.h>
+
+#include <vector>
 
 namespace resfast::cpu {
 
@@ -16,6 +19,18 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
 // would compute channels_last (ATen's rule), so it gets an NCHW one.
 inline at::Tensor gemm_weight(const at::Tensor& weight, const at::Tensor& a) {
   return layout_of(a) == at::MemoryFormat::ChannelsLast ? weight : weight.contiguous();
+}
+
+// (N, C_out, H_out, W_out) of conv2d(x, weight) with this stride, padding and dilation
+// (x's spatial size, padded, at least the dilated kernel's: the callers check it).
+inline std::vector<int64_t> conv_output_shape(const at::Tensor& x, const at::Tensor& weight,
+                                              int64_t stride, int64_t padding,
+                                              int64_t dilation) {
+  std::vector<int64_t> shape = {x.size(0), weight.size(0)};
+  for (int d = 2; d < 4; ++d) {
+    shape.push_back((x.size(d) + 2 * padding - dilation * (weight.size(d) - 1) - 1) / stride + 1);
+  }
+  return shape;
 }
 
 }  // namespace resfast::cpu

@@ -16,6 +16,7 @@ import torch
 
 import resfast
 from resfast.ops.weight_grad import GEMM_FROM, by_gemm
+from tests.support.helpers import assert_conv_bn_step_close
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -142,14 +143,7 @@ def test_training_routes_take_it(route, monkeypatch):
     assert calls == 1
     yr = ref(xr)
     yr.backward(g.double())
-
-    def close(a, b, tol):
-        assert (a.double() - b).norm() <= tol * b.norm(), (a.double() - b).norm() / b.norm()
-    close(y, yr, 1e-5)
-    close(x.grad, xr.grad, 1e-5)
-    close(layer.conv.weight.grad, ref[0].weight.grad, 1e-5)
-    close(layer.bn.weight.grad, ref[1].weight.grad, 1e-5)
-    close(layer.bn.running_var, ref[1].running_var, 1e-6)
+    assert_conv_bn_step_close(layer, ref, x, xr, y, yr, 1e-5, 1e-5)
     assert layer.conv.weight.grad.stride() == layer.conv.weight.stride()
 
 

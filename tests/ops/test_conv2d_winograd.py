@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 import resfast
 from resfast.ops import winograd
+from tests.support.helpers import assert_conv_bn_step_close
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
@@ -239,14 +240,7 @@ def test_training_step_takes_it_forward_and_backward(route, monkeypatch):
     assert calls == 1
     yr = ref(xr)
     yr.backward(g.double())
-
-    def close(a, b, tol):
-        assert (a.double() - b).norm() <= tol * b.norm(), (a.double() - b).norm() / b.norm()
-    close(y, yr, 1e-5)
-    close(x.grad, xr.grad, 1e-4)
-    close(layer.conv.weight.grad, ref[0].weight.grad, 1e-4)
-    close(layer.bn.weight.grad, ref[1].weight.grad, 1e-4)
-    close(layer.bn.running_var, ref[1].running_var, 1e-6)
+    assert_conv_bn_step_close(layer, ref, x, xr, y, yr, 1e-5, 1e-4)
 
 
 def test_bad_switch_value_is_named(monkeypatch):

@@ -91,6 +91,24 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor, scale: float = 0.0) -> float:
     return diff / denom if denom > 0 else diff
 
 
+def assert_conv_bn_step_close(layer, ref64, x, x64, y, y64, tol, grad_tol, stats_tol=1e-6):
+    """A training step of a conv + BN (+ ReLU) ``layer`` (its ``conv`` and ``bn``) against
+    the float64 torch.nn ``ref64`` (Sequential(conv, bn, ...)) after both ran forward and
+    backward: the output within ``tol``, the input's, the conv weight's and the BN weight's
+    gradients within ``grad_tol``, the running variance within ``stats_tol``, each as
+    rel_err (relative to the reference's norm)."""
+    for name, ours, ref, bound in (("output", y, y64, tol),
+                                   ("grad of x", x.grad, x64.grad, grad_tol),
+                                   ("grad of conv.weight", layer.conv.weight.grad,
+                                    ref64[0].weight.grad, grad_tol),
+                                   ("grad of bn.weight", layer.bn.weight.grad,
+                                    ref64[1].weight.grad, grad_tol),
+                                   ("bn.running_var", layer.bn.running_var, ref64[1].running_var,
+                                    stats_tol)):
+        err = rel_err(ours, ref)
+        assert err <= bound, f"{name}: relative error {err:.3g} > {bound:.3g}"
+
+
 def assert_close(name, ours, ref64, torch_same=None, dtype=torch.float32, factor=2.0, scale=0.0,
                  floor=None):
     """ours vs the float64 reference; for low precision the bound is
