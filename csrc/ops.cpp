@@ -89,13 +89,18 @@ TORCH_LIBRARY(resfast, m) {
       " Tensor weight, Tensor y, Tensor mean, int stride, int padding, int dilation,"
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
   // The gradient of conv2d(x, weight, stride, padding, dilation)'s weight given grad_y, the
-  // gradient of its output, in the weight's dtype and strides: oneDNN's, or one GEMM over
-  // x's windows where the weight is large for the output positions (where it measured
-  // faster on ResNet-50's layers: cpu/conv2d_weight_grad.cpp). CPU only; grad_y, x and
-  // weight share one dtype.
+  // gradient of its output, in the weight's dtype and strides: oneDNN's, one GEMM over x's
+  // windows where the weight is large for the output positions, or a direct loop at few
+  // channels (where each measured faster: cpu/conv2d_weight_grad.cpp). CPU only; grad_y, x
+  // and weight share one dtype.
   m.def(
       "conv2d_weight_grad(Tensor grad_y, Tensor x, Tensor weight, int stride, int padding,"
       " int dilation) -> Tensor");
+  // Which of those conv2d_weight_grad takes for these arguments: "gemm", "direct",
+  // "onednn", or "zeros" for an empty input (for tests and benchmarks).
+  m.def(
+      "conv2d_weight_grad_path(Tensor grad_y, Tensor x, Tensor weight, int stride, int padding,"
+      " int dilation) -> str");
   // A CPU training layer's forward, as resfast.functional.conv_bn_pending makes it, in one
   // call (cpu/conv2d_bn_train.cpp): a = bn_batch_act(x, in_mean, in_var, in_weight, in_bias,
   // relu=in_relu, eps=in_eps) where in_mean and in_var are given (x's own batch statistics),

@@ -132,6 +132,20 @@ struct WinogradOutputArgs {
   float* y;
 };
 
+// The weight gradient of a convolution (dilation 1) over channels_last float32 activations
+// x (N, H, W, C_in) and g = grad_y (N, H_out, W_out, C_out), C_out a multiple of
+// kOutBlock (csrc/cpu/kernels/weight_grad_kernel.cpp): adds the sums over units [begin, end)
+// of the output's pixels into out, (K, K, C_in, C_out). A unit is unit_images images by
+// unit_rows output rows; units are numbered by image group, then by strip of rows.
+constexpr int64_t kOutBlock = 16;
+struct WeightGradArgs {
+  const float* x;
+  const float* g;
+  int64_t N, C_in, H, W, C_out, H_out, W_out, K, stride, padding;
+  int64_t unit_images, unit_rows, begin, end;
+  float* out;
+};
+
 struct Kernels {
   const char* isa;
   void (*bn_stats)(const StatsArgs&);
@@ -141,10 +155,11 @@ struct Kernels {
   bool (*transpose_images)(const TransposeArgs&);
   void (*winograd_input)(const WinogradInputArgs&);
   void (*winograd_output)(const WinogradOutputArgs&);
+  void (*weight_grad)(const WeightGradArgs&);  // null where not built (dispatch.cpp)
 };
 
 // The loops of one instruction set (defined in csrc/cpu/kernels/, inside
-// namespace resfast::cpu::ISA).
+// namespace resfast::cpu::ISA; weight_grad for AVX2 only).
 #define RESFAST_DECLARE_CPU_KERNELS(ISA)              \
   namespace ISA {                                     \
   void bn_stats(const StatsArgs& a);                  \
@@ -154,6 +169,7 @@ struct Kernels {
   bool transpose_images(const TransposeArgs& a);      \
   void winograd_input(const WinogradInputArgs& a);    \
   void winograd_output(const WinogradOutputArgs& a);  \
+  void weight_grad(const WeightGradArgs& a);          \
   }
 
 // The set this CPU runs (csrc/cpu/dispatch.cpp).

@@ -1,35 +1,102 @@
 // resfast::conv2d_weight_grad: the gradient of a 2-D convolution's weight on the CPU, in the
 // weight's dtype and layout, for both CPU training routes (conv_cpu.backward and
-// conv2d_stats_backward).
+// conv2d_stats_backward). Three ways, the first that applies (path_of):
 //
-// oneDNN's weight-gradient kernel (aten::convolution_backward) costs time with the size of
-// the weight besides the multiply-adds: where few output positions meet a large weight it
-// runs far below the GEMM rate. ResNet-50's last stage at 112x112 (batch 8, 4x4 maps, 128
-// positions) takes ~12 ms for a 3x3 512->512 gradient, 0.6 GFLOP, which MKL's GEMM does in
-// ~5. There the gradient is one GEMM instead: [C_out, P] x [P, K*K*C_in] over the P output
-// positions and the input's windows gathered once (im2col, a copy of K*K times the input:
-// small at so few positions). From 4096 weight elements per output position on it ran
-// 0.88-2.66x oneDNN on ResNet-50's layers, the whole backward 1.02-1.82x
-// (benchmarks/cpu_weight_grad.py); on smaller weights per position the GEMM measured
-// 0.7-1.0x oneDNN (3x3 and 1x1 layers of 64-512 channels, 2026-11-30), so oneDNN keeps them.
+// - "gemm": oneDNN's weight-gradient kernel (aten::convolution_backward) costs time with the
+//   size of the weight besides the multiply-adds: where few output positions meet a large
+//   weight it runs far below the GEMM rate. ResNet-50's last stage at 112x112 (batch 8, 4x4
+//   maps, 128 positions) takes ~12 ms for a 3x3 512->512 gradient, 0.6 GFLOP, which MKL's
+//   GEMM does in ~5. There the gradient is one GEMM: [C_out, P] x [P, K*K*C_in] over the P
+//   output positions and the input's windows gathered once (im2col, a copy of K*K times the
+//   input: small at so few positions). From 4096 weight elements per output position on it
+//   ran 0.88-2.66x oneDNN on ResNet-50's layers, the whole backward 1.02-1.82x
+//   (benchmarks/cpu_weight_grad.py); on smaller weights per position the GEMM measured
+//   0.7-1.0x oneDNN (3x3 and 1x1 layers of 64-512 channels, 2026-11-30).
+// - "direct": at few channels oneDNN runs at half the multiply-add rate or less (ResNet-20's
+//   3x3 layers: 58-76 GFLOP/s on a 2-core AVX2 CPU). A float32 3x3 convolution over
+//   channels_last activations with up to kDirectMaxChannels channels each way and a
+//   multiple of kOutBlock out takes the vectorized loop of
+//   csrc/cpu/kernels/weight_grad_kernel.cpp there instead: 1.02-1.59x oneDNN on ResNet-20's
+//   and ResNet-50's layers (benchmarks/cpu_weight_grad.py), its sums 3-25x closer to the
+//   exact ones (short sums in registers, added up unit by unit). On AVX2 CPUs only, the
+//   one instruction set it was measured on; past 128 channels a prototype measured 0.8x.
+// - "onednn": the rest. ("zeros": an empty input, whose gradient is zero.)
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "../checks.h"
+#include "bn_kernels.h"
 #include "conv_layout.h"
 
 namespace resfast::cpu {
 namespace {
 
 constexpr int64_t kWeightPerPosition = 4096;
+constexpr int64_t kDirectMaxChannels = 128;
+// Output pixels per unit of the direct loop, whose blocks sum a unit in registers: 512
+// pixels of g's 16-channel slices are 32 KB, the L1 cache (a prototype ran ResNet-20's
+// layers faster with 512 than with 128 or 256).
+constexpr int64_t kUnitPixels = 512;
 
-bool by_gemm(const at::Tensor& x, const at::Tensor& weight, int64_t positions,
+enum class Path { kZeros, kGemm, kDirect, kOneDnn };
+
+// Which way conv2d_weight_grad computes this gradient (the file's comment), for valid input.
+Path path_of(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
              int64_t dilation) {
-  // float32 only: bfloat16 keeps oneDNN's rounding; the windows need dilation 1; and the
-  // weight must be dense in one of the two layouts the GEMM writes
-  const bool dense = weight.is_contiguous() || weight.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return x.scalar_type() == at::kFloat && dilation == 1 && dense && positions > 0 &&
-         weight.numel() >= kWeightPerPosition * positions;
+  if (x.numel() == 0 || g.numel() == 0) return Path::kZeros;
+  // float32 only: bfloat16 keeps oneDNN's rounding; the windows need dilation 1
+  if (x.scalar_type() != at::kFloat || dilation != 1) return Path::kOneDnn;
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  // the GEMM writes a weight dense in one of the two layouts
+  const bool dense = weight.is_contiguous() || weight.is_contiguous(cl);
+  const int64_t positions = g.size(0) * g.size(2) * g.size(3);
+  if (dense && weight.numel() >= kWeightPerPosition * positions) return Path::kGemm;
+  const int64_t c_out = weight.size(0), c_in = weight.size(1);
+  if (kernels().weight_grad != nullptr && weight.size(2) == 3 && weight.size(3) == 3 &&
+      c_out % kOutBlock == 0 && c_out <= kDirectMaxChannels && c_in <= kDirectMaxChannels &&
+      x.is_contiguous(cl) && g.is_contiguous(cl)) {
+    return Path::kDirect;
+  }
+  return Path::kOneDnn;
+}
+
+// The direct loop over units of output pixels: strips of rows of one image on large maps,
+// whole images on small ones (no more per unit than leaves every thread one), each thread's
+// share summed into a buffer of its own.
+at::Tensor weight_grad_direct(const at::Tensor& g, const at::Tensor& x, const at::Tensor& weight,
+                              int64_t stride, int64_t padding) {
+  const int64_t n = x.size(0), c_in = x.size(1), c_out = weight.size(0), k = weight.size(2);
+  const int64_t h_out = g.size(2), w_out = g.size(3), pixels = h_out * w_out;
+  const int64_t threads = at::get_num_threads();
+  int64_t unit_images = 1, unit_rows = h_out;
+  if (pixels >= kUnitPixels) {
+    unit_rows = std::max<int64_t>(1, kUnitPixels / w_out);
+  } else {
+    unit_images = std::max<int64_t>(1, std::min(kUnitPixels / pixels, (n + threads - 1) / threads));
+  }
+  const int64_t units = ((n + unit_images - 1) / unit_images) *
+                        ((h_out + unit_rows - 1) / unit_rows);
+  const int64_t chunks = std::min(units, threads);
+  const int64_t size = k * k * c_in * c_out;
+  at::Tensor partial = at::zeros({chunks, k, k, c_in, c_out}, x.options());
+  const WeightGradArgs args{x.data_ptr<float>(), g.data_ptr<float>(), n, c_in, x.size(2),
+                            x.size(3), c_out, h_out, w_out, k, stride, padding, unit_images,
+                            unit_rows, 0, 0, partial.data_ptr<float>()};
+  const Kernels& loops = kernels();
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      WeightGradArgs a = args;
+      a.begin = units * i / chunks;
+      a.end = units * (i + 1) / chunks;
+      a.out += i * size;
+      loops.weight_grad(a);
+    }
+  });
+  const at::Tensor sum = chunks > 1 ? partial.sum(0) : partial[0];
+  return at::empty_like(weight).copy_(sum.permute({3, 2, 0, 1}));
 }
 
 // grad_w[o, (c, i, j)] = sum over (n, p) of g[n, o, p] x[n, c, window (i, j) of p], the
@@ -56,9 +123,8 @@ at::Tensor weight_grad_gemm(const at::Tensor& g, const at::Tensor& x, const at::
   return out;
 }
 
-at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                  const at::Tensor& weight, int64_t stride, int64_t padding,
-                                  int64_t dilation) {
+void check_inputs(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight,
+                  int64_t stride, int64_t padding, int64_t dilation) {
   check_activation(x, "x");
   check_activation(grad_y, "grad_y");
   TORCH_CHECK_VALUE(weight.dim() == 4, "weight must be 4-D (C_out, C_in, K, K), got ",
@@ -83,10 +149,22 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   const std::vector<int64_t> out_shape = conv_output_shape(x, weight, stride, padding, dilation);
   TORCH_CHECK_VALUE(grad_y.sizes() == out_shape, "grad_y must have the output's shape ",
                     out_shape, ", got ", grad_y.sizes());
-  if (by_gemm(x, weight, out_shape[0] * out_shape[2] * out_shape[3], dilation)) {
-    return weight_grad_gemm(grad_y, x, weight, stride, padding);
+}
+
+at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                  const at::Tensor& weight, int64_t stride, int64_t padding,
+                                  int64_t dilation) {
+  check_inputs(grad_y, x, weight, stride, padding, dilation);
+  switch (path_of(grad_y, x, weight, dilation)) {
+    case Path::kZeros:
+      return at::zeros_like(weight);
+    case Path::kGemm:
+      return weight_grad_gemm(grad_y, x, weight, stride, padding);
+    case Path::kDirect:
+      return weight_grad_direct(grad_y, x, weight, stride, padding);
+    case Path::kOneDnn:
+      break;
   }
-  if (x.numel() == 0 || grad_y.numel() == 0) return at::zeros_like(weight);
   at::Tensor grad_w = std::get<1>(at::convolution_backward(
       grad_y, x, gemm_weight(weight, x), std::nullopt, {stride, stride},
       {padding, padding}, {dilation, dilation}, false, {0, 0}, 1, {false, true, false}));
@@ -94,8 +172,28 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
   return grad_w;
 }
 
+std::string conv2d_weight_grad_path_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                        const at::Tensor& weight, int64_t stride,
+                                        int64_t padding, int64_t dilation) {
+  check_inputs(grad_y, x, weight, stride, padding, dilation);
+  switch (path_of(grad_y, x, weight, dilation)) {
+    case Path::kZeros:
+      return "zeros";
+    case Path::kGemm:
+      return "gemm";
+    case Path::kDirect:
+      return "direct";
+    case Path::kOneDnn:
+      break;
+  }
+  return "onednn";
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(resfast, CPU, m) { m.impl("conv2d_weight_grad", &conv2d_weight_grad_cpu); }
+TORCH_LIBRARY_IMPL(resfast, CPU, m) {
+  m.impl("conv2d_weight_grad", &conv2d_weight_grad_cpu);
+  m.impl("conv2d_weight_grad_path", &conv2d_weight_grad_path_cpu);
+}
 
 }  // namespace resfast::cpu

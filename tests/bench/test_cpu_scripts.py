@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+import resfast  # noqa: F401  (registers the ops)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,8 +67,20 @@ def test_cpu_winograd_prints_a_row_per_layer():
 
 def test_cpu_weight_grad_prints_a_row_per_layer():
     out = _run("benchmarks/cpu_weight_grad.py", "--shapes", "2x64x64x2x3x1", "2x16x16x8x3x1",
-               "--rounds", "1")
+               "2x16x8x8x3x1", "--rounds", "1")
     rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    direct = "direct" if torch.ops.resfast.cpu_isa() == "AVX2" else "onednn"  # AVX2's loop
     assert [(r[0], r[3], r[4]) for r in rows] == [("2x64x64x2,", "8", "gemm"),
-                                                  ("2x16x16x8,", "128", "oneDNN")]
+                                                  ("2x16x16x8,", "128", direct),
+                                                  ("2x16x8x8,", "128", "onednn")]
     assert all(float(v.rstrip("x")) > 0 for r in rows for v in r[5:])
+
+
+def test_cpu_weight_grad_network_mode_alternates_the_two():
+    out = _run("benchmarks/cpu_weight_grad.py", "--network", "resnet20", "--rounds", "1")
+    rows = [line.split() for line in out.splitlines() if line.startswith("resnet20")]
+    assert len(rows) == 1 and rows[0][1] == "op" and rows[0][-5] == "ratio"
+    assert float(rows[0][2]) > 0 and float(rows[0][-4].rstrip("x")) > 0
+    # the replacement ran for every one of ResNet-20's 19 convolutions in the oneDNN steps
+    # (2 rounds of 2 steps), and only there: it was removed before the op's steps
+    assert rows[0][-1] == "76)"

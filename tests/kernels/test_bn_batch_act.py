@@ -23,9 +23,6 @@ With a large |mean| that is the floor (torch's float32 has it too); sums of
 g * y instead of g * (y - mean) would lose SUM_TERMS times more in float32.
 """
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -44,6 +41,7 @@ from tests.kernels.test_bn_ops_cpu import (
     make,
     vector,
 )
+from tests.support.helpers import CAPABILITIES, run_with_capability
 
 ops = torch.ops.resfast
 
@@ -443,18 +441,10 @@ def isa_cases():
     return cases
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_each_instruction_set(capability, tmp_path):
     """ATEN_CPU_CAPABILITY picks the loops: each set this build has, in a fresh process."""
-    out = tmp_path / "results.pt"
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(out)], check=True, env=env, cwd=root,
-                   timeout=300)
-    saved = torch.load(out, weights_only=False)
-    if saved["isa"] != capability.upper():
-        pytest.skip(f"this CPU or build runs {saved['isa']} for ATEN_CPU_CAPABILITY={capability}")
+    saved = run_with_capability(capability, _ISA_SCRIPT, tmp_path / "results.pt")
     for args, (out_, grads) in saved["results"]:
         check(*args, out_, grads)
 

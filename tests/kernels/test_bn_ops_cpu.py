@@ -19,15 +19,13 @@ doubled a single element of a 1000-element channel fails.
 
 import itertools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import resfast  # noqa: F401  (registers the ops)
 from tests.support import bn_reference as ref
+from tests.support.helpers import CAPABILITIES, run_with_capability
 
 ops = torch.ops.resfast
 
@@ -745,20 +743,11 @@ def isa_cases():
     return cases
 
 
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("capability", CAPABILITIES)
 def test_each_instruction_set(capability, tmp_path):
     """ATEN_CPU_CAPABILITY picks the loops (as it picks ATen's): each set this
     build has, run in a fresh process, against the reference."""
-    out = tmp_path / "results.pt"
-    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run(
-        [sys.executable, "-c", _ISA_SCRIPT, str(out)], check=True, env=env, cwd=root, timeout=300
-    )
-    saved = torch.load(out, weights_only=False)
-    if saved["isa"] != capability.upper():
-        pytest.skip(f"this CPU or build runs {saved['isa']} for ATEN_CPU_CAPABILITY={capability}")
+    saved = run_with_capability(capability, _ISA_SCRIPT, tmp_path / "results.pt")
     for name, args, result in saved["results"]:
         if name == "bn_stats":
             check_stats(args[0], *result)

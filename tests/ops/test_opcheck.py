@@ -78,13 +78,18 @@ def _cases(device):
         ("conv2d_winograd", (x32.detach(), torch.randn(36, 5, 4, **k32), None, None, None, False)),
         ("winograd_weight", (w32.detach(), False)),
         ("winograd_weight", (w32.detach(), True)),
-        # the CPU training conv's weight gradient, by oneDNN and (a large weight over 4 output
-        # positions) by GEMM (against torch: tests/ops/test_conv2d_weight_grad.py)
+        # the CPU training conv's weight gradient, by oneDNN, (a large weight over 4 output
+        # positions) by GEMM and (16 channels, channels_last) by the direct loop on AVX2
+        # (against torch: tests/ops/test_conv2d_weight_grad.py)
         ("conv2d_weight_grad", (y_out.float(), x32.detach(), w32.detach(), 1, 1, 1)),
         ("conv2d_weight_grad",
          (torch.randn(1, 64, 2, 2, **k32), torch.randn(1, 64, 4, 4, **k32),
           torch.randn(64, 64, 3, 3, **k32).contiguous(memory_format=torch.channels_last), 2, 1,
           1)),
+        ("conv2d_weight_grad",
+         (torch.randn(2, 16, 6, 7, **k32).contiguous(memory_format=torch.channels_last),
+          torch.randn(2, 16, 6, 7, **k32).contiguous(memory_format=torch.channels_last),
+          torch.randn(16, 16, 3, 3, **k32), 1, 1, 1)),
     ]
     return cpu_only + [
         ("bn_stats", (y,)),

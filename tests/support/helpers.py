@@ -9,6 +9,7 @@ different summation orders give ~1e-7 (float32) and ~1e-15 (float64).
 import contextlib
 import functools
 import os
+import subprocess
 import sys
 from typing import Optional
 
@@ -38,6 +39,31 @@ GRAD_FACTOR = 3.0
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 # glibc's malloc (mallopt: resfast.cpu_memory)
 GLIBC = sys.platform == "linux" and os.confstr("CS_GNU_LIBC_VERSION") is not None
+
+
+# ATen's x86 instruction sets
+CAPABILITIES = ("default", "avx2", "avx512")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_with_capability(capability: str, script: str, out) -> dict:
+    """Runs ``script`` (python -c, argv[1] = ``out``) in a fresh process whose
+    ATEN_CPU_CAPABILITY is ``capability``, from the repository root, and returns what it
+    saved to ``out`` with torch.save: a dict whose "isa" is ``torch.ops.resfast.cpu_isa()``.
+    Skips where this CPU cannot run the set (ATen runs what the variable names, even
+    instructions the CPU lacks: SIGILL) or where the build lacks it (the child runs another)."""
+    supported = {"default": True, "avx2": torch.cpu._is_avx2_supported(),
+                 "avx512": torch.cpu._is_avx512_supported()}
+    if not supported[capability]:
+        pytest.skip(f"this CPU has no {capability.upper()}")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, env=env, cwd=ROOT,
+                   timeout=300)
+    saved = torch.load(out, weights_only=False)
+    if saved["isa"] != capability.upper():
+        pytest.skip(f"this build runs {saved['isa']} for ATEN_CPU_CAPABILITY={capability}")
+    return saved
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,4 +1,4 @@
-// Helpers of the vectorized BatchNorm loops. Every file of csrc/cpu/kernels/
+// Helpers of the vectorized CPU loops. Every file of csrc/cpu/kernels/
 // is compiled once per instruction set with CPU_CAPABILITY naming it, so all
 // of this lives in namespace resfast::cpu::CPU_CAPABILITY and never leaks
 // one instruction set's code into another's.
