@@ -289,5 +289,10 @@ def test_training_bn_gradients_with_a_large_mean(kind, layout):
     for name in _bn_tensors(ref):
         err, t_err = rel_err(got[name], want[name]), rel_err(torch_same[name], want[name])
         assert err <= FACTOR * t_err + FLOOR, f"{name}: {err:.3g} (torch {t_err:.3g})"
-        bound = LARGE_MEAN_BOUND[kind]
+        # Where torch's own error is above the outright bound, the float32 convolution's
+        # output is what rounds (y = conv + 50, shared by both): on the AVX2 machine oneDNN's
+        # NCHW convolution gives torch 2.50e-5 and resfast 2.57e-5 on conv_bn_relu (on the
+        # AVX512 machine before it, resfast's stayed under the bound). The uncentred sum
+        # would still be ~5.9x torch's.
+        bound = max(LARGE_MEAN_BOUND[kind], 1.1 * t_err)
         assert err <= bound, f"{name}: {err:.3g} > {bound}"
