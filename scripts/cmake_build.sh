@@ -19,6 +19,13 @@ print(torch.utils.cmake_prefix_path, os.path.join(os.path.dirname(torch.__file__
 PY
 )
 args=(-S . -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix")
+# the CPU loops' instruction sets besides DEFAULT, comma-separated as for setup.py
+# (default AVX2,AVX512; "none" for DEFAULT alone)
+if [ -n "${RESFAST_CPU_ISAS:-}" ]; then
+  isas=$(echo "$RESFAST_CPU_ISAS" | tr ',' ';')
+  [ "$isas" = none ] && isas=""
+  args+=(-DRESFAST_CPU_ISAS="$isas")
+fi
 # torch's CUDA build asks for the toolkit even for a CPU-only library.
 if [ -n "${CUDA_HOME:-}" ]; then
   args+=(-DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME" -DCUDAToolkit_ROOT="$CUDA_HOME")

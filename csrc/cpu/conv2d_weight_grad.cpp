@@ -20,7 +20,9 @@
 //   and ResNet-50's layers (benchmarks/cpu_weight_grad.py), its sums 3-25x closer to the
 //   exact ones (short sums in registers, added up unit by unit). On AVX2 CPUs only, the
 //   one instruction set it was measured on; past 128 channels a prototype measured 0.8x.
-// - "onednn": the rest. ("zeros": an empty input, whose gradient is zero.)
+// - "onednn": the rest. ("zeros": an empty input, whose gradient is zero.) A strided 1x1
+//   convolution over under 8 channels goes at stride 1 over the input's every stride-th
+//   pixel: oneDNN's AVX2 kernel gets it wrong (conv2d_weight_grad_cpu).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -165,9 +167,20 @@ at::Tensor conv2d_weight_grad_cpu(const at::Tensor& grad_y, const at::Tensor& x,
     case Path::kOneDnn:
       break;
   }
+  // oneDNN's AVX2 kernel for the weight gradient of a strided 1x1 convolution over
+  // channels_last input with under 8 channels returns wrong sums, hangs or corrupts the heap
+  // (torch 2.14.1; uxlfoundation/oneDNN#6035, tests/ops/test_conv2d_weight_grad.py): the
+  // same sum over every stride-th input pixel at stride 1 does not go there.
+  at::Tensor a = x;
+  int64_t s = stride;
+  if (weight.size(2) == 1 && weight.size(3) == 1 && stride > 1 && padding == 0 &&
+      x.size(1) < 8) {
+    a = x.slice(2, 0, x.size(2), stride).slice(3, 0, x.size(3), stride).contiguous(layout_of(x));
+    s = 1;
+  }
   at::Tensor grad_w = std::get<1>(at::convolution_backward(
-      grad_y, x, gemm_weight(weight, x), std::nullopt, {stride, stride},
-      {padding, padding}, {dilation, dilation}, false, {0, 0}, 1, {false, true, false}));
+      grad_y, a, gemm_weight(weight, a), std::nullopt, {s, s}, {padding, padding},
+      {dilation, dilation}, false, {0, 0}, 1, {false, true, false}));
   if (grad_w.strides() != weight.strides()) grad_w = at::empty_like(weight).copy_(grad_w);
   return grad_w;
 }

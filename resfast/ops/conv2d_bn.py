@@ -237,9 +237,9 @@ def conv2d_bn_backward_reference(grad_y, grad_mean, grad_var, x, weight, y, mean
                  + 2 * (y.to(dt) - mean.to(dt).view(1, -1, 1, 1))
                  * gv.to(dt).view(1, -1, 1, 1)) / count
     a = _prologue(x, in_scale, in_shift, in_relu, weight.dtype, in_centre)
-    grad_a, grad_w, grad_b = torch.ops.aten.convolution_backward(
-        g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), [weight.shape[0]], [stride, stride],
-        [padding, padding], [dilation, dilation], False, [0, 0], 1, list(output_mask))
+    grad_a, grad_w, grad_b = conv_cpu.convolution_backward(
+        g.to(weight.dtype).to(dt), a.to(dt), weight.to(dt), stride, padding, dilation,
+        output_mask)
     return (_in_format(grad_a.to(x.dtype), output_format(x)) if output_mask[0]
             else x.new_empty((0,)),
             grad_w if output_mask[1] else x.new_empty((0,)),

@@ -73,6 +73,28 @@ def layout_of(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format if nchw else _CL
 
 
+def convolution_backward(g: Tensor, a: Tensor, weight: Tensor, stride: int, padding: int,
+                         dilation: int, output_mask) -> tuple:
+    """``aten::convolution_backward`` (no bias, no groups), except that the weight gradient of
+    a strided 1x1 CPU convolution over under 8 channels is taken at stride 1 over every
+    stride-th pixel of ``a``, the same sum: oneDNN's AVX2 kernel for it returns wrong sums,
+    hangs or corrupts the heap over channels_last input (torch 2.14.1,
+    uxlfoundation/oneDNN#6035; the C++ twin is in conv2d_weight_grad_cpu)."""
+    args = ([weight.shape[0]], [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1)
+    if not (a.device.type == "cpu" and output_mask[1] and tuple(weight.shape[2:]) == (1, 1)
+            and stride > 1 and padding == 0 and a.shape[1] < 8):
+        return torch.ops.aten.convolution_backward(g, a, weight, *args, list(output_mask))
+    grad_a = grad_b = None
+    if output_mask[0] or output_mask[2]:
+        grad_a, _, grad_b = torch.ops.aten.convolution_backward(
+            g, a, weight, *args, [output_mask[0], False, output_mask[2]])
+    sub = a[:, :, ::stride, ::stride].contiguous(memory_format=layout_of(a))
+    grad_w = torch.ops.aten.convolution_backward(
+        g, sub, weight, [weight.shape[0]], [1, 1], [0, 0], [dilation] * 2, False, [0, 0], 1,
+        [False, True, False])[1]
+    return grad_a, grad_w, grad_b
+
+
 def prologue(x: Tensor, in_scale, in_shift, in_centre, in_relu: bool, dtype) -> Tensor:
     """a = [relu]((x - in_centre) * in_scale + in_shift) in x's precision, then in
     the GEMM's dtype and layout: one pass of bn_act when there is a prologue; the

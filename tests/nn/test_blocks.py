@@ -34,6 +34,14 @@ BASIC = [(16, 16, 1, False), (8, 16, 2, True), (13, 13, 1, False)]
 BOTTLENECK = [(32, 8, 1, False), (16, 8, 2, True), (12, 4, 1, True)]
 
 
+# bfloat16 / float16: a block's gradient errors are mostly a few ReLU flips per step, in
+# torch and resfast alike, each moving one tensor by chance. At 8 images the (16, 8, 2, True)
+# bottleneck's eval step has ~3 and one draw in 12 put resfast's conv3.weight past 3x torch's
+# error on the same draw; at 32 images the worst of 12 draws used 0.58 of the bound
+# (check_module_pair's, with torch's mean error over the step's gradients as a floor).
+LOW_BATCH = 32
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("conf", BASIC, ids=str)
@@ -41,7 +49,7 @@ BOTTLENECK = [(32, 8, 1, False), (16, 8, 2, True), (12, 4, 1, True)]
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_basic_block(device, dtype, conf, layout, training):
     cin, planes, stride, proj = conf
-    n = 8 if dtype in LOW_PRECISION else 2
+    n = LOW_BATCH if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes, stride) if proj else None
     ref = _randomize(TVBasic(cin, planes, stride, ds))
     ours = resfast.nn.BasicBlock(cin, planes, stride,
@@ -57,7 +65,7 @@ def test_basic_block(device, dtype, conf, layout, training):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_bottleneck(device, dtype, conf, layout, training):
     cin, planes, stride, proj = conf
-    n = 8 if dtype in LOW_PRECISION else 2
+    n = LOW_BATCH if dtype in LOW_PRECISION else 2
     ds = _projection(cin, planes * 4, stride) if proj else None
     ref = _randomize(TVBottleneck(cin, planes, stride, ds))
     ours = resfast.nn.Bottleneck(cin, planes, stride,
