@@ -1,5 +1,5 @@
-"""Host time of one training layer on the CPU: conv + BN + ReLU, forward and
-backward, on an input so small (2x8x4x4, 3x3 conv, 1 thread) that the kernels
+"""Host time of one layer on the CPU: conv + BN + ReLU, a training step's forward and
+backward and an eval forward, on an input so small (2x8x4x4, 3x3 conv, 1 thread) that the kernels
 take a few microseconds and what is timed is the framework around them:
 dispatch, autograd, Python. The kernel is 3x3 so that torch.nn runs oneDNN's
 convolution too, as it does in a network (for a 1x1 kernel on one thread and a
@@ -14,7 +14,10 @@ layer calls (C++, autograd included) and the conv2d_stats op it calls, and the
 bare oneDNN call they make; and
 torch.library's own fill_defaults, which the autograd wrapper of every op with a
 Python autograd formula calls on each call (a private torch function: skipped
-where this torch has none). It prints measurements only.
+where this torch has none). Then the eval layer's forward under no_grad, and what
+that host time amounts to in a network of small layers: ResNet-20's inference at
+batch 1 (32x32), resfast's against its torch.nn twin (one call per ``calls // 10``).
+It prints measurements only.
 """
 import os
 import statistics
@@ -27,6 +30,8 @@ sys.path.insert(
     0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 )  # this checkout's resfast
 from resfast import functional as F  # noqa: E402
+from resfast import models  # noqa: E402
+from resfast.twin import torch_twin  # noqa: E402
 
 ops = torch.ops.resfast
 CL = torch.channels_last
@@ -86,18 +91,51 @@ def main(rounds: int = 15, calls: int = 50) -> None:
              "  its oneDNN call alone": onednn_conv}
     if defaults is not None:
         cases["  torch.library's fill_defaults of its arguments"] = defaults
-    times = {name: [] for name in cases}
-    for f in cases.values():
-        for _ in range(calls):
-            f()
-    for _ in range(rounds):
-        for name, f in cases.items():
-            t = time.perf_counter()
-            for _ in range(calls):
+
+    bn_eval = torch.nn.BatchNorm2d(8).eval()
+    with torch.no_grad():
+        bn_eval.running_var.uniform_(0.5, 2.0)
+    eval_args = F.BatchNormArgs.of(bn_eval)
+    x_eval = x.detach()
+
+    def torch_eval():
+        with torch.no_grad():
+            torch.relu(bn_eval(conv(x_eval)))
+
+    def resfast_eval():
+        with torch.no_grad():
+            F.conv_bn_relu(x_eval, w, None, eval_args, padding=1)
+
+    cases["torch.nn conv+BN+ReLU, eval forward (no grad)"] = torch_eval
+    cases["resfast conv_bn_relu, eval forward (no grad)"] = resfast_eval
+
+    ours = models.resnet20().eval()
+    theirs = torch_twin(ours).eval()
+    image = torch.randn(1, 3, 32, 32)
+
+    def network(model):
+        def run():
+            with torch.no_grad():
+                model(image)
+        return run
+
+    net_cases = {"torch.nn ResNet-20 inference, batch 1": network(theirs),
+                 "resfast ResNet-20 inference, batch 1": network(ours)}
+    net_calls = max(1, calls // 10)
+    times = {name: [] for name in (*cases, *net_cases)}
+    for table, n in ((cases, calls), (net_cases, net_calls)):
+        for f in table.values():
+            for _ in range(n):
                 f()
-            times[name].append((time.perf_counter() - t) / calls * 1e6)
+    for _ in range(rounds):
+        for table, n in ((cases, calls), (net_cases, net_calls)):
+            for name, f in table.items():
+                t = time.perf_counter()
+                for _ in range(n):
+                    f()
+                times[name].append((time.perf_counter() - t) / n * 1e6)
     print(f"# 1 thread, torch {torch.__version__}; median us per call over {rounds} interleaved "
-          f"rounds of {calls}")
+          f"rounds of {calls} ({net_calls} for the networks)")
     for name, v in times.items():
         print(f"{name:<58} {statistics.median(v):8.1f} us")
 

@@ -15,9 +15,9 @@ Forward:
     channels_last once, at their entry, and run channels_last throughout. An
     NCHW convolution gets an unpacked weight: with a packed one,
     ``_convolution_pointwise`` makes the input channels_last itself;
-  * with an epilogue (eval-mode BN) the conv, BN, residual add and ReLU are
-    one oneDNN call, its weight prepacked into oneDNN's blocked format once per
-    weight version (:mod:`resfast.ops.fold`). In float32 without a residual,
+  * with an epilogue (eval-mode BN) on a channels_last activation the conv, BN, residual
+    add and ReLU are one oneDNN call, its weight prepacked into oneDNN's blocked format
+    once per weight version (:mod:`resfast.ops.fold`). In float32 without a residual,
     the scale stays out of the weights: ``(conv(a, w) + b') * scale`` with
     ``b' = bias - centre + shift / scale`` as oneDNN's bias and a per-channel
     ``mul`` post-op (then ``relu``), which rounds as little as torch.nn's
@@ -25,6 +25,16 @@ Forward:
     1.5-2x torch's forward error through ResNet-50). With a residual (a
     ``binary add`` post-op: one binary post-op per call) or in bfloat16 the
     scale is folded into the weights;
+  * NCHW_EVAL, the same epilogue on an NCHW activation: ATen fuses no binary post-op into
+    an NCHW oneDNN convolution (``_convolution_pointwise.binary`` falls back to the
+    convolution and separate ``mul_`` and ``relu_`` passes: 0.96-0.99x torch.nn's conv,
+    BN and ReLU on issue 11's NCHW cases). So in float32 the op runs torch.nn's own
+    convolution (``aten::convolution``, which also costs ~100 us less per call than
+    ``_convolution_pointwise`` on an unpacked weight), then BN, the residual and ReLU as
+    one ``bn_act`` pass: torch.nn's order of rounding, no folded weight, 1.02-1.06x. A
+    3x3 layer that Winograd takes copies the activation (and residual) to channels_last
+    and the result back by ``resfast::relayout``, which Winograd's saving pays for:
+    1.24-1.78x torch.nn at 128x16x32x32 and 8x64x56x56;
   * the statistics of y are one pass of ``resfast::bn_stats``.
 Backward: the gradient of the statistics ``(grad_mean + 2 (y - mean)
 grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
@@ -33,9 +43,10 @@ grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
 (oneDNN's, or one GEMM where oneDNN's is slow: :mod:`resfast.ops.weight_grad`).
 
 3x3 stride-1 convolutions on channels_last float32 activations of at least 16 channels
-run by Winograd's F(4x4, 3x3) instead: in inference, and with ``RESFAST_CPU_WINOGRAD=all``
-in training too, forward and input gradient (:mod:`resfast.ops.winograd`, which says where
-and why; oneDNN then computes the weight's gradient alone).
+(in inference NCHW ones too, copied: NCHW_EVAL) run by Winograd's F(4x4, 3x3) instead: in
+inference, and with ``RESFAST_CPU_WINOGRAD=all`` in training too, forward and input
+gradient (:mod:`resfast.ops.winograd`, which says where and why; oneDNN then computes the
+weight's gradient alone).
 
 float64 (no oneDNN kernel) and float16 (no oneDNN kernel on CPUs without
 AVX512-FP16) run the ATen reference of :mod:`resfast.ops.conv2d_bn`.
@@ -171,8 +182,23 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
     pack = _pack(stride, padding, dilation, a.shape, fmt)
     if residual is not None:
         residual = residual.to(weight.dtype)
-    if _winograd.allowed(stats) and _winograd.applies(a, weight, stride, padding, dilation):
-        y = _winograd.conv(a, weight, bias, out_scale, out_shift, out_centre, residual, out_relu)
+    if _winograd.allowed(stats) and _winograd.applies(a, weight, stride, padding, dilation,
+                                                      any_layout=True):
+        # an NCHW activation and residual are copied to channels_last and y back: Winograd's
+        # saving pays for the copies (NCHW_EVAL in the module docstring)
+        if residual is not None:
+            residual = to_memory_format(residual, _CL)
+        y = _winograd.conv(to_memory_format(a, _CL), weight, bias, out_scale, out_shift,
+                           out_centre, residual, out_relu)
+        y = to_memory_format(y, fmt)
+    elif out_scale is not None and weight.dtype == torch.float32 and fmt != _CL:
+        # NCHW_EVAL (module docstring): torch.nn's convolution, then BN [+ residual] + ReLU
+        # in one pass
+        y = torch.ops.aten.convolution.default(
+            a, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1)
+        if residual is not None:
+            residual = to_memory_format(residual, layout_of(y))
+        y = ops.bn_act(y, out_scale, out_shift, residual, out_relu, out_centre)
     elif out_scale is not None and residual is None and weight.dtype == torch.float32:
         w, b, mul = _fold.cached(
             weight, (bias, out_scale, out_shift, out_centre), ("scaled",) + target,

@@ -25,10 +25,11 @@ Where it runs, ``RESFAST_CPU_WINOGRAD`` says:
   computes the weight's gradient), in both of resfast's training routes alike;
 * ``off``: every convolution runs oneDNN's direct algorithm.
 
-And only where it pays (:func:`applies`): float32, channels_last, at least 16 input and
-output channels, an 8x8 map (below that the 4x4 tiles are mostly padding) and 32 tiles in
-the batch (below that the transformed weights, 4x the weights, cost more to read than the
-GEMMs save).
+And only where it pays (:func:`applies`): float32, channels_last (in inference NCHW too:
+the op copies the activation to channels_last and the result back, which the saving pays
+for; resfast.ops.conv_cpu, NCHW_EVAL), at least 16 input and output channels, an 8x8 map
+(below that the 4x4 tiles are mostly padding) and 32 tiles in the batch (below that the
+transformed weights, 4x the weights, cost more to read than the GEMMs save).
 """
 import os
 import threading
@@ -84,13 +85,15 @@ def allowed(stats: bool, backward: bool = False) -> bool:
             and (getattr(_local, "depth", 0) > 0 or torch.is_inference_mode_enabled()))
 
 
-def applies(a: Tensor, weight: Tensor, stride: int, padding: int, dilation: int) -> bool:
+def applies(a: Tensor, weight: Tensor, stride: int, padding: int, dilation: int,
+            any_layout: bool = False) -> bool:
     """Whether conv2d_bn's CPU convolution of GEMM input ``a`` runs by Winograd (module
     docstring), forward and input gradient alike: float32 ``a`` and weight, ``a`` in
-    channels_last, a 3x3 kernel with stride 1, padding 1 and dilation 1, at least
-    MIN_CHANNELS channels in and out, a map of at least MIN_SIZE x MIN_SIZE and at least
-    MIN_TILES 4x4 tiles of output in the batch; whether the mode allows it is
-    :func:`allowed`'s to say. The C++ training conv applies the same rule
+    channels_last (``any_layout``: either, for an inference forward, which copies an NCHW
+    ``a`` to channels_last and its result back), a 3x3 kernel with stride 1, padding 1 and
+    dilation 1, at least MIN_CHANNELS channels in and out, a map of at least MIN_SIZE x
+    MIN_SIZE and at least MIN_TILES 4x4 tiles of output in the batch; whether the mode
+    allows it is :func:`allowed`'s to say. The C++ training conv applies the same rule
     (csrc/cpu/winograd.h)."""
     if (weight.dtype != torch.float32 or a.dtype != torch.float32 or a.dim() != 4
             or tuple(weight.shape[2:]) != (3, 3) or (stride, padding, dilation) != (1, 1, 1)):
@@ -98,7 +101,7 @@ def applies(a: Tensor, weight: Tensor, stride: int, padding: int, dilation: int)
     n, _, h, w = a.shape
     return (min(weight.shape[0], weight.shape[1]) >= MIN_CHANNELS and min(h, w) >= MIN_SIZE
             and n * ((h + 3) // 4) * ((w + 3) // 4) >= MIN_TILES
-            and a.is_contiguous(memory_format=_CL) and not a.is_contiguous())
+            and (any_layout or (a.is_contiguous(memory_format=_CL) and not a.is_contiguous())))
 
 
 def _epilogue(bias: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor],

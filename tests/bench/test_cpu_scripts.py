@@ -25,7 +25,9 @@ def test_cpu_host_time_prints_each_measurement():
                      "cpu_host_time.main(rounds=2, calls=2)")
     for label in ("torch.nn conv+BN+ReLU, forward + backward",
                   "resfast conv_bn_relu, forward + backward", "conv2d_bn op (with autograd)",
-                  "conv2d_bn op (no grad)", "conv2d_bn_train op", "its oneDNN call alone"):
+                  "conv2d_bn op (no grad)", "conv2d_bn_train op", "its oneDNN call alone",
+                  "torch.nn conv+BN+ReLU, eval forward", "resfast conv_bn_relu, eval forward",
+                  "torch.nn ResNet-20 inference, batch 1", "resfast ResNet-20 inference, batch 1"):
         line = next(ln for ln in out.splitlines() if label in ln)
         assert float(line.split()[-2]) > 0
 

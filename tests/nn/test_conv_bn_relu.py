@@ -136,3 +136,43 @@ def test_requires_grad_on_any_subset():
         want = torch.autograd.grad(out_ref, [ref.conv.bias, ref.bn.weight], g)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _profiled_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("case", ["1x1", "3x3 stride 2", "8 channels", "block, 8 channels"])
+def test_nchw_inference_is_torch_nn_convolution_then_one_pass(case):
+    """An NCHW eval layer that Winograd does not take (resfast.ops.conv_cpu, NCHW_EVAL):
+    torch.nn's own convolution, then BN (+ the residual) + ReLU as one bn_act pass, in
+    NCHW, and no oneDNN call with a post-op, whose NCHW form ATen runs as separate
+    passes. The result is torch.nn's float32 one to its BN's rounding: within 2x torch.nn's
+    own error against float64, or 4 epsilons of the output's largest element."""
+    torch.manual_seed(0)
+    if case.startswith("block"):
+        ours = resfast.nn.BasicBlock(8, 8)
+        x = torch.randn(2, 8, 9, 11)
+    else:
+        cin = 8 if case == "8 channels" else 16
+        k, stride = (1, 1) if case == "1x1" else (3, 2) if case == "3x3 stride 2" else (3, 1)
+        ours = resfast.nn.Conv2dBNReLU(cin, 24, k, stride, bias=True)
+        x = torch.randn(4, cin, 16, 13)
+    for m in ours.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            _randomize_bn(m)
+    ours.eval()
+    ref = torch_twin(ours).eval()
+    with torch.no_grad():
+        y, names = _profiled_ops(lambda: ours(x))
+        with no_resfast_ops():
+            want = ref(x)
+            exact = torch_twin(ours).double().eval()(x.double())
+    assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
+    assert {"aten::convolution", "resfast::bn_act"} <= names
+    assert not names & {"mkldnn::_convolution_pointwise", "aten::mul_", "aten::relu_",
+                        "resfast::conv2d_winograd", "resfast::relayout"}
+    err, torch_err = (y.double() - exact).abs().max(), (want.double() - exact).abs().max()
+    assert err <= max(2 * torch_err, 4 * 2.0 ** -24 * exact.abs().max()), (err, torch_err)

@@ -143,14 +143,18 @@ def _layer(cin=16, cout=24, kernel=3, stride=1, dilation=1, bias=False, seed=0):
     return layer.eval(), ref
 
 
+@pytest.mark.parametrize("layout", [_CL, torch.contiguous_format], ids=["nhwc", "nchw"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_eval_layers_take_it_and_match_torch_nn(bias):
+def test_eval_layers_take_it_and_match_torch_nn(bias, layout):
+    """An NCHW activation too: copied to channels_last and the result back (conv_cpu's
+    NCHW_EVAL)."""
     layer, ref = _layer(bias=bias)
-    x = torch.randn(2, 16, 16, 13).to(memory_format=_CL)  # 2 x 4 x 4 tiles
+    x = torch.randn(2, 16, 16, 13).to(memory_format=layout)  # 2 x 4 x 4 tiles
     with torch.no_grad():
         y, calls = _calls(lambda: layer(x))
         expected = ref.double()(x.double())
     assert calls == 1
+    assert y.is_contiguous(memory_format=layout)
     conv = layer.conv
     scale = (layer.bn.weight / (layer.bn.running_var + layer.bn.eps).sqrt()).double()
     mag = F.conv2d(x.double().abs(), conv.weight.double().abs(), padding=1) * scale.abs().view(
@@ -158,18 +162,20 @@ def test_eval_layers_take_it_and_match_torch_nn(bias):
     assert ((y.double() - expected).abs() / (mag + 1e-30)).max().item() <= BOUND
 
 
-def test_eval_blocks_take_it_with_the_residual():
+@pytest.mark.parametrize("layout", [_CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_eval_blocks_take_it_with_the_residual(layout):
     torch.manual_seed(0)
     block = resfast.nn.BasicBlock(16, 16).eval()
     for m in block.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(2, 16, 17, 15).to(memory_format=_CL)  # 2 x 5 x 4 tiles
+    x = torch.randn(2, 16, 17, 15).to(memory_format=layout)  # 2 x 5 x 4 tiles
     with torch.no_grad():
         y, calls = _calls(lambda: block(x))
         with winograd_off():
             direct = block(x)
     assert calls == 2  # both 3x3 convs, the second with its residual add
+    assert y.is_contiguous(memory_format=layout)
     assert torch.allclose(y, direct, rtol=1e-4, atol=1e-4 * direct.abs().max().item())
 
 
@@ -183,38 +189,40 @@ class winograd_off:
 
 
 @pytest.mark.parametrize("case", ["winograd", "inference_mode", "training, all", "nchw",
-                                  "train", "eval with a gradient", "stride 2", "dilated", "1x1",
-                                  "7x7 map", "8 channels", "few tiles", "float64", "bfloat16",
-                                  "switched off"])
+                                  "nchw, training, all", "train", "eval with a gradient",
+                                  "stride 2", "dilated", "1x1", "7x7 map", "8 channels",
+                                  "few tiles", "float64", "bfloat16", "switched off"])
 def test_which_convolutions_take_it(case, monkeypatch):
     """The eval layer of the first case, under no_grad, runs Winograd; so does it under
-    inference_mode, and in training with RESFAST_CPU_WINOGRAD=all. A training layer, an eval
-    layer whose gradient autograd records, NCHW, other geometries, small maps, channel
-    counts or batches, other dtypes and RESFAST_CPU_WINOGRAD=off keep oneDNN's direct
-    convolution. Each case changes one thing from the first (2 x 16 x 16 x 16: 32 tiles)."""
+    inference_mode, on an NCHW input (copied to channels_last), and in training with
+    RESFAST_CPU_WINOGRAD=all. A training layer, an eval layer whose gradient autograd
+    records, NCHW training, other geometries, small maps, channel counts or batches, other
+    dtypes and RESFAST_CPU_WINOGRAD=off keep oneDNN's direct convolution. Each case changes
+    one thing from the first (2 x 16 x 16 x 16: 32 tiles)."""
     kw = dict(kernel=1) if case == "1x1" else dict(stride=2) if case == "stride 2" else (
         dict(dilation=2) if case == "dilated" else dict(cin=8) if case == "8 channels" else {})
     layer, _ = _layer(**kw)
     x = torch.randn(1 if case == "few tiles" else 2, layer.conv.in_channels,
                     *((7, 16) if case == "7x7 map" else (16, 16)))
-    if case != "nchw":
+    if not case.startswith("nchw"):
         x = x.to(memory_format=_CL)
     if case in ("float64", "bfloat16"):
         layer, x = layer.to(getattr(torch, case)), x.to(getattr(torch, case))
-    if case in ("train", "training, all"):
+    if case in ("train", "training, all", "nchw, training, all"):
         layer.train()
-    if case == "training, all":
+    if case.endswith("training, all"):
         monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "all")
     if case == "switched off":
         monkeypatch.setenv("RESFAST_CPU_WINOGRAD", "off")
-    if case in ("train", "training, all", "eval with a gradient"):
+    if case in ("train", "training, all", "nchw, training, all", "eval with a gradient"):
         mode = torch.enable_grad()
         x.requires_grad_()
     else:
         mode = torch.inference_mode() if case == "inference_mode" else torch.no_grad()
     with mode:
         _, calls = _calls(lambda: layer(x))
-    assert calls == (1 if case in ("winograd", "inference_mode", "training, all") else 0)
+    assert calls == (1 if case in ("winograd", "inference_mode", "nchw", "training, all")
+                     else 0)
 
 
 @pytest.mark.parametrize("route", ["one call", "op by op"])
