@@ -25,16 +25,22 @@ Forward:
     1.5-2x torch's forward error through ResNet-50). With a residual (a
     ``binary add`` post-op: one binary post-op per call) or in bfloat16 the
     scale is folded into the weights;
-  * NCHW_EVAL, the same epilogue on an NCHW activation: ATen fuses no binary post-op into
-    an NCHW oneDNN convolution (``_convolution_pointwise.binary`` falls back to the
-    convolution and separate ``mul_`` and ``relu_`` passes: 0.96-0.99x torch.nn's conv,
-    BN and ReLU on issue 11's NCHW cases). So in float32 the op runs torch.nn's own
-    convolution (``aten::convolution``, which also costs ~100 us less per call than
-    ``_convolution_pointwise`` on an unpacked weight), then BN, the residual and ReLU as
-    one ``bn_act`` pass: torch.nn's order of rounding, no folded weight, 1.02-1.06x. A
-    3x3 layer that Winograd takes copies the activation (and residual) to channels_last
-    and the result back by ``resfast::relayout``, which Winograd's saving pays for:
-    1.24-1.78x torch.nn at 128x16x32x32 and 8x64x56x56;
+  * NCHW_EVAL, the same epilogue on an NCHW activation: ATen fuses no binary post-op into an
+    NCHW oneDNN convolution (``_convolution_pointwise.binary`` falls back to the convolution
+    and separate ``mul_`` and ``relu_`` passes: 0.96-0.99x torch.nn's conv, BN and ReLU on
+    issue 11's NCHW cases). So in float32 the op runs torch.nn's own convolution
+    (``aten::convolution``, which also costs ~100 us less per call than
+    ``_convolution_pointwise`` on an unpacked weight), then BN, the residual and ReLU as one
+    ``bn_act`` pass: torch.nn's order of rounding, no folded weight, 1.02-1.06x. A 1x1
+    stride-1 layer on a map of at least 16x16 and a batch of at least 8 runs its convolution
+    as one GEMM per image instead (``matmul`` of the weight and the image's C_in x HW
+    matrix, which an NCHW image is): oneDNN's NCHW convolution reorders its input and output
+    to a blocked layout and back, the GEMM reads them in place, 0.99-2.36x as fast at
+    28x28-56x56 maps and batch 8 or more (``NCHW_GEMM_MIN_PIXELS``,
+    ``NCHW_GEMM_MIN_BATCH``); in channels_last oneDNN's convolution stays faster than the
+    GEMM. A 3x3 layer that Winograd takes copies the activation (and residual) to
+    channels_last and the result back by ``resfast::relayout``, which Winograd's saving pays
+    for: 1.24-1.78x torch.nn at 128x16x32x32 and 8x64x56x56;
   * the statistics of y are one pass of ``resfast::bn_stats``.
 Backward: the gradient of the statistics ``(grad_mean + 2 (y - mean)
 grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
@@ -63,6 +69,13 @@ from .layout import to_memory_format
 
 ops = torch.ops.resfast
 _CL = torch.channels_last
+# An NCHW 1x1 eval convolution by one GEMM per image (NCHW_EVAL) from this map size and
+# batch on (python3 benchmarks/cpu_nchw_1x1.py, results/2026-12-01-cpu-2core-avx2-nchw-1x1.txt):
+# 0.99-2.36x oneDNN's at 28x28-56x56, batch 8 (2.36x where oneDNN's 25 MB output page-faults
+# in every call), 1.53x at 32x32, batch 128; 0.91-0.92x at 14x14 and 0.74-0.79x at 7x7 (each
+# image's GEMM too narrow) and 0.93-1.28x at batch 1-2, where oneDNN's convolution stays.
+NCHW_GEMM_MIN_PIXELS = 256
+NCHW_GEMM_MIN_BATCH = 8
 
 
 def runs_onednn(x: Tensor, weight: Tensor) -> bool:
@@ -171,6 +184,16 @@ def _scaled_epilogue(weight, bias, scale, shift, centre, pack):
     return pack(w), b1.to(weight.dtype), mul
 
 
+def _nchw_1x1(a: Tensor, weight: Tensor) -> Tensor:
+    """A 1x1 stride-1 convolution of an NCHW ``a`` as one GEMM per image,
+    ``weight (C_out x C_in) @ a[n] (C_in x HW)``: NCHW_EVAL in the module docstring."""
+    n, c, h, w = a.shape
+    # detached: matmul picks its kernel by requires_grad too (below autograd it would
+    # otherwise expand the weight per image into a batched GEMM)
+    y = torch.matmul(weight.detach().reshape(weight.shape[0], c), a.detach().reshape(n, c, h * w))
+    return y.view(n, weight.shape[0], h, w)
+
+
 def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,
             in_centre, out_scale, out_shift, out_centre, residual, dilation):
     a = prologue(x, in_scale, in_shift, in_centre, in_relu, weight.dtype)
@@ -192,13 +215,21 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
                            out_centre, residual, out_relu)
         y = to_memory_format(y, fmt)
     elif out_scale is not None and weight.dtype == torch.float32 and fmt != _CL:
-        # NCHW_EVAL (module docstring): torch.nn's convolution, then BN [+ residual] + ReLU
-        # in one pass
-        y = torch.ops.aten.convolution.default(
-            a, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1)
+        # NCHW_EVAL (module docstring): the convolution, then BN [+ residual] + ReLU in one
+        # pass
+        centre = out_centre
+        if (tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0
+                and a.shape[0] >= NCHW_GEMM_MIN_BATCH
+                and a.shape[2] * a.shape[3] >= NCHW_GEMM_MIN_PIXELS):
+            y = _nchw_1x1(a, weight)
+            if bias is not None:  # conv + bias - centre = conv - (centre - bias)
+                centre = -bias if centre is None else centre - bias
+        else:
+            y = torch.ops.aten.convolution.default(
+                a, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1)
         if residual is not None:
             residual = to_memory_format(residual, layout_of(y))
-        y = ops.bn_act(y, out_scale, out_shift, residual, out_relu, out_centre)
+        y = ops.bn_act(y, out_scale, out_shift, residual, out_relu, centre)
     elif out_scale is not None and residual is None and weight.dtype == torch.float32:
         w, b, mul = _fold.cached(
             weight, (bias, out_scale, out_shift, out_centre), ("scaled",) + target,

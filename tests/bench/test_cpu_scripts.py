@@ -86,3 +86,20 @@ def test_cpu_weight_grad_network_mode_alternates_the_two():
     # the replacement ran for every one of ResNet-20's 19 convolutions in the oneDNN steps
     # (2 rounds of 2 steps), and only there: it was removed before the op's steps
     assert rows[0][-1] == "76)"
+
+
+def test_cpu_nchw_1x1_rows(capsys):
+    """In-process (the script's work is two small calls): a row per shape, with both times
+    and the GEMM within float32 rounding of the convolution."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import cpu_nchw_1x1
+    finally:
+        sys.path.pop(0)
+    cpu_nchw_1x1.main(shapes=[(2, 8, 5, 3), (1, 3, 16, 4)], rounds=1, steps=1)
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln[:1].isdigit()]
+    assert len(rows) == 2
+    for r in rows:
+        assert float(r[-4]) > 0 and float(r[-3]) > 0
+        assert float(r[-1]) < 1e-5
+

@@ -144,22 +144,27 @@ def _profiled_ops(fn):
     return out, {e.key for e in prof.key_averages()}
 
 
-@pytest.mark.parametrize("case", ["1x1", "3x3 stride 2", "8 channels", "block, 8 channels"])
+@pytest.mark.parametrize("case", ["1x1", "1x1 on 15x16", "1x1 batch 4", "1x1 stride 2",
+                                  "3x3 stride 2", "8 channels", "block, 8 channels"])
 def test_nchw_inference_is_torch_nn_convolution_then_one_pass(case):
     """An NCHW eval layer that Winograd does not take (resfast.ops.conv_cpu, NCHW_EVAL):
-    torch.nn's own convolution, then BN (+ the residual) + ReLU as one bn_act pass, in
-    NCHW, and no oneDNN call with a post-op, whose NCHW form ATen runs as separate
-    passes. The result is torch.nn's float32 one to its BN's rounding: within 2x torch.nn's
-    own error against float64, or 4 epsilons of the output's largest element."""
+    torch.nn's own convolution (a 1x1 stride-1 one on a map of at least 256 pixels and a
+    batch of at least 8: a GEMM per image), then BN (+ the
+    residual) + ReLU as one bn_act pass, in NCHW, and no oneDNN call with a post-op, whose
+    NCHW form ATen runs as separate passes. The layers have a conv bias (the 1x1 GEMM's
+    goes into BN's centre). Within 2x torch.nn's own float32 error against float64, or 4
+    epsilons of the output's largest element."""
     torch.manual_seed(0)
     if case.startswith("block"):
         ours = resfast.nn.BasicBlock(8, 8)
         x = torch.randn(2, 8, 9, 11)
     else:
         cin = 8 if case == "8 channels" else 16
-        k, stride = (1, 1) if case == "1x1" else (3, 2) if case == "3x3 stride 2" else (3, 1)
+        k, stride = {"1x1": (1, 1), "1x1 on 15x16": (1, 1), "1x1 batch 4": (1, 1),
+                     "1x1 stride 2": (1, 2), "3x3 stride 2": (3, 2), "8 channels": (3, 1)}[case]
         ours = resfast.nn.Conv2dBNReLU(cin, 24, k, stride, bias=True)
-        x = torch.randn(4, cin, 16, 13)
+        x = torch.randn(4 if case == "1x1 batch 4" else 8, cin,
+                        15 if case == "1x1 on 15x16" else 16, 16)
     for m in ours.modules():
         if isinstance(m, nn.BatchNorm2d):
             _randomize_bn(m)
@@ -171,8 +176,11 @@ def test_nchw_inference_is_torch_nn_convolution_then_one_pass(case):
             want = ref(x)
             exact = torch_twin(ours).double().eval()(x.double())
     assert y.is_contiguous() and not y.is_contiguous(memory_format=torch.channels_last)
-    assert {"aten::convolution", "resfast::bn_act"} <= names
+    conv = "aten::matmul" if case == "1x1" else "aten::convolution"
+    assert {conv, "resfast::bn_act"} <= names
     assert not names & {"mkldnn::_convolution_pointwise", "aten::mul_", "aten::relu_",
                         "resfast::conv2d_winograd", "resfast::relayout"}
+    if case == "1x1":
+        assert "aten::convolution" not in names
     err, torch_err = (y.double() - exact).abs().max(), (want.double() - exact).abs().max()
     assert err <= max(2 * torch_err, 4 * 2.0 ** -24 * exact.abs().max()), (err, torch_err)
