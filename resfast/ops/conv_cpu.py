@@ -31,16 +31,16 @@ Forward:
     issue 11's NCHW cases). So in float32 the op runs torch.nn's own convolution
     (``aten::convolution``, which also costs ~100 us less per call than
     ``_convolution_pointwise`` on an unpacked weight), then BN, the residual and ReLU as one
-    ``bn_act`` pass: torch.nn's order of rounding, no folded weight, 1.02-1.06x. A 1x1
-    stride-1 layer on a map of at least 16x16 and a batch of at least 8 runs its convolution
-    as one GEMM per image instead (``matmul`` of the weight and the image's C_in x HW
-    matrix, which an NCHW image is): oneDNN's NCHW convolution reorders its input and output
-    to a blocked layout and back, the GEMM reads them in place, 0.99-2.36x as fast at
-    28x28-56x56 maps and batch 8 or more (``NCHW_GEMM_MIN_PIXELS``,
+    ``bn_act`` pass: torch.nn's order of rounding, no folded weight, one pass fewer than
+    torch.nn. A 1x1 stride-1 layer on a map of at least 16x16 and a batch of at least 8 runs
+    its convolution as one GEMM per image instead (``matmul`` of the weight and the image's
+    C_in x HW matrix, which an NCHW image is): oneDNN's NCHW convolution reorders its input
+    and output to a blocked layout and back, the GEMM reads them in place, 0.99-2.36x as
+    fast at 28x28-56x56 maps and batch 8 or more (``NCHW_GEMM_MIN_PIXELS``,
     ``NCHW_GEMM_MIN_BATCH``); in channels_last oneDNN's convolution stays faster than the
     GEMM. A 3x3 layer that Winograd takes copies the activation (and residual) to
     channels_last and the result back by ``resfast::relayout``, which Winograd's saving pays
-    for: 1.24-1.78x torch.nn at 128x16x32x32 and 8x64x56x56;
+    for. (Measured: README, Performance on the CPU, the eighth set.)
   * the statistics of y are one pass of ``resfast::bn_stats``.
 Backward: the gradient of the statistics ``(grad_mean + 2 (y - mean)
 grad_var) / count`` is added to grad_y in one pass of ``resfast::bn_act``
