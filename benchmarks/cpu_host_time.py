@@ -1,6 +1,6 @@
-"""Host time of one layer on the CPU: conv + BN + ReLU, a training step's forward and
-backward and an eval forward, on an input so small (2x8x4x4, 3x3 conv, 1 thread) that the kernels
-take a few microseconds and what is timed is the framework around them:
+"""Host time of one layer on the CPU: conv + BN + ReLU, a training step's forward
+and backward and an eval forward, on an input so small (2x8x4x4, 3x3 conv, 1
+thread) that the kernels take a few microseconds and what is timed is the framework around them:
 dispatch, autograd, Python. The kernel is 3x3 so that torch.nn runs oneDNN's
 convolution too, as it does in a network (for a 1x1 kernel on one thread and a
 batch under 16 it takes ATen's own, whose host time is ~30 us less).
@@ -20,9 +20,7 @@ batch 1 (32x32), resfast's against its torch.nn twin (one call per ``calls // 10
 It prints measurements only.
 """
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -31,6 +29,7 @@ sys.path.insert(
 )  # this checkout's resfast
 from resfast import functional as F  # noqa: E402
 from resfast import models  # noqa: E402
+from resfast.bench.measure import time_interleaved  # noqa: E402
 from resfast.twin import torch_twin  # noqa: E402
 
 ops = torch.ops.resfast
@@ -122,22 +121,14 @@ def main(rounds: int = 15, calls: int = 50) -> None:
     net_cases = {"torch.nn ResNet-20 inference, batch 1": network(theirs),
                  "resfast ResNet-20 inference, batch 1": network(ours)}
     net_calls = max(1, calls // 10)
-    times = {name: [] for name in (*cases, *net_cases)}
-    for table, n in ((cases, calls), (net_cases, net_calls)):
-        for f in table.values():
-            for _ in range(n):
-                f()
-    for _ in range(rounds):
-        for table, n in ((cases, calls), (net_cases, net_calls)):
-            for name, f in table.items():
-                t = time.perf_counter()
-                for _ in range(n):
-                    f()
-                times[name].append((time.perf_counter() - t) / n * 1e6)
+    cpu = torch.device("cpu")
+    # each group warmed up by as many calls as a round makes, then its rounds interleaved
+    times = time_interleaved(cases, cpu, calls, calls, rounds)
+    times.update(time_interleaved(net_cases, cpu, net_calls, net_calls, rounds))
     print(f"# 1 thread, torch {torch.__version__}; median us per call over {rounds} interleaved "
           f"rounds of {calls} ({net_calls} for the networks)")
-    for name, v in times.items():
-        print(f"{name:<58} {statistics.median(v):8.1f} us")
+    for name, t in times.items():
+        print(f"{name:<58} {t.ms * 1e3:8.1f} us")
 
 
 if __name__ == "__main__":
