@@ -14,9 +14,10 @@ layer calls (C++, autograd included) and the conv2d_stats op it calls, and the
 bare oneDNN call they make; and
 torch.library's own fill_defaults, which the autograd wrapper of every op with a
 Python autograd formula calls on each call (a private torch function: skipped
-where this torch has none). Then the eval layer's forward under no_grad, and what
-that host time amounts to in a network of small layers: ResNet-20's inference at
-batch 1 (32x32), resfast's against its torch.nn twin (one call per ``calls // 10``).
+where this torch has none). Then the eval layer's forward under no_grad, the
+conv2d_bn_eval op it calls and that op's oneDNN call, and what that host time
+amounts to in a network of small layers: ResNet-20's inference at batch 1 (32x32),
+resfast's against its torch.nn twin (one call per ``calls // 10``).
 It prints measurements only.
 """
 import os
@@ -105,8 +106,27 @@ def main(rounds: int = 15, calls: int = 50) -> None:
         with torch.no_grad():
             F.conv_bn_relu(x_eval, w, None, eval_args, padding=1)
 
+    def eval_op():
+        with torch.no_grad():
+            ops.conv2d_bn_eval(x_eval, w, None, bn_eval.running_mean, bn_eval.running_var,
+                               bn_eval.weight, bn_eval.bias, bn_eval.eps, None, True, 1, 1, 1)
+
+    # the call that makes: the weight packed for oneDNN, BN's scale as a post-op
+    packed = torch.ops.mkldnn._reorder_convolution_weight(w.detach().contiguous(), [1, 1],
+                                                          [1, 1], [1, 1], 1, list(x.shape))
+    scale = torch.ones(1, 8, 1, 1).contiguous(memory_format=CL)
+    shift = torch.zeros(8)
+
+    def eval_onednn():
+        with torch.no_grad():
+            torch.ops.mkldnn._convolution_pointwise.binary(
+                x_eval, scale, packed, shift, [1, 1], [1, 1], [1, 1], 1, "mul", None, "relu", [],
+                None)
+
     cases["torch.nn conv+BN+ReLU, eval forward (no grad)"] = torch_eval
     cases["resfast conv_bn_relu, eval forward (no grad)"] = resfast_eval
+    cases["  conv2d_bn_eval op (what that calls)"] = eval_op
+    cases["  its oneDNN call alone (packed weight, scale post-op)"] = eval_onednn
 
     ours = models.resnet20().eval()
     theirs = torch_twin(ours).eval()

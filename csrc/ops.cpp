@@ -112,6 +112,17 @@ TORCH_LIBRARY(resfast, m) {
       " Tensor? in_bias, bool in_relu, float in_eps, Tensor weight, Tensor? bias, int stride,"
       " int padding, int dilation, Tensor(a!)? running_mean, Tensor(b!)? running_var,"
       " Tensor(c!)? num_batches_tracked, float? momentum) -> (Tensor y, Tensor mean, Tensor var)");
+  // A CPU eval-mode layer's forward in one call (cpu/conv2d_bn_eval.cpp):
+  // [relu](bn(conv2d(x, weight) [+ bias]) [+ residual]) with BN on its running statistics,
+  // as conv2d_bn(x, weight, bias, ..., stats=False, out_relu=relu, out_scale, out_shift,
+  // out_centre=running_mean, residual) computes it on the CPU (the same calls, so the same
+  // bits), its folded weights cached per weight version. Inference only (no derivative);
+  // CPU only, float32 or bfloat16 weights. conv2d_bn_eval_cache(clear) gives its cache's
+  // {hits, misses, entries} (dropping every entry first where clear).
+  m.def(
+      "conv2d_bn_eval(Tensor x, Tensor weight, Tensor? bias, Tensor running_mean,"
+      " Tensor running_var, Tensor? bn_weight, Tensor? bn_bias, float eps, Tensor? residual,"
+      " bool relu, int stride, int padding, int dilation) -> Tensor");
   // [relu](conv(x, w) * scale + shift [+ residual]) for a 3x3 convolution with stride 1,
   // padding 1 over a float32 x (CPU), by Winograd's F(4x4, 3x3): weight is w transformed,
   // (36, C_in, C_out) = G w G^T position by position (winograd_weight below);
@@ -134,8 +145,8 @@ TORCH_LIBRARY(resfast, m) {
   m.def("cpu_isa() -> str", [] { return std::string(resfast::cpu::kernels().isa); });
 }
 
-// The *_backward ops, conv2d_weight_grad, conv2d_winograd and winograd_weight have no
-// derivative of their own.
+// The *_backward ops, conv2d_weight_grad, conv2d_winograd, winograd_weight and conv2d_bn_eval
+// have no derivative of their own.
 // Without an Autograd kernel the dispatcher only warns and returns outputs that do not
 // require grad, so a double backward through them would silently give zero gradients; this
 // fallback makes it raise instead (and costs only a requires_grad check when no input needs
@@ -143,7 +154,8 @@ TORCH_LIBRARY(resfast, m) {
 TORCH_LIBRARY_IMPL(resfast, Autograd, m) {
   for (const char* op :
        {"bn_stats_backward", "bn_finalize_backward", "bn_act_backward", "bn_batch_act_backward",
-        "conv2d_stats_backward", "conv2d_weight_grad", "conv2d_winograd", "winograd_weight"}) {
+        "conv2d_stats_backward", "conv2d_weight_grad", "conv2d_winograd", "winograd_weight",
+        "conv2d_bn_eval"}) {
     m.impl(op, torch::autograd::autogradNotImplementedFallback());
   }
 }

@@ -31,7 +31,7 @@ In eval mode BN is folded into the conv (once per weight version,
 the same call; the gradients of gamma and beta are still reduced from the
 normalized activation (``resfast::conv2d_bn``'s epilogue).
 """
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,9 +64,40 @@ class BatchNormArgs(NamedTuple):
 
     @classmethod
     def of(cls, bn: torch.nn.BatchNorm2d) -> "BatchNormArgs":
+        d = None if torch.compiler.is_compiling() else bn.__dict__  # (dynamo: the attributes)
+        if d is not None and _plain_module(type(bn)) and d.keys().isdisjoint(_BN_FIELDS):
+            # read from nn.Module's registries, as its __getattr__ would (7 us -> 2 us a layer)
+            p, b = d["_parameters"], d["_buffers"]
+            try:
+                tensors = (p["weight"], p["bias"], b["running_mean"], b["running_var"],
+                           b["num_batches_tracked"])
+            except KeyError:  # a tensor kept elsewhere (torch.func.functional_call, ...)
+                tensors = None
+            if tensors is not None:
+                reducer = d.get("stats_reducer", d["_modules"].get("stats_reducer"))
+                if reducer is None:
+                    reducer = getattr(type(bn), "stats_reducer", None)
+                return cls(*tensors, d["training"] or tensors[2] is None, d["momentum"],
+                           d["eps"], reducer)
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
                    bn.training or bn.running_mean is None, bn.momentum, bn.eps,
                    getattr(bn, "stats_reducer", None))
+
+
+_BN_FIELDS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+_plain_modules: Dict[type, bool] = {}
+
+
+def _plain_module(cls: type) -> bool:
+    """Whether a BatchNorm class leaves its tensors and settings to nn.Module's registries and
+    its instance dict: no class of its MRO defines one of those names (a property, as
+    torch.nn.utils.parametrize makes, or a class attribute would take precedence)."""
+    plain = _plain_modules.get(cls)
+    if plain is None:
+        names = _BN_FIELDS + ("training", "momentum", "eps")
+        plain = not any(name in vars(k) for k in cls.__mro__ for name in names)
+        _plain_modules[cls] = plain
+    return plain
 
 
 def constant_batch_norm(weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
@@ -264,9 +295,14 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
         return _batch_pending(y, mean, var, bn, relu)
     # eval: BN is the conv's epilogue, folded into its weights (cached), with the residual
     # and the ReLU: one oneDNN call on the CPU.
-    scale, shift, centre = _running_scale_shift(bn, stats_dtype(src))
     if residual is not None:
         _check_residual(residual, src.device)
+    y = _eval_in_one_call(src, pending_in, weight, bias, bn, stride, padding, dilation, relu,
+                          residual)
+    if y is not None:
+        return Pending(y, None, None, False)
+    scale, shift, centre = _running_scale_shift(bn, stats_dtype(src))
+    if residual is not None:
         residual = _cast(residual, dtype)
     y, _, _ = _eager.conv2d_bn(src, _cast_param(weight, dtype), _cast_param(bias, dtype), in_scale,
                             in_shift, in_relu, stride, padding, False, relu, in_centre, scale,
@@ -302,6 +338,29 @@ def _train_in_one_call(src: Tensor, pending_in: Optional[Pending], weight: Tenso
                                                dilation, *running, bn.momentum)
     return Pending(y, None, None, relu,
                    batch=BatchStatistics(mean, var, bn.weight, bn.bias, bn.eps))
+
+
+def _eval_in_one_call(src: Tensor, pending_in: Optional[Pending], weight: Tensor,
+                      bias: Optional[Tensor], bn: BatchNormArgs, stride: int, padding: int,
+                      dilation: int, relu: bool, residual: Optional[Tensor]) -> Optional[Tensor]:
+    """An eval layer's forward as one ``resfast::conv2d_bn_eval`` call where its ops take it
+    (eager CPU inference calls that nothing observes, a oneDNN dtype, nothing pending on the
+    input: :func:`resfast.ops.eager.takes_eval_call`), else None. It makes the calls the
+    route below makes, from C++, its folded weights cached there: ~150-200 us of host time
+    less per layer, the same results bitwise."""
+    if pending_in is not None and (pending_in.scale is not None or pending_in.batch is not None
+                                   or pending_in.relu):
+        return None
+    if not type(stride) is type(padding) is type(dilation) is int:
+        return None  # the op route's checks name a bool, a float, a numpy integer
+    tensors = [t for t in (src, weight, bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                           residual) if t is not None]
+    if not _eager.takes_eval_call(src, weight, tensors):
+        return None
+    _conv_ops._took("conv2d_bn", "onednn")
+    return ops.conv2d_bn_eval.default(src, weight, bias, bn.running_mean, bn.running_var,
+                                      bn.weight, bn.bias, bn.eps, residual, relu, stride, padding,
+                                      dilation)
 
 
 def _check_residual(residual, device):

@@ -24,26 +24,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
-
-// t dense in `format`, as resfast.ops.layout.to_memory_format makes it: t itself, or an
-// activation dense in the other layout copied by the relayout op (named in profiles, as
-// the Python route's copies are), or ATen's copy.
-at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
-  if (t.is_contiguous(format)) return t;
-  const bool to_rows = format == kChannelsLast;
-  if (t.dim() == 4 && (to_rows ? t.is_contiguous() : t.is_contiguous(kChannelsLast))) {
-    static const auto op = op_handle<at::Tensor(const at::Tensor&, bool)>("resfast::relayout");
-    return op.call(t, to_rows);
-  }
-  return t.contiguous(format);
-}
-
-// What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype and layout.
-at::Tensor gemm_input(const at::Tensor& x, at::ScalarType dtype) {
-  return to_memory_format(x.to(dtype), layout_of(x));
-}
-
 at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
                        int64_t dilation) {

@@ -210,17 +210,26 @@ at::Tensor winograd_weight_cpu(const at::Tensor& weight, bool transposed) {
 
 }  // namespace
 
-bool winograd_in_training() {
+namespace {
+
+// RESFAST_CPU_WINOGRAD, checked: "inference" where unset.
+std::string winograd_mode() {
   const char* flag = std::getenv("RESFAST_CPU_WINOGRAD");
-  if (flag == nullptr) return false;
+  if (flag == nullptr) return "inference";
   const std::string mode(flag);
   TORCH_CHECK_VALUE(mode == "off" || mode == "inference" || mode == "all",
                     "RESFAST_CPU_WINOGRAD must be off, inference or all, got '", mode, "'");
-  return mode == "all";
+  return mode;
 }
 
-bool winograd_applies(const at::Tensor& a, const at::Tensor& weight, int64_t stride,
-                      int64_t padding, int64_t dilation) {
+}  // namespace
+
+bool winograd_in_training() { return winograd_mode() == "all"; }
+
+bool winograd_in_inference() { return winograd_mode() != "off"; }
+
+bool winograd_fits(const at::Tensor& a, const at::Tensor& weight, int64_t stride,
+                   int64_t padding, int64_t dilation) {
   if (a.scalar_type() != at::kFloat || weight.scalar_type() != at::kFloat || a.dim() != 4 ||
       weight.dim() != 4 || weight.size(2) != 3 || weight.size(3) != 3 || stride != 1 ||
       padding != 1 || dilation != 1) {
@@ -229,7 +238,12 @@ bool winograd_applies(const at::Tensor& a, const at::Tensor& weight, int64_t str
   const int64_t n = a.size(0), h = a.size(2), w = a.size(3);
   return std::min(weight.size(0), weight.size(1)) >= kWinogradMinChannels &&
          std::min(h, w) >= kWinogradMinSize &&
-         n * ((h + 3) / 4) * ((w + 3) / 4) >= kWinogradMinTiles &&
+         n * ((h + 3) / 4) * ((w + 3) / 4) >= kWinogradMinTiles;
+}
+
+bool winograd_applies(const at::Tensor& a, const at::Tensor& weight, int64_t stride,
+                      int64_t padding, int64_t dilation) {
+  return winograd_fits(a, weight, stride, padding, dilation) &&
          a.is_contiguous(at::MemoryFormat::ChannelsLast) && !a.is_contiguous() &&
          winograd_in_training();
 }

@@ -1,9 +1,11 @@
-// The layout a CPU convolution runs in, as resfast.ops.conv_cpu.layout_of states it, and
-// its output's shape.
+// The layout a CPU convolution runs in, as resfast.ops.conv_cpu.layout_of states it, the
+// copies into it, and its output's shape.
 #pragma once
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 
 #include <vector>
+
+#include "op_handle.h"
 
 namespace resfast::cpu {
 
@@ -13,6 +15,25 @@ inline at::MemoryFormat layout_of(const at::Tensor& x) {
   const bool nchw = x.is_contiguous(), cl = x.is_contiguous(at::MemoryFormat::ChannelsLast);
   if (nchw && cl) return x.suggest_memory_format();
   return nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+}
+
+// t dense in `format`, as resfast.ops.layout.to_memory_format makes it: t itself, or an
+// activation dense in the other layout copied by the relayout op (named in profiles, as
+// the Python route's copies are), or ATen's copy.
+inline at::Tensor to_memory_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (t.is_contiguous(format)) return t;
+  const bool to_rows = format == at::MemoryFormat::ChannelsLast;
+  if (t.dim() == 4 &&
+      (to_rows ? t.is_contiguous() : t.is_contiguous(at::MemoryFormat::ChannelsLast))) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, bool)>("resfast::relayout");
+    return op.call(t, to_rows);
+  }
+  return t.contiguous(format);
+}
+
+// What conv_cpu.prologue gives for no prologue: x in the GEMM's dtype and layout.
+inline at::Tensor gemm_input(const at::Tensor& x, at::ScalarType dtype) {
+  return to_memory_format(x.to(dtype), layout_of(x));
 }
 
 // The weight as the convolution takes it: an NCHW convolution with a channels_last weight

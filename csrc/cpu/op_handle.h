@@ -5,10 +5,11 @@
 
 namespace resfast::cpu {
 
-// The op `name` (overload "") with C++ signature Fn; looked up once per call site (static).
+// The op `name` (overload "" unless given) with C++ signature Fn; looked up once per call
+// site (static).
 template <typename Fn>
-auto op_handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+auto op_handle(const char* name, const char* overload = "") {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload).typed<Fn>();
 }
 
 }  // namespace resfast::cpu

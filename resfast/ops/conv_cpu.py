@@ -74,6 +74,7 @@ _CL = torch.channels_last
 # 0.99-2.36x oneDNN's at 28x28-56x56, batch 8 (2.36x where oneDNN's 25 MB output page-faults
 # in every call), 1.53x at 32x32, batch 128; 0.91-0.92x at 14x14 and 0.74-0.79x at 7x7 (each
 # image's GEMM too narrow) and 0.93-1.28x at batch 1-2, where oneDNN's convolution stays.
+# The C++ eval layer has the same two (csrc/cpu/conv2d_bn_eval.cpp).
 NCHW_GEMM_MIN_PIXELS = 256
 NCHW_GEMM_MIN_BATCH = 8
 
@@ -226,7 +227,8 @@ def forward(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats
                 centre = -bias if centre is None else centre - bias
         else:
             y = torch.ops.aten.convolution.default(
-                a, weight, bias, [stride] * 2, [padding] * 2, [dilation] * 2, False, [0, 0], 1)
+                a, _gemm_weight(weight, fmt), bias, [stride] * 2, [padding] * 2, [dilation] * 2,
+                False, [0, 0], 1)
         if residual is not None:
             residual = to_memory_format(residual, layout_of(y))
         y = ops.bn_act(y, out_scale, out_shift, residual, out_relu, centre)

@@ -39,6 +39,7 @@ from torch.autograd.function import once_differentiable
 
 from . import bn as _bn
 from . import conv2d_bn as _conv
+from . import conv_cpu as _conv_cpu
 from . import winograd as _winograd
 
 ops = torch.ops.resfast
@@ -50,8 +51,8 @@ def _unobserved(tensors) -> bool:
     autocast, and nothing that traces, transforms or intercepts it (a Parameter is a
     plain tensor here)."""
     return (not torch.compiler.is_compiling()
-            and all((type(t) is Tensor or type(t) is torch.nn.Parameter)
-                    and t.device.type == "cpu" for t in tensors)
+            and all((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.is_cpu
+                    for t in tensors)
             and not torch.is_autocast_enabled("cpu")
             and torch._C._len_torch_dispatch_stack() == 0
             and not torch._C._is_torch_function_mode_enabled()
@@ -110,8 +111,9 @@ def _conv_backward(*args):
 def _conv_direct(x: Tensor, weight: Tensor, tensors) -> bool:
     """Whether a conv on these tensors may skip the op's dispatch: nothing observes it and
     it runs oneDNN (not the Triton paths on the CPU, not the ATen reference)."""
-    return (_unobserved(tensors) and not _conv._triton_on_cpu()
-            and not _conv._on_reference(x, weight))
+    # (_conv._on_reference's test for CPU tensors, the environment read once)
+    return (_unobserved(tensors) and not _conv._triton_on_cpu() and x.dtype != torch.float64
+            and _conv_cpu.runs_onednn(x, weight))
 
 
 def takes_one_call(x: Tensor, weight: Tensor, tensors) -> bool:
@@ -119,6 +121,13 @@ def takes_one_call(x: Tensor, weight: Tensor, tensors) -> bool:
     ``resfast::conv2d_bn_train`` call (:func:`resfast.functional._train_in_one_call`): where
     :func:`conv2d_bn` would call ``resfast::conv2d_stats`` directly."""
     return _conv_direct(x, weight, tensors)
+
+
+def takes_eval_call(x: Tensor, weight: Tensor, tensors) -> bool:
+    """Whether an eval layer's forward on these tensors may be one ``resfast::conv2d_bn_eval``
+    call (:func:`resfast.functional._eval_in_one_call`): where :func:`conv2d_bn` would run the
+    implementation itself, below autograd (an inference call)."""
+    return _conv_direct(x, weight, tensors) and not _records(tensors)
 
 
 def conv2d_bn(x, weight, bias, in_scale, in_shift, in_relu, stride, padding, stats, out_relu,

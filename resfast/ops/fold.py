@@ -26,6 +26,11 @@ In-place changes made through ``.data`` bypass the version counter, as they
 bypass autograd; call :func:`clear_cache` after them. Inference tensors
 (created under ``torch.inference_mode``) have no version counter and are
 folded on every call. An entry dies with its weight (a weak reference).
+
+The CPU's eval layers called for inference keep their entries in C++, by the same
+rules (``resfast::conv2d_bn_eval``, csrc/cpu/conv2d_bn_eval.cpp; there an entry of
+a dead weight is dropped at the next fold); :func:`clear_cache` and
+:func:`cache_stats` cover both.
 """
 import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -47,15 +52,23 @@ _entries: Dict[int, _Entry] = {}
 _hits = {"hit": 0, "miss": 0}
 
 
+def _eval_cache(clear: bool):
+    return torch.ops.resfast.conv2d_bn_eval_cache(clear)
+
+
 def clear_cache() -> None:
     """Forget every folded weight (after in-place changes through ``.data``)."""
     _entries.clear()
     _casts.clear()
+    _eval_cache(True)
 
 
 def cache_stats() -> Dict[str, int]:
-    """How often :func:`fold` reused an entry and how often it folded (tests, reports)."""
-    return dict(_hits)
+    """How often a fold was reused and how often one was made, here and in the C++ eval
+    layer's cache, and how many entries of live weights the C++ cache holds (tests,
+    reports)."""
+    hits, misses, entries = _eval_cache(False)
+    return {"hit": _hits["hit"] + hits, "miss": _hits["miss"] + misses, "cpp_entries": entries}
 
 
 def _identity(w: Tensor) -> Tuple:

@@ -27,6 +27,7 @@ def test_cpu_host_time_prints_each_measurement():
                   "resfast conv_bn_relu, forward + backward", "conv2d_bn op (with autograd)",
                   "conv2d_bn op (no grad)", "conv2d_bn_train op", "its oneDNN call alone",
                   "torch.nn conv+BN+ReLU, eval forward", "resfast conv_bn_relu, eval forward",
+                  "conv2d_bn_eval op (what that calls)",
                   "torch.nn ResNet-20 inference, batch 1", "resfast ResNet-20 inference, batch 1"):
         line = next(ln for ln in out.splitlines() if label in ln)
         assert float(line.split()[-2]) > 0

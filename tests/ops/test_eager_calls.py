@@ -21,10 +21,12 @@ ops = torch.ops.resfast
 DTYPES = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported()
                             else [])
 # resfast.functional with every op call going through the dispatcher, one op at a time
-# (no training layer in one resfast::conv2d_bn_train call)
+# (no training layer in one resfast::conv2d_bn_train call, no eval layer in one
+# resfast::conv2d_bn_eval call)
 THROUGH_OPS = types.SimpleNamespace(conv2d_bn=ops.conv2d_bn, bn_act=ops.bn_act,
                                     bn_batch_act=ops.bn_batch_act, bn_finalize=ops.bn_finalize,
-                                    bn_stats=ops.bn_stats, takes_one_call=lambda *args: False)
+                                    bn_stats=ops.bn_stats, takes_one_call=lambda *args: False,
+                                    takes_eval_call=lambda *args: False)
 
 
 def _direct(t: torch.Tensor) -> bool:

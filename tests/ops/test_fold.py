@@ -178,14 +178,21 @@ def test_autocast_keeps_one_cast_and_one_fold():
 
 
 def test_entries_die_with_their_weights():
+    """In both caches: resfast.ops.fold's (an eval layer whose call autograd records) and the
+    C++ eval layer's (the same layer under no_grad)."""
+    import gc
     ours = _module("cpu")
-    _check(ours, _x("cpu"))
+    x = _x("cpu")
+    _check(ours, x)
+    ours(x)  # its parameters need gradients: the autograd route, whose cache is fold's
     key = id(ours.conv.weight)
     assert key in fold._entries
+    gc.collect()
+    entries = fold.cache_stats()["cpp_entries"]
     del ours
-    import gc
     gc.collect()
     assert key not in fold._entries
+    assert fold.cache_stats()["cpp_entries"] == entries - 1
 
 
 def test_results_do_not_depend_on_earlier_calls():

@@ -70,6 +70,14 @@ def _cases(device):
           torch.tensor(0, device=device), 0.1)),
         ("conv2d_bn_train",
          (x32, None, None, None, None, False, 1e-5, w32, None, 1, 1, 1, None, None, None, None)),
+        # the CPU eval layer in one call, inference only (bitwise against conv2d_bn's route:
+        # tests/ops/test_conv2d_bn_eval.py): with a residual, and NCHW, strided and dilated
+        ("conv2d_bn_eval",
+         (x32.detach(), w32.detach(), vec32[4].detach(), vec32[5].detach(), vec32[3].detach(),
+          vec32[3].detach(), vec32[4].detach(), 1e-5, res32.detach(), True, 1, 1, 1)),
+        ("conv2d_bn_eval",
+         (x32.detach().contiguous(), w32.detach(), None, vec32[5].detach(),
+          vec32[3].detach(), None, None, 1e-3, None, False, 2, 2, 2)),
         # inference's Winograd convolution (against the exact convolution:
         # tests/ops/test_conv2d_winograd.py)
         ("conv2d_winograd",
@@ -183,7 +191,8 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("case", range(len(_cases("cpu"))))
 def test_opcheck(device, case):
     name, args = _cases(device)[case]
-    if (name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_w", "winograd_"))
+    if (name.startswith(("conv2d_stats", "conv2d_bn_train", "conv2d_bn_eval", "conv2d_w",
+                         "winograd_"))
             and device != "cpu"):
         pytest.skip(f"{name} is a CPU op (the GPU's training conv is conv2d_bn)")
     torch.library.opcheck(getattr(ops, name).default, args)
