@@ -431,8 +431,8 @@ at::Tensor conv2d_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
                        a.detach().reshape({n, c, h * w}))
                 .view({n, weight.size(0), h, w});
       } else {
-        y = at::convolution(a, weight, bias, {stride, stride}, {padding, padding},
-                            {dilation, dilation}, false, {0, 0}, 1);
+        y = at::convolution(a, gemm_weight(weight, a), bias, {stride, stride},
+                            {padding, padding}, {dilation, dilation}, false, {0, 0}, 1);
       }
       if (r.has_value()) r = to_memory_format(*r, layout_of(y));
       return bn_act(y, folded[0], folded[1], r, relu, folded[2]);

@@ -258,3 +258,14 @@ def test_bad_input_names_the_argument(bad, message):
     args.update(bad)
     with torch.no_grad(), pytest.raises(ValueError, match=message):
         ops.conv2d_bn_eval(*args.values())
+
+
+def test_nchw_input_with_a_channels_last_weight_gives_nchw():
+    """The layout the op's fake promises (the input's): ATen's convolution would compute
+    channels_last for a channels_last weight, so the NCHW route gives it an NCHW one."""
+    x, weight, b, bn, r, conf = _problem(KINDS[0], torch.float32, "nchw", True, True)
+    weight = weight.contiguous(memory_format=CL)
+    with torch.no_grad():
+        ours = _ours(x, weight, b, bn, r, True, conf)
+        _equal(ours, _python_route(x, weight, b, bn, r, True, conf))
+    assert ours.is_contiguous()
