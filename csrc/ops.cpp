@@ -117,8 +117,9 @@ TORCH_LIBRARY(resfast, m) {
   // as conv2d_bn(x, weight, bias, ..., stats=False, out_relu=relu, out_scale, out_shift,
   // out_centre=running_mean, residual) computes it on the CPU (the same calls, so the same
   // bits), its folded weights cached per weight version. Inference only (no derivative);
-  // CPU only, float32 or bfloat16 weights. conv2d_bn_eval_cache(clear) gives its cache's
-  // {hits, misses, entries} (dropping every entry first where clear).
+  // CPU only, float32 or bfloat16 weights, the residual in the weight's dtype.
+  // conv2d_bn_eval_cache(clear) gives its cache's {hits, misses, entries held} (dropping
+  // every entry first where clear).
   m.def(
       "conv2d_bn_eval(Tensor x, Tensor weight, Tensor? bias, Tensor running_mean,"
       " Tensor running_var, Tensor? bn_weight, Tensor? bn_bias, float eps, Tensor? residual,"

@@ -74,9 +74,12 @@ class BatchNormArgs(NamedTuple):
             except KeyError:  # a tensor kept elsewhere (torch.func.functional_call, ...)
                 tensors = None
             if tensors is not None:
-                reducer = d.get("stats_reducer", d["_modules"].get("stats_reducer"))
-                if reducer is None:
-                    reducer = getattr(type(bn), "stats_reducer", None)
+                # attribute lookup's order: the instance, then the module registry, then the
+                # class (which _plain_module allows only a None there)
+                if "stats_reducer" in d:
+                    reducer = d["stats_reducer"]
+                else:
+                    reducer = d["_modules"].get("stats_reducer")
                 return cls(*tensors, d["training"] or tensors[2] is None, d["momentum"],
                            d["eps"], reducer)
         return cls(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
@@ -91,11 +94,16 @@ _plain_modules: Dict[type, bool] = {}
 def _plain_module(cls: type) -> bool:
     """Whether a BatchNorm class leaves its tensors and settings to nn.Module's registries and
     its instance dict: no class of its MRO defines one of those names (a property, as
-    torch.nn.utils.parametrize makes, or a class attribute would take precedence)."""
+    torch.nn.utils.parametrize makes, or a class attribute would take precedence), nor a
+    ``stats_reducer`` other than None (resfast.train.sync_bn's class default), nor attribute
+    access of its own."""
     plain = _plain_modules.get(cls)
     if plain is None:
         names = _BN_FIELDS + ("training", "momentum", "eps")
-        plain = not any(name in vars(k) for k in cls.__mro__ for name in names)
+        plain = (not any(name in vars(k) for k in cls.__mro__ for name in names)
+                 and getattr(cls, "stats_reducer", None) is None
+                 and cls.__getattr__ is torch.nn.Module.__getattr__
+                 and cls.__getattribute__ is torch.nn.Module.__getattribute__)
         _plain_modules[cls] = plain
     return plain
 
@@ -297,8 +305,8 @@ def conv_bn_pending(x, weight: Tensor, bias: Optional[Tensor], bn: BatchNormArgs
     # and the ReLU: one oneDNN call on the CPU.
     if residual is not None:
         _check_residual(residual, src.device)
-    y = _eval_in_one_call(src, pending_in, weight, bias, bn, stride, padding, dilation, relu,
-                          residual)
+    y = _eval_in_one_call(src, pending_in, weight, _cast_param(bias, dtype), bn, stride, padding,
+                          dilation, relu, _cast(residual, dtype))
     if y is not None:
         return Pending(y, None, None, False)
     scale, shift, centre = _running_scale_shift(bn, stats_dtype(src))

@@ -67,8 +67,9 @@ Route route_of(const at::Tensor& a, const at::Tensor& weight, int64_t stride, in
   return f32 && !residual ? Route::kScaled : Route::kFolded;
 }
 
-// What a cache entry was made for besides the weight and the BN: the route and, for a packed
-// weight, the problem oneDNN packed it for (conv_cpu.forward's `target`).
+// What a cache entry was made for besides the weight and the BN: the route and, for a weight
+// packed for oneDNN, the problem it was packed for (conv_cpu.forward's `target`; the other
+// routes' folds do not depend on it).
 struct Target {
   Route route;
   int64_t stride, padding, dilation;
@@ -124,7 +125,11 @@ struct Entry {
 // (its module docstring): one entry per weight, reused while the weight (its identity, data
 // pointer, version counter, dtype, shape, strides), the BN's values and the target are
 // unchanged; inference tensors (no version counter) are folded on every call. An entry
-// holds its weight weakly; those of dead weights are dropped at the next fold.
+// holds its weight weakly; those of dead weights (and their folded tensors) are dropped at
+// every fold and every kSweepPeriod-th call (fold's entries die with their weights at once:
+// a Python finalizer; C++ has no callback for a tensor's death).
+constexpr int64_t kSweepPeriod = 64;
+
 class FoldCache {
  public:
   std::vector<at::Tensor> get(const at::Tensor& weight, const BatchNormValues& values,
@@ -134,6 +139,7 @@ class FoldCache {
     const c10::TensorImpl* key = weight.unsafeGetTensorImpl();
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      if (++calls_ % kSweepPeriod == 0) drop_dead();
       const auto found = entries_.find(key);
       if (found != entries_.end() && found->second.matches(weight, values, target)) {
         ++hits_;
@@ -163,11 +169,11 @@ class FoldCache {
     return entry.folded;
   }
 
-  // {hits, misses, entries of live weights}; clear: drop every entry first.
+  // {hits, misses, entries held (dead weights' included until a sweep)}; clear: drop every
+  // entry first.
   std::vector<int64_t> info(bool clear) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (clear) entries_.clear();
-    drop_dead();
     return {hits_, misses_, static_cast<int64_t>(entries_.size())};
   }
 
@@ -180,7 +186,7 @@ class FoldCache {
 
   std::mutex mutex_;
   std::unordered_map<const c10::TensorImpl*, Entry> entries_;
-  int64_t hits_ = 0, misses_ = 0;
+  int64_t hits_ = 0, misses_ = 0, calls_ = 0;
 };
 
 FoldCache& fold_cache() {
@@ -380,6 +386,9 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const OptionalT
                       out_shape, ", got ", residual->sizes());
     TORCH_CHECK_VALUE(residual->device().is_cpu(), "residual is on ", residual->device(),
                       " but x is on the CPU");
+    TORCH_CHECK_VALUE(residual->scalar_type() == weight.scalar_type(),
+                      "residual must have the output's dtype ", weight.scalar_type(), ", got ",
+                      residual->scalar_type());
   }
 }
 
@@ -394,14 +403,15 @@ at::Tensor conv2d_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
   const auto dtype = weight.scalar_type();
   const at::Tensor a = gemm_input(x, dtype);
   const at::MemoryFormat format = layout_of(a);
-  OptionalTensor r;
-  if (residual.has_value()) r = residual->to(dtype);
-  const Target target{route_of(a, weight, stride, padding, dilation, r.has_value()),
+  OptionalTensor r = residual;
+  const Route route = route_of(a, weight, stride, padding, dilation, r.has_value());
+  const bool packed = route == Route::kScaled || route == Route::kFolded;
+  const Target target{route,
                       stride,
                       padding,
                       dilation,
-                      a.sizes().vec(),
-                      format};
+                      packed ? a.sizes().vec() : std::vector<int64_t>(),
+                      packed ? format : at::MemoryFormat::Preserve};
   const BatchNormValues values{{bias.value_or(at::Tensor()), bn_weight.value_or(at::Tensor()),
                                 bn_bias.value_or(at::Tensor()), running_mean, running_var},
                                eps};

@@ -24,5 +24,8 @@ def _(x, weight, bias, running_mean, running_var, bn_weight, bn_bias, eps, resid
       stride, padding, dilation):
     check_conv_inputs(x, weight, bias, None, None, stride, padding, False, relu,
                       residual=residual, dilation=dilation)
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"conv2d_bn_eval runs oneDNN in float32 or bfloat16, got weight of "
+                         f"dtype {weight.dtype}")
     shape = _out_shape(x, weight, stride, padding, dilation)
     return torch.empty(shape, dtype=weight.dtype, device=x.device, memory_format=layout_of(x))

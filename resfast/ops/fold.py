@@ -28,9 +28,9 @@ bypass autograd; call :func:`clear_cache` after them. Inference tensors
 folded on every call. An entry dies with its weight (a weak reference).
 
 The CPU's eval layers called for inference keep their entries in C++, by the same
-rules (``resfast::conv2d_bn_eval``, csrc/cpu/conv2d_bn_eval.cpp; there an entry of
-a dead weight is dropped at the next fold); :func:`clear_cache` and
-:func:`cache_stats` cover both.
+rules (``resfast::conv2d_bn_eval``, csrc/cpu/conv2d_bn_eval.cpp; there the entries
+of dead weights are dropped at every fold and every 64th call); :func:`clear_cache`
+and :func:`cache_stats` cover both.
 """
 import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -65,8 +65,7 @@ def clear_cache() -> None:
 
 def cache_stats() -> Dict[str, int]:
     """How often a fold was reused and how often one was made, here and in the C++ eval
-    layer's cache, and how many entries of live weights the C++ cache holds (tests,
-    reports)."""
+    layer's cache, and how many entries the C++ cache holds (tests, reports)."""
     hits, misses, entries = _eval_cache(False)
     return {"hit": _hits["hit"] + hits, "miss": _hits["miss"] + misses, "cpp_entries": entries}
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.utils.parametrize as parametrize
 from torch import nn
 
+from resfast import functional
 from resfast.functional import BatchNormArgs
 from resfast.train.sync_bn import SyncBatchNorm2d
 
@@ -27,6 +28,17 @@ class _Double(nn.Module):
         return 2 * w
 
 
+class _WithReducerProperty(nn.BatchNorm2d):
+    @property
+    def stats_reducer(self):
+        return None
+
+
+class _WithClassReducer(nn.BatchNorm2d):
+    def stats_reducer(self, mean, var, count):
+        return mean, var, count
+
+
 def _modules():
     plain = nn.BatchNorm2d(4, eps=1e-3, momentum=None).eval()
     no_affine = nn.BatchNorm2d(4, affine=False, track_running_stats=False)
@@ -38,12 +50,21 @@ def _modules():
     with_reducer.stats_reducer = lambda mean, var, count: (mean, var, count)
     sync = nn.BatchNorm2d(4)
     sync.__class__ = SyncBatchNorm2d  # as convert_sync_bn swaps it (class attribute None)
-    return [plain, no_affine, parametrized, shadowed, with_reducer, sync]
+    reducer_property = _WithReducerProperty(4)
+    switched_off = _WithClassReducer(4)
+    switched_off.stats_reducer = None  # the instance's None wins over the class's reducer
+    return [plain, no_affine, parametrized, shadowed, with_reducer, sync, reducer_property,
+            switched_off]
 
 
 def test_of_gives_what_attribute_access_gives():
     for bn in _modules():
         _same(BatchNormArgs.of(bn), _by_attributes(bn))
+    # the registries are read for these (the comparison above tests that path), attributes
+    # for the others
+    assert [functional._plain_module(type(bn)) for bn in _modules()] == [
+        True, True, False, True, True, True, False, False]
+    assert BatchNormArgs.of(_modules()[7]).stats_reducer is None
     parametrized = _modules()[2]
     assert torch.equal(BatchNormArgs.of(parametrized).weight, 2 * torch.ones(4))
     shadowed = _modules()[3]

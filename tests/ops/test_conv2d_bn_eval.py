@@ -187,17 +187,62 @@ def test_cache_reuses_and_refolds():
     call_and_count("miss")
 
 
+SWEEP_PERIOD = 64  # csrc/cpu/conv2d_bn_eval.cpp: dead weights' entries go at every 64th call
+
+
 def test_clear_and_entries_die_with_their_weights():
+    fold.clear_cache()
     x, weight, b, bn, r, conf = _problem(KINDS[0], torch.float32, "nhwc", False, False)
+    other = _problem(KINDS[0], torch.float32, "nhwc", False, False, seed=1)
     with torch.no_grad():
         _ours(x, weight, b, bn, r, True, conf)
-    entries = _cache()["entries"]
-    assert entries >= 1
+        _ours(*other[:5], True, other[5])
+    assert _cache()["entries"] == 2
     del weight
     gc.collect()
-    assert _cache()["entries"] == entries - 1
+    with torch.no_grad():
+        for _ in range(SWEEP_PERIOD):  # the folded weights of the dead one are dropped
+            _ours(*other[:5], True, other[5])
+    assert _cache()["entries"] == 1
     fold.clear_cache()
     assert _cache()["entries"] == 0
+
+
+def test_what_a_fold_depends_on():
+    """A weight packed for oneDNN is packed for the input's shape: another batch folds again.
+    Winograd's transformed weight and the NCHW routes' scale and shift do not depend on it:
+    another batch or map size reuses them (as resfast.ops.fold's entries did)."""
+    for kind, layout, expect in ((KINDS[0], "nhwc", "miss"), (KINDS[3], "nhwc", "hit"),
+                                 (KINDS[3], "nchw", "hit"), (KINDS[0], "nchw", "hit"),
+                                 (KINDS[5], "nchw", "hit")):
+        x, weight, b, bn, r, conf = _problem(kind, torch.float32, layout, True, False)
+        with torch.no_grad():
+            _ours(x, weight, b, bn, r, True, conf)
+            before = _cache()
+            bigger = torch.cat([x, x]).contiguous(memory_format=torch.channels_last if
+                                                  layout == "nhwc" else torch.contiguous_format)
+            y = _ours(bigger, weight, b, bn, r, True, conf)
+            after = _cache()
+            _equal(y, _python_route(bigger, weight, b, bn, r, True, conf))
+        assert after[expect] == before[expect] + 1, (kind[0], layout)
+
+
+def test_layers_cast_the_bias_and_residual_as_the_python_route_does(monkeypatch):
+    """resfast.functional gives the op a bias and a residual in the conv's dtype, as it gives
+    conv2d_bn: a float64 bias on a float32 layer computes what the Python route computes."""
+    x, weight, _, bn, r, (stride, padding, dilation) = _problem(KINDS[0], torch.float32, "nchw",
+                                                               False, True)
+    b = torch.randn(weight.shape[0], dtype=torch.float64)
+    args = F.BatchNormArgs.of(bn)
+    with torch.no_grad():
+        before = _cache()
+        ours = F.conv_bn_add_relu(x, weight, b, args, r.double(), stride=stride,
+                                  padding=padding, dilation=dilation)
+        assert _cache()["miss"] == before["miss"] + 1  # it took the op
+        monkeypatch.setattr(eager, "takes_eval_call", lambda *args: False)
+        want = F.conv_bn_add_relu(x, weight, b, args, r.double(), stride=stride,
+                                  padding=padding, dilation=dilation)
+    _equal(ours, want)
 
 
 def test_inference_tensors_are_folded_every_call():
@@ -247,6 +292,7 @@ def test_layers_take_it_for_inference_only():
     (dict(running_var=torch.ones(4)), r"running_var must have shape \(5,\)"),
     (dict(bias=torch.zeros(5, 1)), r"bias must have shape \(5,\)"),
     (dict(residual=torch.zeros(2, 5, 7, 8)), "residual must have the output's shape"),
+    (dict(residual=torch.zeros(2, 5, 7, 9).double()), "residual must have the output's dtype"),
     (dict(stride=3), "stride must be 1 or 2"),
     (dict(x=torch.randn(2, 6, 1, 1), padding=0), "smaller than the kernel"),
 ])

@@ -187,11 +187,17 @@ def test_entries_die_with_their_weights():
     ours(x)  # its parameters need gradients: the autograd route, whose cache is fold's
     key = id(ours.conv.weight)
     assert key in fold._entries
+    other = _module("cpu", seed=1)
+    with torch.no_grad():
+        other(x)
     gc.collect()
     entries = fold.cache_stats()["cpp_entries"]
     del ours
     gc.collect()
     assert key not in fold._entries
+    with torch.no_grad():
+        for _ in range(64):  # the C++ cache drops dead weights' entries every 64th call
+            other(x)
     assert fold.cache_stats()["cpp_entries"] == entries - 1
 
 
