@@ -19,10 +19,13 @@ implementation and autograd formula are C++ (:mod:`resfast.ops.conv2d_stats`), a
 ``resfast::bn_batch_act``'s on the CPU; and where the same conditions hold
 (:func:`takes_one_call`), :func:`resfast.functional.conv_bn_pending` makes a whole training
 layer's forward (the input's pending BN, that conv, the running statistics' update) one
-``resfast::conv2d_bn_train`` call, which makes those op calls from C++. Everything else calls
+``resfast::conv2d_bn_train`` call, which makes those op calls from C++. Likewise an eval
+layer's forward that autograd does not record (:func:`takes_eval_call`) is one
+``resfast::conv2d_bn_eval`` call, its folded weights cached in C++. Everything else calls
 the op: torch.compile and export see the registered op, the GPU paths and the float64
 reference are untouched. Both routes compute with the same kernels, so their results are
-bitwise equal (tests/ops/test_eager_calls.py, tests/ops/test_conv2d_bn_train.py).
+bitwise equal (tests/ops/test_eager_calls.py, tests/ops/test_conv2d_bn_train.py,
+tests/ops/test_conv2d_bn_eval.py).
 
 A profile names the op as the dispatcher would (``resfast::conv2d_bn``,
 ``resfast::conv2d_stats``, ...). The backward
