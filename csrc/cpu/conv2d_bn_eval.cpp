@@ -28,13 +28,13 @@
 #include <vector>
 
 #include "conv_layout.h"
+#include "conv_ops.h"
 #include "op_handle.h"
 #include "winograd.h"
 
 namespace resfast::cpu {
 namespace {
 
-using OptionalTensor = std::optional<at::Tensor>;
 using Scalars = c10::List<std::optional<c10::Scalar>>;
 constexpr auto kChannelsLast = at::MemoryFormat::ChannelsLast;
 
@@ -288,24 +288,6 @@ std::vector<at::Tensor> fold(const at::Tensor& weight, const OptionalTensor& bia
 
 // ---- the convolutions ---------------------------------------------------------------------
 
-at::Tensor bn_act(const at::Tensor& y, const OptionalTensor& scale, const OptionalTensor& shift,
-                  const OptionalTensor& residual, bool relu, const OptionalTensor& centre) {
-  static const auto op = op_handle<at::Tensor(const at::Tensor&, const OptionalTensor&,
-                                              const OptionalTensor&, const OptionalTensor&, bool,
-                                              const OptionalTensor&)>("resfast::bn_act");
-  return op.call(y, scale, shift, residual, relu, centre);
-}
-
-at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& w, const OptionalTensor& b,
-                       const Target& t, std::string_view attr) {
-  static const auto op = op_handle<at::Tensor(
-      const at::Tensor&, const at::Tensor&, const OptionalTensor&, c10::IntArrayRef,
-      c10::IntArrayRef, c10::IntArrayRef, int64_t, std::string_view, Scalars,
-      std::optional<std::string_view>)>("mkldnn::_convolution_pointwise");
-  return op.call(a, w, b, {t.padding, t.padding}, {t.stride, t.stride}, {t.dilation, t.dilation},
-                 1, attr, Scalars(), "");
-}
-
 // [relu](conv(a, w) + b <binary> other) in one oneDNN call: "mul" (a per-channel scale) or
 // "add" (a residual).
 at::Tensor onednn_conv_binary(const at::Tensor& a, const at::Tensor& other, const at::Tensor& w,
@@ -327,10 +309,12 @@ at::Tensor onednn_conv_binary(const at::Tensor& a, const at::Tensor& other, cons
 at::Tensor folded_conv(const at::Tensor& a, const std::vector<at::Tensor>& folded,
                        const OptionalTensor& residual, bool relu, const Target& t) {
   const at::Tensor &w = folded[0], &b = folded[1];
-  if (!residual.has_value()) return onednn_conv(a, w, b, t, relu ? "relu" : "none");
+  if (!residual.has_value()) {
+    return onednn_conv(a, w, b, t.stride, t.padding, t.dilation, relu ? "relu" : "none");
+  }
   if (layout_of(a) != kChannelsLast && a.scalar_type() != at::kFloat) {
     // NCHW bfloat16 has no fused add in ATen: the add and ReLU as one pass of their own
-    const at::Tensor y = onednn_conv(a, w, b, t, "none");
+    const at::Tensor y = onednn_conv(a, w, b, t.stride, t.padding, t.dilation, "none");
     return bn_act(y, std::nullopt, std::nullopt, residual->to(y.scalar_type()), relu,
                   std::nullopt);
   }
@@ -352,34 +336,14 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const OptionalT
                   const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
                   const OptionalTensor& residual, int64_t stride, int64_t padding,
                   int64_t dilation) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == weight.size(3),
-                    "weight must be (C_out, C_in, K, K), got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight has ", weight.size(1),
-                    " input channels but x has ", x.size(1));
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-                    "conv2d_bn_eval runs oneDNN in float32 or bfloat16, got weight of dtype ",
-                    weight.scalar_type());
-  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() || x.scalar_type() == at::kFloat,
-                    "weight dtype ", weight.scalar_type(), " does not go with x dtype ",
-                    x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(),
-                    "conv2d_bn_eval is a CPU op; got x on ", x.device(), " and weight on ",
-                    weight.device());
-  TORCH_CHECK_VALUE(x.numel() > 0, "conv2d_bn_eval needs a non-empty x, got ", x.sizes());
+  check_conv_tensors("conv2d_bn_eval", x, weight);
   const int64_t channels = weight.size(0);
   check_vector(bias, "bias", channels);
   check_vector(running_mean, "running_mean", channels);
   check_vector(running_var, "running_var", channels);
   check_vector(bn_weight, "bn_weight", channels);
   check_vector(bn_bias, "bn_bias", channels);
-  TORCH_CHECK_VALUE((stride == 1 || stride == 2) && padding >= 0 && dilation >= 1,
-                    "stride must be 1 or 2, padding >= 0 and dilation >= 1, got stride=", stride,
-                    ", padding=", padding, ", dilation=", dilation);
-  const int64_t span = dilation * (weight.size(2) - 1) + 1;
-  TORCH_CHECK_VALUE(x.size(2) + 2 * padding >= span && x.size(3) + 2 * padding >= span,
-                    "x spatial size ", x.sizes().slice(2), " is smaller than the kernel (", span,
-                    "x", span, ") with padding ", padding);
+  check_conv_geometry(x, weight, stride, padding, dilation);
   if (residual.has_value()) {
     const auto out_shape = conv_output_shape(x, weight, stride, padding, dilation);
     TORCH_CHECK_VALUE(residual->sizes() == out_shape, "residual must have the output's shape ",
@@ -420,14 +384,10 @@ at::Tensor conv2d_bn_eval_cpu(const at::Tensor& x, const at::Tensor& weight,
   });
   switch (target.route) {
     case Route::kWinograd: {
-      static const auto conv = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                                    const OptionalTensor&, const OptionalTensor&,
-                                                    const OptionalTensor&, bool)>(
-          "resfast::conv2d_winograd");
       OptionalTensor r_cl;
       if (r.has_value()) r_cl = to_memory_format(*r, kChannelsLast).to(at::kFloat);
-      const at::Tensor y = conv.call(to_memory_format(a, kChannelsLast), folded[0], folded[1],
-                                     folded[2], r_cl, relu);
+      const at::Tensor y = conv2d_winograd(to_memory_format(a, kChannelsLast), folded[0],
+                                           folded[1], folded[2], r_cl, relu);
       return to_memory_format(y, format);
     }
     case Route::kNchwGemm:

@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "conv_layout.h"
+#include "conv_ops.h"
 #include "op_handle.h"
 #include "winograd.h"
 
@@ -24,18 +25,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-at::Tensor onednn_conv(const at::Tensor& a, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, int64_t stride, int64_t padding,
-                       int64_t dilation) {
-  static const auto op =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           c10::IntArrayRef, c10::IntArrayRef, c10::IntArrayRef, int64_t,
-                           std::string_view, c10::List<std::optional<c10::Scalar>>,
-                           std::optional<std::string_view>)>("mkldnn::_convolution_pointwise");
-  return op.call(a, weight, bias, {padding, padding}, {stride, stride}, {dilation, dilation}, 1,
-                 "none", c10::List<std::optional<c10::Scalar>>(), "");
-}
-
 // The convolution by Winograd's F(4x4, 3x3) where winograd_applies (resfast.ops.winograd):
 // conv(a, weight) + bias, or with transposed=True the input's gradient conv(g, weight
 // rotated, its channels swapped), through the dispatcher as the Python route calls them.
@@ -43,43 +32,19 @@ at::Tensor winograd_conv(const at::Tensor& a, const at::Tensor& weight,
                          const std::optional<at::Tensor>& bias, bool transposed) {
   static const auto transform =
       op_handle<at::Tensor(const at::Tensor&, bool)>("resfast::winograd_weight");
-  static const auto conv =
-      op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           bool)>("resfast::conv2d_winograd");
-  return conv.call(a, transform.call(weight, transposed), std::nullopt, bias, std::nullopt,
-                   false);
+  return conv2d_winograd(a, transform.call(weight, transposed), std::nullopt, bias,
+                         std::nullopt, false);
 }
 
 void check_conv2d_stats_inputs(const at::Tensor& x, const at::Tensor& weight,
                                const std::optional<at::Tensor>& bias, int64_t stride,
                                int64_t padding, int64_t dilation) {
-  TORCH_CHECK_VALUE(x.dim() == 4, "x must be a 4-D tensor (N, C, H, W), got ", x.dim(), "-D");
-  TORCH_CHECK_VALUE(weight.dim() == 4 && weight.size(2) == weight.size(3),
-                    "weight must be (C_out, C_in, K, K), got ", weight.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == x.size(1), "weight has ", weight.size(1),
-                    " input channels but x has ", x.size(1));
-  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat || weight.scalar_type() == at::kBFloat16,
-                    "conv2d_stats runs oneDNN in float32 or bfloat16, got weight of dtype ",
-                    weight.scalar_type());
-  TORCH_CHECK_VALUE(x.scalar_type() == weight.scalar_type() || x.scalar_type() == at::kFloat,
-                    "weight dtype ", weight.scalar_type(), " does not go with x dtype ",
-                    x.scalar_type());
-  TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(),
-                    "conv2d_stats is a CPU op; got x on ", x.device(), " and weight on ",
-                    weight.device());
-  TORCH_CHECK_VALUE(x.numel() > 0, "conv2d_stats needs a non-empty x, got ", x.sizes());
+  check_conv_tensors("conv2d_stats", x, weight);
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == weight.size(0), "bias must have shape (",
                       weight.size(0), ",), got ", bias->sizes());
   }
-  TORCH_CHECK_VALUE((stride == 1 || stride == 2) && padding >= 0 && dilation >= 1,
-                    "stride must be 1 or 2, padding >= 0 and dilation >= 1, got stride=", stride,
-                    ", padding=", padding, ", dilation=", dilation);
-  const int64_t span = dilation * (weight.size(2) - 1) + 1;
-  TORCH_CHECK_VALUE(x.size(2) + 2 * padding >= span && x.size(3) + 2 * padding >= span,
-                    "x spatial size ", x.sizes().slice(2), " is smaller than the kernel (", span,
-                    "x", span, ") with padding ", padding);
+  check_conv_geometry(x, weight, stride, padding, dilation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
@@ -91,7 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_cpu(
   const at::Tensor a = gemm_input(x, weight.scalar_type());
   at::Tensor y = winograd_applies(a, weight, stride, padding, dilation)
                      ? winograd_conv(a, weight, b, false)
-                     : onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation);
+                     : onednn_conv(a, gemm_weight(weight, a), b, stride, padding, dilation,
+                                   "none");
   static const auto stats =
       op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("resfast::bn_stats");
   auto [mean, var] = stats.call(y);
@@ -107,11 +73,7 @@ at::Tensor add_stats_gradient(const std::optional<at::Tensor>& g,
   const int64_t count = y.numel() / y.size(1);
   const at::Tensor gm = grad_mean.has_value() ? *grad_mean : at::zeros_like(mean);
   const at::Tensor gv = grad_var.has_value() ? *grad_var : at::zeros_like(mean);
-  static const auto act =
-      op_handle<at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                           bool, const std::optional<at::Tensor>&)>("resfast::bn_act");
-  return act.call(y, gv * (2.0 / static_cast<double>(count)), gm / count, g, false, mean);
+  return bn_act(y, gv * (2.0 / static_cast<double>(count)), gm / count, g, false, mean);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_stats_backward_cpu(
